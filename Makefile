@@ -1,0 +1,62 @@
+# aiflow-ray developer commands. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+# Real-model tests need the fetched Qwen pair; `make test` fetches it (cached under AIFLOW_HOME).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+PROFILE ?= local
+HTTP_PORT ?= 8000
+AIFLOW := $(VENV)/bin/aiflow
+
+.PHONY: help install models run stop test lint typecheck unit bench-tpot configs clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install pinned dependencies (CPU torch)
+
+models: install ## fetch, verify and cache the default model pair and build the tiny pair
+	$(AIFLOW) models fetch
+
+run: install ## start the local cluster (head + device/edge/cloud nodes) and serve the API (PROFILE=tiny: test models)
+	@if [ "$(PROFILE)" != "tiny" ]; then $(AIFLOW) models fetch; else $(AIFLOW) models fetch tiny-verifier; fi
+	@test -f .aiflow/cluster.json || $(AIFLOW) cluster up
+	$(AIFLOW) deploy --profile $(PROFILE) --http-port $(HTTP_PORT)
+	@echo "API on http://127.0.0.1:$(HTTP_PORT)  (make stop to shut down)"
+	@echo "try: curl -s http://127.0.0.1:$(HTTP_PORT)/v1/generate -H 'Content-Type: application/json' \\"
+	@echo "       -d '{\"prompt\": \"Write a Python function that reverses a list.\", \"max_tokens\": 48}'"
+
+stop: ## stop exactly the local cluster that `make run` started
+	$(AIFLOW) cluster down
+
+configs: install ## regenerate deployments/*.yaml and k8s/rayservice.yaml from the builder profiles
+	$(AIFLOW) configs render
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check src tests load_tests
+
+typecheck: install ## mypy
+	$(VENV)/bin/mypy
+
+unit: install ## fast tests only (no real models)
+	$(PY) -m pytest -q -m "not real_model" $(PYTEST_ARGS)
+
+test: models lint typecheck ## lint, typecheck and the whole test suite (real-model tests included)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-tpot: models ## TPOT vs draft length at 500KB/s, 1MB/s, 2MB/s (about 75 minutes on 2 cores)
+	$(PY) -m aiflow_ray.bench.tpot --draft-lens 1-6,8,10,12,16,20,24
+
+clean: ## remove the virtual environment and caches (models under AIFLOW_HOME stay)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

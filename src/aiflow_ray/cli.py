@@ -1,0 +1,234 @@
+"""The ``aiflow`` command. Option defaults and help come from the pydantic config models, so the
+CLI cannot drift from them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from aiflow_ray.config import GenerateOptions, LinkConfig, ModelPairConfig, SamplingConfig
+from aiflow_ray.models.registry import DEFAULT_PAIR, REGISTRY, UnknownModelError
+from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps
+
+
+def _field_help(model: type[BaseModel], name: str) -> tuple[Any, str]:
+    info = model.model_fields[name]
+    return info.default, info.description or ""
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, model: type[BaseModel], name: str, **kw: Any) -> None:
+    default, desc = _field_help(model, name)
+    parser.add_argument(flag, dest=name, default=default, help=f"{desc} (default: {default})", **kw)
+
+
+def _draft_len(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"draft length must be an integer >= 1 or 'auto', got {text!r}") from None
+
+
+def _bandwidth(text: str) -> float:
+    try:
+        return parse_bandwidth_bps(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aiflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text on one path and print a trace")
+    gen.add_argument("prompt", help="input text")
+    _add(gen, "--path", GenerateOptions, "path", choices=["on-device", "device-edge", "server-only"])
+    _add(gen, "--draft-len", GenerateOptions, "draft_len", type=_draft_len)
+    _add(gen, "--max-new-tokens", GenerateOptions, "max_new_tokens", type=int)
+    bw_default, bw_help = _field_help(LinkConfig, "bandwidth_bps")
+    gen.add_argument("--bandwidth", type=_bandwidth, default=bw_default,
+                     help=f"{bw_help} e.g. 500KB/s, 1MB/s, 2MB/s (default: {format_bandwidth(bw_default)})")
+    rtt_default, _ = _field_help(LinkConfig, "rtt_s")
+    gen.add_argument("--rtt-ms", type=float, default=rtt_default * 1000, help="round-trip latency in ms")
+    _add(gen, "--temperature", SamplingConfig, "temperature", type=float)
+    _add(gen, "--top-k", SamplingConfig, "top_k", type=int)
+    _add(gen, "--top-p", SamplingConfig, "top_p", type=float)
+    _add(gen, "--seed", SamplingConfig, "seed", type=int)
+    gen.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
+    gen.add_argument("--models", choices=["default", "tiny"], default="default",
+                     help="default = the Qwen2.5-Coder 0.5B/1.5B pair; tiny = random test models")
+    _add(gen, "--drafter", ModelPairConfig, "drafter")
+    _add(gen, "--verifier", ModelPairConfig, "verifier")
+    _add(gen, "--dtype", ModelPairConfig, "dtype")
+    _add(gen, "--device", ModelPairConfig, "device")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, trace)")
+
+    cluster = sub.add_parser("cluster", help="local multi-node Ray cluster on 127.0.0.1")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    cluster_up = cluster_sub.add_parser("up", help="start a head and one labelled node per tier")
+    cluster_up.add_argument("--gcs-port", type=int, default=6390)
+    cluster_up.add_argument("--dashboard-port", type=int, default=8265)
+    cluster_sub.add_parser("down", help="stop exactly the processes `up` started")
+    cluster_sub.add_parser("status", help="print the recorded cluster")
+
+    deploy = sub.add_parser("deploy", help="deploy a profile to the running local cluster and wait until healthy")
+    deploy.add_argument("--profile", choices=["local", "tiny"], default="local")
+    deploy.add_argument("--http-port", type=int, default=8000)
+    deploy.add_argument("--timeout-s", type=float, default=900.0)
+
+    configs = sub.add_parser("configs", help="render deployments/*.yaml and k8s/ from the builder's profiles")
+    configs.add_argument("action", choices=["render"])
+
+    models = sub.add_parser("models", help="list or fetch models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list", help="registered models and whether they are cached")
+    fetch = models_sub.add_parser("fetch", help="fetch, verify and cache models (default: the default pair)")
+    fetch.add_argument("names", nargs="*", help="registered names (default: the default pair and tiny)")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from aiflow_ray.tiers.pipeline import Pipeline
+
+    pair_overrides = {k: getattr(args, k) for k in ("dtype", "device")}
+    if args.models == "tiny":
+        models = ModelPairConfig.for_profile("tiny", **pair_overrides)
+    else:
+        models = ModelPairConfig(drafter=args.drafter, verifier=args.verifier, **pair_overrides)
+    opts = GenerateOptions(
+        prompt=args.prompt,
+        path=args.path,
+        draft_len=args.draft_len,
+        max_new_tokens=args.max_new_tokens,
+        chat=not args.no_chat,
+        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
+        link=LinkConfig(bandwidth_bps=args.bandwidth, rtt_s=args.rtt_ms / 1000.0),
+    )
+    result = Pipeline.load(models).run(opts)
+    trace = result.trace.to_dict()
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "trace": trace}))
+        return 0
+    print(result.text)
+    print("--- trace", file=sys.stderr)
+    for key in ("path", "rounds", "draft_lens", "acceptance_rate", "alpha", "bytes_up", "bytes_down",
+                "ttft_s", "tpot_s", "total_s", "draft_s", "verify_s", "link_s", "context_resends", "num_tokens"):
+        value = trace[key]
+        print(f"{key:>16}: {round(value, 4) if isinstance(value, float) else value}", file=sys.stderr)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from aiflow_ray.models.fetch import cached_model_dir, fetch_model, is_cached
+    from aiflow_ray.models.tiny import build_tiny_pair
+
+    if args.models_command == "list":
+        for name, listed in sorted(REGISTRY.items()):
+            state = "built on demand" if listed.tiny else ("cached" if is_cached(name) else "not fetched")
+            print(f"{name:32} {listed.role:9} {state}")
+        return 0
+    names = args.names or [*DEFAULT_PAIR, "tiny-verifier"]
+    for name in names:
+        entry = REGISTRY.get(name)
+        if entry is None:
+            raise UnknownModelError(f"unknown model {name!r}; registered: {', '.join(sorted(REGISTRY))}")
+        if entry.tiny:
+            verifier_dir, _ = build_tiny_pair()
+            print(f"{name}: {verifier_dir.parent}")
+        else:
+            print(f"{name}: {fetch_model(name)}")
+            assert is_cached(name), cached_model_dir(name)
+    return 0
+
+
+STATE_DIR = Path(".aiflow")
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from aiflow_ray import cluster
+
+    if args.cluster_command == "up":
+        started = cluster.up(STATE_DIR, gcs_port=args.gcs_port, dashboard_port=args.dashboard_port)
+        print(f"cluster up at {started.address} (dashboard {started.dashboard_url}), {len(started.pids)} processes")
+    elif args.cluster_command == "down":
+        print(f"stopped {cluster.down(STATE_DIR)} processes")
+    else:
+        recorded = cluster.load(STATE_DIR)
+        print(json.dumps(recorded.__dict__ if recorded else None))
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    import subprocess
+    import tempfile
+    import time
+    import urllib.request
+
+    import yaml
+
+    from aiflow_ray import cluster
+    from aiflow_ray.serve.configs import serve_config
+
+    info = cluster.load(STATE_DIR)
+    if info is None:
+        raise RuntimeError("no local cluster: run `aiflow cluster up` first")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(serve_config(args.profile, args.http_port), handle, sort_keys=False)
+    serve_bin = str(Path(sys.executable).with_name("serve"))
+    subprocess.run([serve_bin, "deploy", handle.name, "--address", info.dashboard_url], check=True)
+    url = f"http://127.0.0.1:{args.http_port}"
+    deadline = time.monotonic() + args.timeout_s
+    print(f"waiting for {url}/healthz ", end="", flush=True, file=sys.stderr)
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    print(" ready", file=sys.stderr)
+                    print(url)
+                    return 0
+        except OSError:
+            pass
+        print(".", end="", flush=True, file=sys.stderr)
+        time.sleep(2)
+    raise RuntimeError(f"the application did not become healthy within {args.timeout_s:.0f} s; "
+                       f"see `serve status --address {info.dashboard_url}`")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "cluster":
+            return _cluster(args)
+        if args.command == "deploy":
+            return _deploy(args)
+        if args.command == "configs":
+            from aiflow_ray.serve.configs import render
+
+            for path in render(Path.cwd()):
+                print(path)
+            return 0
+        return _models(args)
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "input"
+            print(f"aiflow: invalid {field}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (UnknownModelError, ValueError) as exc:
+        print(f"aiflow: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # integrity and fetch errors carry their own explanation
+        print(f"aiflow: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Pydantic models for every setting; ``extra="forbid"`` everywhere so typos fail loudly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from aiflow_ray.units import parse_bandwidth_bps
+
+MAX_DRAFT_LEN = 64
+MAX_NEW_TOKENS = 4096
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingConfig(StrictModel):
+    """How the target distribution is defined; temperature 0 means greedy."""
+
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy (argmax).")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens of the target; 0 = off.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass of the target; 1 = off.")
+    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    draft_top_k: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Support size of the drafter's sampling distribution. The drafter samples from its "
+        "top-k renormalised distribution and sends exactly that sparse distribution with each draft "
+        "token, so rejection sampling at the edge is exact while the uplink stays O(draft).",
+    )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class TraceStep(StrictModel):
+    at_s: float = Field(..., ge=0.0, description="Time since the link started, seconds.")
+    bandwidth_bps: float = Field(..., gt=0.0, description="Bytes per second from at_s on.")
+
+
+class LinkConfig(StrictModel):
+    """An emulated link: delay = one-way latency + bytes / bandwidth(t)."""
+
+    bandwidth_bps: float = Field(1e6, gt=0.0, description="Constant bandwidth, bytes per second.")
+    rtt_s: float = Field(0.02, ge=0.0, le=10.0, description="Round-trip latency (twice the one-way).")
+    steps: tuple[TraceStep, ...] = Field((), description="Optional step trace; overrides bandwidth_bps.")
+    trace_csv: Path | None = Field(None, description="CSV trace with columns at_s,bandwidth_bps.")
+    virtual_time: bool = Field(
+        False,
+        description="Advance a virtual clock instead of sleeping: compute is timed for real, link delays "
+        "are added without waiting (benchmarks sweep several bandwidths over one compute run).",
+    )
+
+    @field_validator("bandwidth_bps", mode="before")
+    @classmethod
+    def _parse_bw(cls, value: object) -> object:
+        return parse_bandwidth_bps(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_trace(self) -> LinkConfig:
+        if self.steps and self.trace_csv is not None:
+            raise ValueError("give either steps or trace_csv, not both")
+        return self
+
+
+class DraftPolicyConfig(StrictModel):
+    """Draft length: a fixed k, or adaptive from measured acceptance, compute times and link."""
+
+    policy: Literal["fixed", "adaptive"] = Field("fixed", description="Registered policy name.")
+    draft_len: int = Field(4, ge=1, le=MAX_DRAFT_LEN, description="k for the fixed policy.")
+    max_draft_len: int = Field(24, ge=1, le=MAX_DRAFT_LEN, description="Largest k adaptive may pick.")
+    prior_acceptance: float = Field(
+        0.7, gt=0.0, lt=1.0, description="Acceptance assumed before any round was observed."
+    )
+    prior_weight_tokens: float = Field(
+        8.0, ge=0.0, description="How many draft tokens of evidence the prior is worth."
+    )
+    acceptance_memory_rounds: float = Field(
+        10.0, ge=1.0, description="Rounds over which acceptance evidence fades (1/e): short enough to "
+        "follow a request from code to prose, long enough to average out single rounds."
+    )
+
+
+ModelsProfile = Literal["default", "tiny"]
+PathName = Literal["on-device", "device-edge", "server-only"]
+
+
+class ModelPairConfig(StrictModel):
+    """Which drafter and verifier to load; names from the registry, local dirs or hub ids."""
+
+    drafter: str = Field("qwen2.5-coder-0.5b-instruct", min_length=1, description="Small model.")
+    verifier: str = Field("qwen2.5-coder-1.5b-instruct", min_length=1, description="Large model.")
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto", description="auto = bf16 where the device supports it, else fp32."
+    )
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N.")
+
+    @classmethod
+    def for_profile(cls, profile: ModelsProfile, dtype: str = "auto", device: str = "auto") -> ModelPairConfig:
+        if profile == "tiny":
+            # Tiny models are exactness fixtures: fp32 unless asked otherwise.
+            return cls(drafter="tiny-drafter", verifier="tiny-verifier",
+                       dtype="float32" if dtype == "auto" else dtype, device=device)
+        return cls(dtype=dtype, device=device)
+
+
+class ChatTurn(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(..., max_length=200_000)
+
+
+class GenerateOptions(StrictModel):
+    """One generation request as the CLI (and later the HTTP API) sees it."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=200_000, description="Input text.")]
+    messages: tuple[ChatTurn, ...] | None = Field(
+        None, description="A chat conversation; when given it is encoded instead of the prompt."
+    )
+    path: PathName = Field("device-edge", description="Which tiers run the request.")
+    draft_len: int | Literal["auto"] = Field(4, description="Draft length k (>= 1) or 'auto'.")
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate.")
+    chat: bool = Field(True, description="Wrap the prompt in the model's chat template.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    link: LinkConfig = Field(default_factory=LinkConfig)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("draft_len")
+    @classmethod
+    def _k_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= MAX_DRAFT_LEN:
+            raise ValueError(f"draft_len must be between 1 and {MAX_DRAFT_LEN} or 'auto', got {value}")
+        return value
+
+    def prompt_input(self) -> str | list[dict[str, str]]:
+        """What the engine encodes: the conversation when there is one, else the prompt."""
+        if self.messages:
+            return [turn.model_dump() for turn in self.messages]
+        return self.prompt
+
+    def draft_policy(self) -> DraftPolicyConfig:
+        if self.draft_len == "auto":
+            return DraftPolicyConfig(policy="adaptive")
+        return DraftPolicyConfig(policy="fixed", draft_len=self.draft_len)

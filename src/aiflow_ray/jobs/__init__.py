@@ -1,0 +1,1 @@
+"""Entrypoints for ``ray job submit``: they drive the running application over its HTTP API."""

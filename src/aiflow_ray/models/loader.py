@@ -1,0 +1,54 @@
+"""Name -> engine: registered names (fetched or built), local directories, or hub ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiflow_ray.config import ModelPairConfig
+from aiflow_ray.models.fetch import fetch_model
+from aiflow_ray.models.registry import UnknownModelError, get_entry, known_names
+from aiflow_ray.models.tiny import build_tiny_pair
+
+
+def resolve_model_path(name: str, fetch: bool = True) -> Path | str:
+    """Where ``transformers`` should load ``name`` from."""
+    entry = get_entry(name)
+    if entry is not None:
+        if entry.tiny is not None:
+            verifier_dir, drafter_dir = build_tiny_pair()
+            return verifier_dir if entry.tiny == "verifier" else drafter_dir
+        if not fetch:
+            from aiflow_ray.models.fetch import cached_model_dir, is_cached
+
+            if not is_cached(name):
+                raise UnknownModelError(f"{name} is registered but not fetched: run `aiflow models fetch {name}`")
+            return cached_model_dir(name)
+        return fetch_model(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UnknownModelError(f"{path} is a directory without config.json, not a model")
+        return path
+    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        return name  # a hub id, for deployments that can reach a hub
+    raise UnknownModelError(
+        f"unknown model {name!r}: use one of {', '.join(known_names())}, a local model directory, or a hub id"
+    )
+
+
+def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: bool = True):
+    from aiflow_ray.engines.hf import HFEngine
+
+    return HFEngine.from_pretrained(resolve_model_path(name, fetch), name=name, dtype=dtype, device=device)
+
+
+def load_pair(cfg: ModelPairConfig, fetch: bool = True):
+    """Load (drafter, verifier) and refuse a pair whose tokenizers differ."""
+    drafter = load_engine(cfg.drafter, cfg.dtype, cfg.device, fetch)
+    verifier = load_engine(cfg.verifier, cfg.dtype, cfg.device, fetch)
+    if drafter.vocab_fingerprint() != verifier.vocab_fingerprint():
+        raise ValueError(
+            f"drafter {cfg.drafter} and verifier {cfg.verifier} do not share a tokenizer; "
+            "speculative decoding needs identical token ids"
+        )
+    return drafter, verifier

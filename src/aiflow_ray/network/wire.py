@@ -1,0 +1,328 @@
+"""Compact binary messages between the device drafter and the edge verifier (no pickle, ever).
+
+Every message starts with a 24-byte header: magic ``AF``, version, type, a 16-byte session id and a
+sequence number. Token ids travel as little-endian int32. A round's uplink carries only the new
+draft (4 bytes a token, plus 8 bytes per support entry of the sparse draft distribution when
+sampling); the context crosses only when a session starts or the verifier lost it. Decoding checks
+every length and bound and raises ``WireError``, so a malformed or hostile payload is rejected
+before it touches a model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from aiflow_ray.config import MAX_DRAFT_LEN, SamplingConfig
+
+MAGIC = b"AF"
+VERSION = 1
+MAX_CONTEXT_TOKENS = 131_072
+MAX_DRAFT_TOP_K = 256
+MAX_PROMPT_BYTES = 1 << 20
+
+_HEADER = struct.Struct("<2sBB16sI")
+_VERIFY_FIXED = struct.Struct("<BIH")  # flags, base_len, k
+_CONTEXT_LEN = struct.Struct("<I")
+_SAMPLING = struct.Struct("<ffIQ")  # temperature, top_p, top_k, seed
+_SPARSE_K = struct.Struct("<H")
+_VERIFY_RESP = struct.Struct("<BHiII")  # status, accepted, next token, verify_us, committed_len
+_GEN_FIXED = struct.Struct("<BII")  # flags, max_new_tokens, prompt byte length
+_TOKENS_FIXED = struct.Struct("<BH")  # done, count
+_ERROR_FIXED = struct.Struct("<H")
+
+_F_CONTEXT, _F_SAMPLED, _F_SEED, _F_CHAT, _F_MESSAGES = 1, 2, 4, 8, 16
+_I32 = np.dtype("<i4")
+_F32 = np.dtype("<f4")
+
+
+class WireError(ValueError):
+    """A payload that is not a well-formed message of this protocol."""
+
+
+class MsgType(IntEnum):
+    VERIFY = 1
+    VERIFY_RESULT = 2
+    GENERATE = 3
+    TOKENS = 4
+    RELEASE = 5
+    ERROR = 6
+
+
+class VerifyStatus(IntEnum):
+    OK = 0
+    NEED_CONTEXT = 1
+
+
+@dataclass(frozen=True)
+class Header:
+    type: MsgType
+    session_id: bytes  # 16 bytes
+    seq: int
+
+
+@dataclass
+class VerifyRequest:
+    header: Header
+    base_len: int  # committed tokens the device believes the verifier holds
+    draft_ids: np.ndarray  # [k] int32
+    context: np.ndarray | None = None  # [n] int32, the full committed sequence, when (re)starting
+    sampling: SamplingConfig | None = None  # sent with the context; None = greedy
+    q_ids: np.ndarray | None = None  # [k, K] int32 sparse draft distribution support
+    q_probs: np.ndarray | None = None  # [k, K] float32
+
+
+@dataclass
+class VerifyResult:
+    header: Header
+    status: VerifyStatus
+    num_accepted: int = 0
+    next_token: int = -1  # correction or bonus token
+    verify_us: int = 0  # verifier compute time, so the device can separate link from compute
+    committed_len: int = 0
+
+
+@dataclass
+class GenerateRequest:
+    header: Header
+    prompt: str | list[dict[str, str]]  # text, or chat turns (sent as JSON, never pickled)
+    max_new_tokens: int
+    chat: bool
+    sampling: SamplingConfig | None
+
+
+@dataclass
+class Tokens:
+    header: Header
+    token_ids: np.ndarray  # [n] int32
+    done: bool
+
+
+@dataclass
+class Release:
+    header: Header
+
+
+@dataclass
+class ErrorMsg:
+    header: Header
+    code: int
+    message: str
+
+
+Message = VerifyRequest | VerifyResult | GenerateRequest | Tokens | Release | ErrorMsg
+
+
+def new_session_id() -> bytes:
+    return uuid.uuid4().bytes
+
+
+def _header(kind: MsgType, session_id: bytes, seq: int) -> bytes:
+    if len(session_id) != 16:
+        raise WireError("session id must be 16 bytes")
+    return _HEADER.pack(MAGIC, VERSION, int(kind), session_id, seq)
+
+
+def _sampling_bytes(sampling: SamplingConfig) -> bytes:
+    return _SAMPLING.pack(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed or 0)
+
+
+def normalize_q(q_probs32: np.ndarray) -> np.ndarray:
+    """float32 wire probabilities -> the float64 distribution both ends use, bit for bit."""
+    q = q_probs32.astype(np.float64)
+    return q / q.sum(axis=-1, keepdims=True)
+
+
+def encode_verify(req: VerifyRequest) -> bytes:
+    k = len(req.draft_ids)
+    flags = 0
+    parts: list[bytes] = []
+    if req.context is not None:
+        flags |= _F_CONTEXT
+        parts.append(_CONTEXT_LEN.pack(len(req.context)))
+        parts.append(np.asarray(req.context, dtype=_I32).tobytes())
+        if req.sampling is not None and not req.sampling.greedy:
+            flags |= _F_SAMPLED | (_F_SEED if req.sampling.seed is not None else 0)
+            parts.append(_sampling_bytes(req.sampling))
+    parts.append(np.asarray(req.draft_ids, dtype=_I32).tobytes())
+    if req.q_ids is not None and req.q_probs is not None:
+        parts.append(_SPARSE_K.pack(req.q_ids.shape[1] if k else 0))
+        parts.append(np.asarray(req.q_ids, dtype=_I32).tobytes())
+        parts.append(np.asarray(req.q_probs, dtype=_F32).tobytes())
+    head = _header(MsgType.VERIFY, req.header.session_id, req.header.seq)
+    return head + _VERIFY_FIXED.pack(flags, req.base_len, k) + b"".join(parts)
+
+
+def encode_verify_result(res: VerifyResult) -> bytes:
+    head = _header(MsgType.VERIFY_RESULT, res.header.session_id, res.header.seq)
+    return head + _VERIFY_RESP.pack(
+        int(res.status), res.num_accepted, res.next_token, min(res.verify_us, 2**32 - 1), res.committed_len
+    )
+
+
+def encode_generate(req: GenerateRequest) -> bytes:
+    if isinstance(req.prompt, list):
+        prompt = json.dumps(req.prompt).encode("utf-8")
+        flags = _F_CHAT | _F_MESSAGES
+    else:
+        prompt = req.prompt.encode("utf-8")
+        flags = _F_CHAT if req.chat else 0
+    tail = b""
+    if req.sampling is not None and not req.sampling.greedy:
+        flags |= _F_SAMPLED | (_F_SEED if req.sampling.seed is not None else 0)
+        tail = _sampling_bytes(req.sampling)
+    head = _header(MsgType.GENERATE, req.header.session_id, req.header.seq)
+    return head + _GEN_FIXED.pack(flags, req.max_new_tokens, len(prompt)) + prompt + tail
+
+
+def encode_tokens(msg: Tokens) -> bytes:
+    head = _header(MsgType.TOKENS, msg.header.session_id, msg.header.seq)
+    ids = np.asarray(msg.token_ids, dtype=_I32)
+    return head + _TOKENS_FIXED.pack(int(msg.done), len(ids)) + ids.tobytes()
+
+
+def encode_release(msg: Release) -> bytes:
+    return _header(MsgType.RELEASE, msg.header.session_id, msg.header.seq)
+
+
+def encode_error(msg: ErrorMsg) -> bytes:
+    text = msg.message.encode("utf-8")[:1024]
+    return _header(MsgType.ERROR, msg.header.session_id, msg.header.seq) + _ERROR_FIXED.pack(msg.code) + text
+
+
+class _Reader:
+    def __init__(self, payload: bytes, offset: int) -> None:
+        self.buf = memoryview(payload)
+        self.pos = offset
+
+    def take(self, size: int, what: str) -> memoryview:
+        if size < 0 or self.pos + size > len(self.buf):
+            raise WireError(f"truncated message: {what} needs {size} bytes, {len(self.buf) - self.pos} left")
+        view = self.buf[self.pos : self.pos + size]
+        self.pos += size
+        return view
+
+    def unpack(self, fmt: struct.Struct, what: str) -> tuple:
+        return fmt.unpack(self.take(fmt.size, what))
+
+    def array(self, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+        return np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype).copy()
+
+    def finish(self) -> None:
+        if self.pos != len(self.buf):
+            raise WireError(f"{len(self.buf) - self.pos} trailing bytes")
+
+
+def _read_sampling(reader: _Reader, flags: int) -> SamplingConfig | None:
+    if not flags & _F_SAMPLED:
+        return None
+    temperature, top_p, top_k, seed = reader.unpack(_SAMPLING, "sampling")
+    try:
+        return SamplingConfig(
+            temperature=temperature, top_p=min(top_p, 1.0), top_k=top_k,
+            seed=seed if flags & _F_SEED else None,
+        )
+    except ValueError as exc:
+        raise WireError(f"bad sampling parameters: {exc}") from exc
+
+
+def _parse_turns(text: str) -> list[dict[str, str]]:
+    try:
+        turns = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WireError(f"chat turns are not valid JSON: {exc}") from exc
+    if not isinstance(turns, list) or not all(
+        isinstance(t, dict) and set(t) == {"role", "content"} and all(isinstance(v, str) for v in t.values())
+        for t in turns
+    ):
+        raise WireError("chat turns must be a list of {role, content} strings")
+    return turns
+
+
+def decode(payload: bytes) -> Message:
+    if len(payload) < _HEADER.size:
+        raise WireError(f"message of {len(payload)} bytes is shorter than the header")
+    magic, version, kind, session_id, seq = _HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise WireError("not an aiflow message (bad magic)")
+    if version != VERSION:
+        raise WireError(f"unsupported protocol version {version}")
+    try:
+        msg_type = MsgType(kind)
+    except ValueError:
+        raise WireError(f"unknown message type {kind}") from None
+    header = Header(msg_type, session_id, seq)
+    reader = _Reader(payload, _HEADER.size)
+    msg: Message
+    if msg_type is MsgType.VERIFY:
+        flags, base_len, k = reader.unpack(_VERIFY_FIXED, "verify header")
+        if k > MAX_DRAFT_LEN:
+            raise WireError(f"draft of {k} tokens exceeds the limit of {MAX_DRAFT_LEN}")
+        context = sampling = None
+        if flags & _F_CONTEXT:
+            (n,) = reader.unpack(_CONTEXT_LEN, "context length")
+            if not 1 <= n <= MAX_CONTEXT_TOKENS:
+                raise WireError(f"context of {n} tokens is outside 1..{MAX_CONTEXT_TOKENS}")
+            context = reader.array(_I32, n, "context")
+            sampling = _read_sampling(reader, flags)
+        draft = reader.array(_I32, k, "draft")
+        q_ids = q_probs = None
+        if reader.pos < len(reader.buf):
+            (top_k,) = reader.unpack(_SPARSE_K, "draft distribution size")
+            if not 1 <= top_k <= MAX_DRAFT_TOP_K:
+                raise WireError(f"draft distribution size {top_k} is outside 1..{MAX_DRAFT_TOP_K}")
+            q_ids = reader.array(_I32, k * top_k, "draft distribution ids").reshape(k, top_k)
+            q_probs = reader.array(_F32, k * top_k, "draft distribution probabilities").reshape(k, top_k)
+            if not np.all(np.isfinite(q_probs)) or np.any(q_probs < 0):
+                raise WireError("draft probabilities must be finite and non-negative")
+        msg = VerifyRequest(header, base_len, draft, context, sampling, q_ids, q_probs)
+    elif msg_type is MsgType.VERIFY_RESULT:
+        status, accepted, next_token, verify_us, committed = reader.unpack(_VERIFY_RESP, "verify result")
+        try:
+            verify_status = VerifyStatus(status)
+        except ValueError:
+            raise WireError(f"unknown verify status {status}") from None
+        msg = VerifyResult(header, verify_status, accepted, next_token, verify_us, committed)
+    elif msg_type is MsgType.GENERATE:
+        flags, max_new, nbytes = reader.unpack(_GEN_FIXED, "generate header")
+        if nbytes > MAX_PROMPT_BYTES:
+            raise WireError(f"prompt of {nbytes} bytes exceeds {MAX_PROMPT_BYTES}")
+        try:
+            text = bytes(reader.take(nbytes, "prompt")).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WireError("prompt is not valid UTF-8") from exc
+        prompt: str | list[dict[str, str]] = text
+        if flags & _F_MESSAGES:
+            prompt = _parse_turns(text)
+        sampling = _read_sampling(reader, flags)
+        msg = GenerateRequest(header, prompt, max_new, bool(flags & _F_CHAT), sampling)
+    elif msg_type is MsgType.TOKENS:
+        done, count = reader.unpack(_TOKENS_FIXED, "tokens header")
+        msg = Tokens(header, reader.array(_I32, count, "tokens"), bool(done))
+    elif msg_type is MsgType.RELEASE:
+        msg = Release(header)
+    else:
+        (code,) = reader.unpack(_ERROR_FIXED, "error code")
+        text = bytes(reader.take(len(reader.buf) - reader.pos, "error text")).decode("utf-8", "replace")
+        msg = ErrorMsg(header, code, text)
+    reader.finish()
+    return msg
+
+
+def verify_request_size(k: int, draft_top_k: int = 0, context_len: int = 0) -> int:
+    """Bytes of a VERIFY message, for the cost model (context_len > 0 when the context rides along)."""
+    size = _HEADER.size + _VERIFY_FIXED.size + 4 * k
+    if context_len:
+        size += _CONTEXT_LEN.size + 4 * context_len
+    if draft_top_k:
+        size += _SPARSE_K.size + 8 * k * draft_top_k
+    return size
+
+
+VERIFY_RESULT_SIZE = _HEADER.size + _VERIFY_RESP.size
+TOKENS_MESSAGE_SIZE = _HEADER.size + _TOKENS_FIXED.size + 4  # one streamed token

@@ -1,0 +1,145 @@
+"""The Router: live estimates and per-request path/draft-length decisions.
+
+One named Ray actor per application holds the state; tiers push to it at most once per request
+(generation summaries from the drafter) or once per load-report period (replica loads), never per
+token, so it stays off the hot path. The estimators are the same ones the device uses locally: the
+router never reads the link emulator's settings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiflow_ray.network.estimators import Ewma, ForgettingLinearFit, LinkEstimator
+from aiflow_ray.routing.cost_model import ComputeCosts, LinkCosts
+from aiflow_ray.routing.policy import Decision, Quality, RouteInputs, TierLoad, decide
+
+LOAD_STALE_S = 15.0  # a tier that has not reported for this long is treated as unreachable
+
+
+@dataclass
+class GenerationReport:
+    """What a drafter replica learned from one request (sums over its rounds)."""
+
+    link_id: str
+    path: str
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rejections: int = 0
+    draft_s: float = 0.0
+    draft_tokens: int = 0
+    verify_samples: list[tuple[int, float]] = field(default_factory=list)  # (tokens fed, seconds)
+    link_samples: list[tuple[int, float]] = field(default_factory=list)  # (bytes, link seconds)
+    on_device_s_per_token: float | None = None
+    server_only_s_per_token: float | None = None
+
+
+@dataclass
+class RouterConfig:
+    fast_tpot_slo_s: float = 0.25
+    shed_to_device: bool = True
+    max_draft_len: int = 24
+    prior_alpha: float = 0.7
+    prior_draft_s_per_token: float = 0.09
+    prior_verify_s: float = 0.23
+    prior_bandwidth_bps: float = 1e6
+    prior_rtt_s: float = 0.02
+    decisions_kept: int = 200
+
+
+class RouterState:
+    def __init__(self, cfg: RouterConfig | None = None) -> None:
+        self.cfg = cfg or RouterConfig()
+        self.links: dict[str, LinkEstimator] = {}
+        self.accepted = self.cfg.prior_alpha * 8.0
+        self.rejected = (1 - self.cfg.prior_alpha) * 8.0
+        self.draft_s = Ewma(0.2, self.cfg.prior_draft_s_per_token)
+        self.verify_fit = ForgettingLinearFit(0.95, prior_slope=0.0, prior_strength=4.0)
+        self.verify_fit.observe(1.0, self.cfg.prior_verify_s)
+        self.loads: dict[str, dict[str, tuple[float, TierLoad]]] = {"edge": {}, "cloud": {}}
+        self.decisions: deque[dict[str, Any]] = deque(maxlen=self.cfg.decisions_kept)
+        self.decision_counts: dict[str, int] = {}
+
+    # -- reports --------------------------------------------------------------------------------
+    def report_generation(self, report: GenerationReport) -> None:
+        link = self.links.setdefault(
+            report.link_id, LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s)
+        )
+        for nbytes, seconds in report.link_samples:
+            link.observe(nbytes, seconds)
+        if report.drafted:
+            self.accepted = 0.9 * self.accepted + report.accepted
+            self.rejected = 0.9 * self.rejected + report.rejections
+        if report.draft_tokens:
+            self.draft_s.update(report.draft_s / report.draft_tokens)
+        if report.on_device_s_per_token is not None:
+            self.draft_s.update(report.on_device_s_per_token)
+        for fed, seconds in report.verify_samples:
+            self.verify_fit.observe(float(fed), seconds)
+        if report.server_only_s_per_token is not None:
+            self.verify_fit.observe(1.0, report.server_only_s_per_token)
+
+    def report_load(self, tier: str, replica: str, ongoing: int, queued: int, capacity: int) -> None:
+        self.loads.setdefault(tier, {})[replica] = (time.monotonic(), TierLoad(True, ongoing, queued, capacity))
+
+    def tier_load(self, tier: str) -> TierLoad:
+        now = time.monotonic()
+        fresh = [load for at, load in self.loads.get(tier, {}).values() if now - at < LOAD_STALE_S]
+        if not fresh:
+            return TierLoad(available=False, capacity=0)
+        return TierLoad(True, sum(x.ongoing for x in fresh), sum(x.queued for x in fresh),
+                        sum(x.capacity for x in fresh))
+
+    # -- decisions ------------------------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        return min(self.accepted / max(self.accepted + self.rejected, 1e-9), 0.999)
+
+    def inputs(self, link_id: str) -> RouteInputs:
+        est = self.links.get(link_id) or LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s)
+        link = est.estimate()
+        per_token = max(self.verify_fit.slope(), 0.0)
+        compute = ComputeCosts(
+            draft_s_per_token=self.draft_s.value or self.cfg.prior_draft_s_per_token,
+            verify_base_s=self.verify_fit.intercept(per_token), verify_per_token_s=per_token,
+        )
+        return RouteInputs(
+            alpha=self.alpha, compute=compute, link=LinkCosts(link.rtt_s, link.bandwidth_bps, link.bandwidth_bps),
+            edge=self.tier_load("edge"), cloud=self.tier_load("cloud"), max_draft_len=self.cfg.max_draft_len,
+            fast_tpot_slo_s=self.cfg.fast_tpot_slo_s, shed_to_device=self.cfg.shed_to_device,
+        )
+
+    def decide(self, request_id: str, link_id: str, path: str, quality: Quality,
+               draft_len: int | None) -> Decision:
+        inputs = self.inputs(link_id)
+        decision = decide(path, quality, inputs, draft_len)
+        record = {
+            "request_id": request_id, "at": time.time(), "link_id": link_id, "requested_path": path,
+            "quality": quality, "path": decision.path, "draft_len": decision.draft_len,
+            "reason": decision.reason, "predicted_tpot_s": decision.predicted_tpot_s,
+            "inputs": {
+                "alpha": inputs.alpha, "rtt_s": inputs.link.rtt_s, "bandwidth_bps": inputs.link.bandwidth_up_bps,
+                "draft_s_per_token": inputs.compute.draft_s_per_token,
+                "verify_s": inputs.compute.verify_s(0), "edge": asdict(inputs.edge), "cloud": asdict(inputs.cloud),
+            },
+        }
+        self.decisions.append(record)
+        key = str(decision.path)
+        self.decision_counts[key] = self.decision_counts.get(key, 0) + 1
+        return decision
+
+    def snapshot(self) -> dict[str, Any]:
+        links = {lid: asdict(est.estimate()) for lid, est in self.links.items()}
+        return {
+            "links": links,
+            "alpha": self.alpha,
+            "draft_s_per_token": self.draft_s.value,
+            "verify_s": self.inputs("").compute.verify_s(0),
+            "loads": {tier: asdict(self.tier_load(tier)) for tier in self.loads},
+            "decision_counts": dict(self.decision_counts),
+            "recent_decisions": list(self.decisions)[-20:],
+        }

@@ -1,0 +1,76 @@
+"""The serving application's arguments: one pydantic model for Python, YAML and RayService alike."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from aiflow_ray.config import LinkConfig, ModelPairConfig, StrictModel
+
+TIERS = ("device", "edge", "cloud", "ingress")
+
+
+class AutoscalingArgs(StrictModel):
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
+    max_replicas: int = Field(2, ge=1, description="Upper bound under load.")
+    target_ongoing_requests: float = Field(1.0, gt=0, description="Ongoing requests per replica to aim for.")
+    upscale_delay_s: float = Field(2.0, ge=0, description="Load must persist this long before scaling up.")
+    downscale_delay_s: float = Field(8.0, ge=0, description="Idleness must persist this long before scaling down.")
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class TierArgs(StrictModel):
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description="Ray node labels a replica must run on, e.g. {tier: edge}."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (GPU clusters).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
+    max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica serves at once.")
+    max_queued_requests: int = Field(32, ge=-1, description="Queued requests before 503 (-1 = unbounded).")
+    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+
+
+def _tier(tier: str, **kw: object) -> TierArgs:
+    return TierArgs(label_selector={"tier": tier}, **kw)
+
+
+class RouterArgs(StrictModel):
+    fast_tpot_slo_s: float = Field(
+        0.25, gt=0, description="'fast' requests keep the large model while its predicted TPOT meets this."
+    )
+    shed_to_device: bool = Field(True, description="Saturated edge: answer 'fast' requests on the device.")
+    max_draft_len: int = Field(24, ge=1, le=64, description="Largest k the router may pick.")
+    load_report_period_s: float = Field(1.0, gt=0, description="How often replicas push their load.")
+
+
+class AppArgs(StrictModel):
+    """Arguments of ``aiflow_ray.serve:build_app``."""
+
+    name: str = Field("aiflow", pattern=r"^[a-z0-9-]{1,40}$", description="Application name (router actor name).")
+    profile: Literal["default", "tiny"] = Field("default", description="default = Qwen pair; tiny = test models.")
+    models: ModelPairConfig | None = Field(None, description="Explicit model pair (overrides the profile).")
+    device: TierArgs = Field(default_factory=lambda: _tier("device"))
+    edge: TierArgs = Field(default_factory=lambda: _tier("edge"))
+    cloud: TierArgs = Field(default_factory=lambda: _tier("cloud"))
+    ingress: TierArgs = Field(default_factory=lambda: TierArgs(num_cpus=0.5, max_ongoing_requests=64))
+    link: LinkConfig = Field(default_factory=lambda: LinkConfig(bandwidth_bps=1e6, rtt_s=0.02))
+    edge_cloud_link: LinkConfig = Field(default_factory=lambda: LinkConfig(bandwidth_bps=10e6, rtt_s=0.04))
+    router: RouterArgs = Field(default_factory=RouterArgs)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+    max_new_tokens_limit: int = Field(1024, ge=1, le=4096, description="Cap on max_tokens per request.")
+    edge_sessions_per_replica: int = Field(64, ge=1, description="Sessions an edge replica keeps (LRU).")
+    check_labels: bool = Field(True, description="Refuse to build when no node carries a tier's labels.")
+
+    def model_pair(self) -> ModelPairConfig:
+        return self.models or ModelPairConfig.for_profile(self.profile)
+
+    @property
+    def router_actor_name(self) -> str:
+        return f"{self.name}-router"

@@ -1,0 +1,91 @@
+"""One builder for every way of deploying: Python, ``serve run``/``serve deploy`` YAML, RayService.
+
+Graph (each box a Serve deployment; tiers placed by Ray node labels, GPUs by num_gpus):
+
+    HTTP ──► Ingress (FastAPI) ──► Router (1 replica: estimates, decisions, emulated-link settings)
+                │
+                ├──► DeviceDrafter  [tier=device]  small model, speculative loop, device link
+                │        └──► EdgeVerifier [tier=edge]  large model, session KV (affinity by session)
+                └──► CloudService   [tier=cloud]   large model, beam search (retrieval: RAG tier)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.serve.args import AppArgs, TierArgs
+
+log = get_logger(__name__)
+
+
+class PlacementError(ValueError):
+    """A tier's label selector matches no node of the running cluster."""
+
+
+def deployment_options(tier: TierArgs, name: str) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": tier.num_cpus}
+    if tier.num_gpus:
+        actor["num_gpus"] = tier.num_gpus
+    if tier.accelerator_type:
+        actor["accelerator_type"] = tier.accelerator_type
+    if tier.label_selector:
+        actor["label_selector"] = dict(tier.label_selector)
+    auto = tier.autoscaling
+    return {
+        "name": name,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": tier.max_ongoing_requests,
+        "max_queued_requests": tier.max_queued_requests,
+        "health_check_period_s": 2.0,
+        "autoscaling_config": {
+            "min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
+            "initial_replicas": max(auto.min_replicas, 1),
+            "target_ongoing_requests": auto.target_ongoing_requests,
+            "upscale_delay_s": auto.upscale_delay_s, "downscale_delay_s": auto.downscale_delay_s,
+        },
+    }
+
+
+def check_placement(args: AppArgs) -> None:
+    """Fail fast: a selector no node satisfies would leave the app DEPLOYING without a message."""
+    import ray
+
+    if not args.check_labels or not ray.is_initialized():
+        return
+    labels = [node.get("Labels", {}) or {} for node in ray.nodes() if node.get("Alive")]
+    for tier_name in ("device", "edge", "cloud", "ingress"):
+        selector = getattr(args, tier_name).label_selector
+        if selector and not any(all(lab.get(k) == v for k, v in selector.items()) for lab in labels):
+            seen = sorted({f"{k}={v}" for lab in labels for k, v in lab.items() if not k.startswith("ray.io/")})
+            raise PlacementError(
+                f"tier {tier_name!r} needs a node labelled {selector}, but the cluster's nodes carry "
+                f"{seen or 'no custom labels'}; start nodes with `ray start --labels tier={tier_name}` "
+                "or change the tier's label_selector"
+            )
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Validate ``args`` (see ``AppArgs``) and bind the application graph."""
+    from ray import serve
+
+    from aiflow_ray.api.app import Ingress, api
+    from aiflow_ray.serve.cloud_server import CloudServer
+    from aiflow_ray.serve.device_server import DeviceDrafterServer
+    from aiflow_ray.serve.edge_server import EdgeVerifierServer
+    from aiflow_ray.serve.router_server import RouterServer
+
+    parsed = AppArgs.model_validate(args)
+    check_placement(parsed)
+    raw = parsed.model_dump(mode="json")
+    router = serve.deployment(name="Router", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                              max_ongoing_requests=1000)(RouterServer).bind(raw)
+    edge = serve.deployment(**deployment_options(parsed.edge, "EdgeVerifier"))(EdgeVerifierServer).bind(raw)
+    device = serve.deployment(**deployment_options(parsed.device, "DeviceDrafter"))(DeviceDrafterServer).bind(
+        raw, edge
+    )
+    cloud = serve.deployment(**deployment_options(parsed.cloud, "CloudService"))(CloudServer).bind(raw)
+    ingress_cls = serve.ingress(api)(Ingress)
+    return serve.deployment(**deployment_options(parsed.ingress, "Ingress"))(ingress_cls).bind(
+        raw, device, cloud, router
+    )

@@ -1,0 +1,94 @@
+"""EdgeVerifier deployment: the large model, per-session KV state, verification of drafts.
+
+Requests of one session carry the session id as Serve's multiplexed model id, so Serve's router
+prefers the replica that already holds that session. Affinity is only an optimisation: a replica
+without the session answers NEED_CONTEXT and the device resends the context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.serve.args import AppArgs
+from aiflow_ray.serve.common import LoadTracker
+from aiflow_ray.tiers.edge import EdgeVerifier
+
+log = get_logger(__name__)
+
+MAX_AFFINITY_SESSIONS = 256
+
+
+class _SessionMarker:
+    """What Serve's multiplexing caches per session; evicting it frees the session's KV cache."""
+
+    def __init__(self, edge: EdgeVerifier, session_hex: str) -> None:
+        self.edge = edge
+        self.session_hex = session_hex
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.edge.drop_session(bytes.fromhex(self.session_hex))
+
+
+class EdgeVerifierServer:
+    def __init__(self, args: dict[str, Any], engine: Any = None) -> None:
+        self.args = AppArgs.model_validate(args)
+        if engine is None:
+            from aiflow_ray.models.loader import load_engine
+
+            pair = self.args.model_pair()
+            engine = load_engine(pair.verifier, pair.dtype, pair.device)
+        self.edge = EdgeVerifier(engine, max_sessions=self.args.edge_sessions_per_replica)
+        self._engine_lock = threading.Lock()  # one forward at a time: the engine is not thread-safe
+        self.load = LoadTracker("edge", self.args, self.args.edge.max_ongoing_requests)
+
+    # Serve detects multiplexing on the class, so the bound is a constant here; the KV memory bound is
+    # EdgeVerifier's own max_sessions (edge_sessions_per_replica), which evicts independently.
+    @serve.multiplexed(max_num_models_per_replica=MAX_AFFINITY_SESSIONS)
+    async def _touch_session(self, session_hex: str) -> _SessionMarker:
+        return _SessionMarker(self.edge, session_hex)
+
+    async def _affinity(self) -> None:
+        self.load.start()
+        session_hex = serve.get_multiplexed_model_id()
+        if session_hex:
+            await self._touch_session(session_hex)
+
+    def _verify_locked(self, payload: bytes) -> bytes:
+        with self._engine_lock:
+            return self.edge.handle(payload)
+
+    async def verify(self, payload: bytes) -> bytes:
+        await self._affinity()
+        with self.load.track():
+            return await asyncio.to_thread(self._verify_locked, payload)
+
+    async def release(self, payload: bytes) -> None:
+        await asyncio.to_thread(self._verify_locked, payload)
+
+    async def generate_stream(self, payload: bytes) -> AsyncIterator[bytes]:
+        """Server-only path: tokens stream back as they are produced."""
+        await self._affinity()
+        with self.load.track():
+            stream = self.edge.generate_stream(payload)
+
+            def step() -> bytes | None:
+                with self._engine_lock:
+                    return next(stream, None)
+
+            while (message := await asyncio.to_thread(step)) is not None:
+                yield message
+
+    async def stats(self) -> dict[str, Any]:
+        return {"sessions": getattr(self.edge.engine, "num_sessions", None),
+                "context_requests": self.edge.context_requests, "ongoing": self.load.ongoing}
+
+    async def check_health(self) -> None:
+        self.load.start()  # report load from the start, not only after the first request

@@ -1,0 +1,277 @@
+"""The device drafter: runs the speculative loop against an edge verifier over a link.
+
+One round: draft k tokens with the small model, send the draft (and the context when the edge does
+not hold the session), receive (accepted count, correction/bonus token), commit them locally. The
+device times every stage with the link's clock and feeds the draft-length policy. Greedy output is
+the verifier's greedy output token for token, whatever the draft length, link or session losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from aiflow_ray.config import SamplingConfig
+from aiflow_ray.engines.base import Engine
+from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.network import wire
+from aiflow_ray.network.link import Clock, DuplexLink, RealClock
+from aiflow_ray.speculative.policy import DraftLenPolicy, RoundFeedback
+from aiflow_ray.speculative.stats import SpecStats
+from aiflow_ray.tiers.edge import EdgeVerifier
+from aiflow_ray.tiers.trace import Trace
+
+log = get_logger(__name__)
+
+MAX_CONTEXT_RESENDS = 8
+
+
+class EdgeError(RuntimeError):
+    """The edge answered with an error or kept losing the session."""
+
+
+class Transport(Protocol):
+    clock: Clock
+
+    def exchange(self, payload: bytes) -> bytes: ...
+
+    def notify(self, payload: bytes) -> None: ...
+
+    def stream(self, payload: bytes) -> Iterator[tuple[bytes, float]]: ...
+
+
+class InProcessTransport:
+    """Device <-> edge in one process, every payload passing the emulated link."""
+
+    def __init__(self, edge: EdgeVerifier, link: DuplexLink) -> None:
+        self.edge = edge
+        self.link = link
+        self.clock = link.clock
+
+    def exchange(self, payload: bytes) -> bytes:
+        self.link.up.transfer(len(payload))
+        reply = self.edge.handle(payload)
+        self.link.down.transfer(len(reply))
+        return reply
+
+    def notify(self, payload: bytes) -> None:
+        # Fire and forget (session release): counted on the link but nobody waits for it.
+        self.link.up.schedule(len(payload))
+        self.edge.handle(payload)
+
+    def stream(self, payload: bytes) -> Iterator[tuple[bytes, float]]:
+        """Yield (message, arrival time): the edge keeps computing while earlier tokens travel."""
+        self.link.up.transfer(len(payload))
+        for message in self.edge.generate_stream(payload):
+            yield message, self.link.down.schedule(len(message))
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    trace: Trace
+    stats: SpecStats | None = None
+
+
+def _truncate_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]:
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: i + 1], True
+    return tokens, False
+
+
+class DeviceDrafter:
+    def __init__(self, engine: Engine, seed: int | None = None) -> None:
+        self.engine = engine
+        self._rng = np.random.default_rng(seed)
+
+    def _rng_for(self, sampling: SamplingConfig) -> np.random.Generator:
+        return np.random.default_rng(sampling.seed) if sampling.seed is not None else self._rng
+
+    # -- on-device ------------------------------------------------------------------------------
+    def generate_local(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        clock: Clock | None = None,
+        on_token: Callable[[int, list[int]], None] | None = None,
+    ) -> GenerationResult:
+        """The small model alone, no link."""
+        clock = clock or RealClock()
+        trace = Trace(path="on-device")
+        rng = self._rng_for(sampling)
+        sid = wire.new_session_id().hex()
+        self.engine.open_session(sid, prompt_ids)
+        started = clock.now()
+        out: list[int] = []
+        try:
+            while len(out) < max_new_tokens:
+                draft = self.engine.draft(sid, 1, sampling, rng)
+                token = draft.token_ids[0]
+                trace.draft_s += draft.compute_s
+                self.engine.append(sid, [token])
+                out.append(token)
+                trace.token_times_s.append(clock.now() - started)
+                if on_token is not None:
+                    on_token(len(out), [token])
+                if token in self.engine.eos_token_ids:
+                    break
+        finally:
+            self.engine.release(sid)
+        trace.finish(started)
+        return GenerationResult(out, self.engine.decode(out), trace)
+
+    # -- device-edge ----------------------------------------------------------------------------
+    def generate_speculative(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        policy: DraftLenPolicy,
+        transport: Transport,
+        on_round: Callable[[int, list[int]], None] | None = None,
+    ) -> GenerationResult:
+        clock = transport.clock
+        trace = Trace(path="device-edge")
+        stats = SpecStats()
+        rng = self._rng_for(sampling)
+        session = wire.new_session_id()
+        sid = session.hex()
+        self.engine.open_session(sid, prompt_ids)
+        committed = len(prompt_ids)
+        out: list[int] = []
+        edge_has_session = False
+        seq = 0
+        started = clock.now()
+        try:
+            while len(out) < max_new_tokens:
+                round_start = clock.now()
+                k = policy.next_draft_len(max_new_tokens - len(out))
+                draft = self.engine.draft(sid, k, sampling, rng) if k > 0 else None
+                draft_ids = draft.token_ids if draft else []
+                draft_s = draft.compute_s if draft else 0.0
+                sampled = not sampling.greedy and k > 0
+                resends = 0
+                round_bytes = 0
+                while True:
+                    context = None if edge_has_session else np.asarray(
+                        self.engine.session_tokens(sid), np.int32
+                    )
+                    req = wire.VerifyRequest(
+                        header=wire.Header(wire.MsgType.VERIFY, session, seq),
+                        base_len=committed,
+                        draft_ids=np.asarray(draft_ids, np.int32),
+                        context=context,
+                        sampling=sampling if context is not None else None,
+                        q_ids=draft.q_ids if sampled and draft else None,
+                        q_probs=(draft.q_probs.astype(np.float32)
+                                 if sampled and draft and draft.q_probs is not None else None),
+                    )
+                    payload = wire.encode_verify(req)
+                    seq += 1
+                    sent = clock.now()
+                    reply_bytes = transport.exchange(payload)
+                    received = clock.now()
+                    trace.bytes_up += len(payload)
+                    trace.bytes_down += len(reply_bytes)
+                    round_bytes += len(payload) + len(reply_bytes)
+                    reply = wire.decode(reply_bytes)
+                    if isinstance(reply, wire.ErrorMsg):
+                        raise EdgeError(f"edge error {reply.code}: {reply.message}")
+                    if not isinstance(reply, wire.VerifyResult):
+                        raise EdgeError(f"unexpected reply {reply.header.type.name}")
+                    if reply.status is wire.VerifyStatus.NEED_CONTEXT:
+                        edge_has_session = False
+                        resends += 1
+                        trace.context_resends += 1
+                        log.info("edge lost session %s; resending %d tokens of context", sid[:8], committed)
+                        if resends > MAX_CONTEXT_RESENDS:
+                            raise EdgeError("edge keeps losing the session")
+                        continue
+                    break
+                prefill = context is not None
+                edge_has_session = True
+                accepted, next_token = reply.num_accepted, reply.next_token
+                if not 0 <= accepted <= len(draft_ids):
+                    raise EdgeError(f"edge accepted {accepted} of {len(draft_ids)} draft tokens")
+                emitted = [*draft_ids[:accepted], next_token]
+                self.engine.append(sid, emitted)
+                committed += len(emitted)
+                stats.observe(len(draft_ids), accepted)
+                emitted, hit_eos = _truncate_at_eos(emitted, self.engine.eos_token_ids)
+                emitted = emitted[: max_new_tokens - len(out)]
+                out.extend(emitted)
+                now = clock.now()
+                trace.token_times_s.extend([now - started] * len(emitted))
+                verify_s = reply.verify_us / 1e6
+                link_s = max((received - sent) - verify_s, 0.0)
+                trace.rounds += 1
+                trace.draft_lens.append(len(draft_ids))
+                trace.accepted.append(accepted)
+                trace.round_draft_s.append(draft_s)
+                trace.round_verify_s.append(verify_s)
+                trace.round_bytes.append(round_bytes)
+                trace.round_link_s.append(link_s)
+                trace.draft_s += draft_s
+                trace.verify_s += verify_s
+                trace.link_s += received - sent - verify_s
+                policy.update(RoundFeedback(
+                    num_drafted=len(draft_ids), num_accepted=accepted, draft_s=draft_s,
+                    verify_s=verify_s, link_s=link_s, bytes_up=len(payload), bytes_down=len(reply_bytes),
+                    other_s=(now - round_start) - draft_s - (received - sent), prefill=prefill,
+                ))
+                if on_round is not None:
+                    on_round(trace.rounds, emitted)
+                if hit_eos:
+                    break
+        finally:
+            self.engine.release(sid)
+            if edge_has_session:
+                release = wire.encode_release(wire.Release(wire.Header(wire.MsgType.RELEASE, session, seq)))
+                trace.bytes_up += len(release)
+                transport.notify(release)
+        trace.acceptance_rate = stats.acceptance_rate
+        trace.alpha = stats.alpha
+        trace.policy = policy.describe()
+        trace.finish(started)
+        return GenerationResult(out, self.engine.decode(out), trace, stats)
+
+
+def generate_server_only(
+    prompt: str | list[dict[str, str]], chat: bool, max_new_tokens: int, sampling: SamplingConfig, transport: Transport,
+    decode: Callable[[list[int]], str], on_token: Callable[[int, list[int]], None] | None = None,
+) -> GenerationResult:
+    """Baseline: the raw prompt crosses once; the large model decodes alone and streams tokens down."""
+    clock = transport.clock
+    trace = Trace(path="server-only")
+    session = wire.new_session_id()
+    req = wire.GenerateRequest(
+        wire.Header(wire.MsgType.GENERATE, session, 0), prompt, max_new_tokens, chat,
+        None if sampling.greedy else sampling,
+    )
+    payload = wire.encode_generate(req)
+    trace.bytes_up += len(payload)
+    started = clock.now()
+    out: list[int] = []
+    last_arrival = started
+    for message, arrival in transport.stream(payload):
+        trace.bytes_down += len(message)
+        tokens = wire.decode(message)
+        if isinstance(tokens, wire.ErrorMsg):
+            raise EdgeError(f"edge error {tokens.code}: {tokens.message}")
+        assert isinstance(tokens, wire.Tokens)
+        ids = tokens.token_ids.tolist()
+        out.extend(ids)
+        trace.token_times_s.extend([arrival - started] * len(ids))
+        last_arrival = arrival
+        if on_token is not None:
+            on_token(len(out), ids)
+    clock.sleep_until(last_arrival)
+    trace.rounds = len(out)
+    trace.finish(started)
+    return GenerationResult(out, decode(out), trace)

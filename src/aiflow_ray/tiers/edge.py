@@ -1,0 +1,142 @@
+"""The edge verifier: decodes wire messages, keeps per-session state, verifies drafts.
+
+It never trusts the client's view of a session: a VERIFY without context for a session it does not
+hold, or whose committed length differs from the device's, is answered NEED_CONTEXT; the device then
+resends the context and the output is unchanged. Malformed payloads get an ERROR message, never an
+exception across the link.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+
+from aiflow_ray.config import SamplingConfig
+from aiflow_ray.engines.base import Engine, SessionNotFound
+from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.network import wire
+from aiflow_ray.speculative.verify import verify_greedy, verify_sampled
+
+log = get_logger(__name__)
+
+GREEDY = SamplingConfig()
+
+
+class EdgeVerifier:
+    def __init__(self, engine: Engine, max_sessions: int = 256, seed: int | None = None) -> None:
+        self.engine = engine
+        self.max_sessions = max_sessions
+        self._sampling: OrderedDict[bytes, tuple[SamplingConfig, np.random.Generator]] = OrderedDict()
+        self._seed_rng = np.random.default_rng(seed)
+        self.context_requests = 0
+
+    # -- sessions -------------------------------------------------------------------------------
+    def _sid(self, session_id: bytes) -> str:
+        return session_id.hex()
+
+    def _start(self, session_id: bytes, context: np.ndarray, sampling: SamplingConfig | None) -> None:
+        self._check_ids(context, "context")
+        sampling = sampling or GREEDY
+        rng = np.random.default_rng(sampling.seed if sampling.seed is not None else self._seed_rng.integers(2**63))
+        self.engine.open_session(self._sid(session_id), context.tolist())
+        self._sampling[session_id] = (sampling, rng)
+        self._sampling.move_to_end(session_id)
+        while len(self._sampling) > self.max_sessions:
+            # Evicting is safe: the device will be asked for the context again.
+            evicted, _ = self._sampling.popitem(last=False)
+            self.engine.release(self._sid(evicted))
+            log.info("evicted session %s (limit %d)", evicted.hex()[:8], self.max_sessions)
+
+    def drop_session(self, session_id: bytes) -> None:
+        self._sampling.pop(session_id, None)
+        self.engine.release(self._sid(session_id))
+
+    def drop_all_sessions(self) -> None:
+        for session_id in list(self._sampling):
+            self.drop_session(session_id)
+
+    def _check_ids(self, ids: np.ndarray, what: str) -> None:
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.engine.vocab_size):
+            raise wire.WireError(f"{what} holds token ids outside the vocabulary (0..{self.engine.vocab_size - 1})")
+
+    # -- messages -------------------------------------------------------------------------------
+    def handle(self, payload: bytes) -> bytes:
+        """One request message in, one reply message out."""
+        try:
+            msg = wire.decode(payload)
+            if isinstance(msg, wire.VerifyRequest):
+                return wire.encode_verify_result(self.verify(msg))
+            if isinstance(msg, wire.Release):
+                self.drop_session(msg.header.session_id)
+                return b""
+            raise wire.WireError(f"{msg.header.type.name} is not a request this tier answers")
+        except wire.WireError as exc:
+            header = wire.Header(wire.MsgType.ERROR, payload[4:20] if len(payload) >= 20 else bytes(16), 0)
+            return wire.encode_error(wire.ErrorMsg(header, 400, str(exc)))
+
+    def verify(self, req: wire.VerifyRequest) -> wire.VerifyResult:
+        sid = req.header.session_id
+        header = wire.Header(wire.MsgType.VERIFY_RESULT, sid, req.header.seq)
+        if req.context is not None:
+            self._start(sid, req.context, req.sampling)
+        elif sid not in self._sampling or not self.engine.has_session(self._sid(sid)) or (
+            self.engine.session_length(self._sid(sid)) != req.base_len
+        ):
+            self.context_requests += 1
+            return wire.VerifyResult(header, wire.VerifyStatus.NEED_CONTEXT)
+        self._sampling.move_to_end(sid)
+        sampling, rng = self._sampling[sid]
+        self._check_ids(req.draft_ids, "draft")
+        draft = req.draft_ids.tolist()
+        started = time.perf_counter()
+        try:
+            scores = self.engine.score(self._sid(sid), draft, sampling)
+        except SessionNotFound:
+            self.context_requests += 1
+            return wire.VerifyResult(header, wire.VerifyStatus.NEED_CONTEXT)
+        if sampling.greedy:
+            assert scores.greedy_ids is not None
+            accepted, next_token = verify_greedy(draft, scores.greedy_ids)
+        else:
+            assert scores.probs is not None
+            if draft and (req.q_ids is None or req.q_probs is None):
+                raise wire.WireError("a sampled draft must carry its draft distribution")
+            q_ids = req.q_ids if req.q_ids is not None else np.zeros((0, 1), np.int32)
+            q_probs = wire.normalize_q(req.q_probs) if req.q_probs is not None else np.zeros((0, 1))
+            accepted, next_token = verify_sampled(draft, q_ids, q_probs, scores.probs, rng)
+        self.engine.append(self._sid(sid), [*draft[:accepted], next_token])
+        verify_us = int((time.perf_counter() - started) * 1e6)
+        return wire.VerifyResult(
+            header, wire.VerifyStatus.OK, accepted, next_token, verify_us,
+            self.engine.session_length(self._sid(sid)),
+        )
+
+    def generate_stream(self, payload: bytes) -> Iterator[bytes]:
+        """Server-only baseline: the raw prompt arrives once; tokens stream back one message each."""
+        msg = wire.decode(payload)
+        if not isinstance(msg, wire.GenerateRequest):
+            raise wire.WireError("expected a GENERATE message")
+        sid = msg.header.session_id
+        context = np.asarray(self.engine.encode_prompt(msg.prompt, msg.chat), dtype=np.int32)
+        self._start(sid, context, msg.sampling)
+        sampling, rng = self._sampling[sid]
+        try:
+            for i in range(msg.max_new_tokens):
+                scores = self.engine.score(self._sid(sid), [], sampling)
+                if sampling.greedy:
+                    assert scores.greedy_ids is not None
+                    token = scores.greedy_ids[0]
+                else:
+                    assert scores.probs is not None
+                    _, token = verify_sampled([], np.zeros((0, 1), np.int32), np.zeros((0, 1)), scores.probs, rng)
+                self.engine.append(self._sid(sid), [token])
+                done = token in self.engine.eos_token_ids or i == msg.max_new_tokens - 1
+                header = wire.Header(wire.MsgType.TOKENS, sid, i)
+                yield wire.encode_tokens(wire.Tokens(header, np.asarray([token], np.int32), done))
+                if done:
+                    break
+        finally:
+            self.drop_session(sid)

@@ -1,0 +1,61 @@
+"""What a generation reports: output plus a trace of where the time and bytes went."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Trace:
+    path: str
+    rounds: int = 0
+    draft_lens: list[int] = field(default_factory=list)  # [rounds]
+    accepted: list[int] = field(default_factory=list)  # [rounds] accepted tokens per round
+    round_draft_s: list[float] = field(default_factory=list)  # [rounds] device compute per round
+    round_verify_s: list[float] = field(default_factory=list)  # [rounds] edge compute per round
+    round_bytes: list[int] = field(default_factory=list)  # [rounds] bytes both ways, resends included
+    round_link_s: list[float] = field(default_factory=list)  # [rounds] round trip minus edge compute
+    acceptance_rate: float = 0.0  # accepted / drafted
+    alpha: float = 0.0  # per-position acceptance (accepted / (accepted + rejected))
+    bytes_up: int = 0
+    bytes_down: int = 0
+    ttft_s: float = 0.0
+    tpot_s: float = 0.0
+    total_s: float = 0.0
+    draft_s: float = 0.0  # device compute
+    verify_s: float = 0.0  # edge compute (reported by the edge)
+    link_s: float = 0.0  # time spent on the link (RTT + serialisation + queueing)
+    context_resends: int = 0
+    num_tokens: int = 0
+    policy: dict[str, float] = field(default_factory=dict)
+    # Time at which each output token reached the device, relative to the request start.
+    token_times_s: list[float] = field(default_factory=list)
+
+    def finish(self, started: float) -> None:
+        self.num_tokens = len(self.token_times_s)
+        if not self.token_times_s:
+            return
+        self.ttft_s = self.token_times_s[0]
+        self.total_s = self.token_times_s[-1]
+        self.tpot_s = decode_tpot_s(self.token_times_s)
+
+    def to_dict(self, with_token_times: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        if not with_token_times:
+            out.pop("token_times_s")
+        return out
+
+
+def decode_tpot_s(token_times_s: list[float]) -> float:
+    """Time after the first emission divided by the tokens emitted after it.
+
+    Speculative rounds emit several tokens at once; counting the first round's burst in the
+    denominator (the usual (e2e - TTFT) / (n - 1)) would flatter speculation by a few percent.
+    For one-token-at-a-time paths the two definitions agree.
+    """
+    first = token_times_s[0]
+    later = [t for t in token_times_s if t > first]
+    if not later:
+        return 0.0
+    return (token_times_s[-1] - first) / len(later)

@@ -1,0 +1,38 @@
+"""Parsing of human-written quantities.
+
+Bandwidths are bytes per second throughout the project (``_bps`` means *bytes* per second, the
+unit the paper's 500 KB/s-2 MB/s figures use); decimal prefixes (1 MB/s = 1,000,000 B/s).
+"""
+
+from __future__ import annotations
+
+import re
+
+_BANDWIDTH_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)(B|b|bit|Bit)?\s*(/s|ps)?\s*$")
+_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_bandwidth_bps(text: str | float | int) -> float:
+    """``"1MB/s"`` -> 1e6 bytes/s; ``"8Mbit/s"`` -> 1e6 bytes/s; a bare number is bytes/s."""
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = _BANDWIDTH_RE.match(text)
+        if not match:
+            raise ValueError(
+                f"cannot parse bandwidth {text!r}: use e.g. '500KB/s', '1MB/s', '8Mbit/s' or bytes/s"
+            )
+        number, prefix, unit, _ = match.groups()
+        value = float(number) * _PREFIX[prefix.lower()]
+        if unit in ("b", "bit", "Bit"):
+            value /= 8.0
+    if value <= 0:
+        raise ValueError(f"bandwidth must be positive, got {text!r}")
+    return value
+
+
+def format_bandwidth(bps: float) -> str:
+    for div, name in ((1e9, "GB/s"), (1e6, "MB/s"), (1e3, "KB/s")):
+        if bps >= div:
+            return f"{bps / div:g}{name}"
+    return f"{bps:g}B/s"

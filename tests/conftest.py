@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import pytest
+
+from aiflow_ray.config import ModelPairConfig
+from aiflow_ray.tiers.pipeline import Pipeline
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "The quick brown fox jumps over the lazy dog.",
+    "import os\nimport sys\n",
+    "Explain recursion to a child.",
+    "class Stack:\n    def __init__(self):",
+    "SELECT name FROM users WHERE",
+    "Write a haiku about the sea.",
+    "for i in range(10):",
+    "What is a closure in Python?",
+    "Once upon a time",
+    "x = [i * i for i in",
+    "The capital of France is",
+    "async def fetch(url):",
+    "Summarise the plot of Hamlet.",
+    "try:\n    value = int(text)\nexcept",
+    "A list of prime numbers: 2, 3, 5,",
+    "lambda x: x +",
+    "How do vaccines work?",
+    "with open('data.txt') as handle:",
+    "Dear team, I am writing to",
+    "git commit -m",
+    "The mitochondria is",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline() -> Pipeline:
+    return Pipeline.load(ModelPairConfig.for_profile("tiny"))

@@ -1,0 +1,69 @@
+"""A real local Ray cluster (head + device/edge/cloud nodes on 127.0.0.1) serving the tiny profile."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from aiflow_ray import cluster
+from aiflow_ray.serve.configs import profile_args
+
+GCS_PORT = 6393
+DASHBOARD_PORT = 8267
+HTTP_PORT = 8127
+APP = "aiflow"
+
+
+@pytest.fixture(scope="session")
+def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    state = tmp_path_factory.mktemp("cluster")
+    cluster.up(state, gcs_port=GCS_PORT, dashboard_port=DASHBOARD_PORT, cpus_per_node=4)
+    try:
+        import ray
+        from ray import serve
+
+        from aiflow_ray.serve import build_app
+
+        ray.init(address=f"127.0.0.1:{GCS_PORT}", _node_ip_address="127.0.0.1", log_to_driver=False)
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+        args = profile_args("tiny")
+        serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{HTTP_PORT}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError("the tiny application did not become healthy")
+        _wait_for_loads(url)
+        yield url
+    finally:
+        try:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            cluster.down(Path(state))
+
+
+def _wait_for_loads(url: str) -> None:
+    """The router treats a tier as down until its replicas report; wait for the first reports."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        loads = httpx.get(f"{url}/v1/router", timeout=10).json()["loads"]
+        if loads.get("edge", {}).get("available") and loads.get("cloud", {}).get("available"):
+            return
+        time.sleep(1)
+    raise RuntimeError(f"tiers never reported their load: {loads}")

@@ -1,0 +1,52 @@
+"""The committed deployment files are exactly what the builder's profiles render, and valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aiflow_ray.serve.args import AppArgs
+from aiflow_ray.serve.configs import IMPORT_PATH, RAY_VERSION, rendered_files
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("rel", sorted(rendered_files()))
+def test_committed_files_match_the_rendered_ones(rel: str) -> None:
+    assert (ROOT / rel).read_text() == rendered_files()[rel], f"run `make configs` to regenerate {rel}"
+
+
+@pytest.mark.parametrize("rel", ["deployments/local.yaml", "deployments/tiny.yaml", "deployments/gpu.yaml"])
+def test_serve_configs_reach_the_one_builder_with_valid_args(rel: str) -> None:
+    config = yaml.safe_load((ROOT / rel).read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == IMPORT_PATH
+    AppArgs.model_validate(app["args"])
+    if "gpu" not in rel:
+        assert config["http_options"]["host"] == "127.0.0.1"
+
+
+def test_rayservice_is_valid_against_the_kuberay_crd() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    crd_path = ROOT.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"
+    if not crd_path.exists():
+        pytest.fail(f"KubeRay CRD not found at {crd_path}")
+    crd = yaml.safe_load(crd_path.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    manifest = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
+    jsonschema.validate(manifest, schema)
+    assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == RAY_VERSION
+    serve_v2 = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    local = yaml.safe_load((ROOT / "deployments" / "gpu.yaml").read_text())
+    assert serve_v2["applications"] == local["applications"]
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_app_args_reject_unknown_fields_and_bad_autoscaling() -> None:
+    with pytest.raises(ValueError, match="edgee"):
+        AppArgs.model_validate({"edgee": {}})
+    with pytest.raises(ValueError, match="min_replicas"):
+        AppArgs.model_validate({"edge": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}})

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+
+from aiflow_ray.routing.cost_model import ComputeCosts, LinkCosts
+from aiflow_ray.routing.policy import RouteError, RouteInputs, TierLoad, decide
+from aiflow_ray.routing.router import GenerationReport, RouterState
+
+CPU = ComputeCosts(draft_s_per_token=0.09, verify_base_s=0.2, verify_per_token_s=0.005)
+
+
+def _inputs(bandwidth_bps: float = 1e6, rtt_s: float = 0.02, edge: TierLoad | None = None,
+            cloud: TierLoad | None = None, slo_s: float = 0.25) -> RouteInputs:
+    return RouteInputs(alpha=0.8, compute=CPU, link=LinkCosts(rtt_s, bandwidth_bps, bandwidth_bps),
+                       edge=edge or TierLoad(), cloud=cloud or TierLoad(), fast_tpot_slo_s=slo_s)
+
+
+def test_exact_takes_the_large_model_with_a_draft_length() -> None:
+    decision = decide("auto", "exact", _inputs())
+    assert decision.path == "device-edge" and decision.draft_len >= 1
+    assert decision.predicted_tpot_s["device-edge"] < decision.predicted_tpot_s["server-only"]
+
+
+def test_fast_moves_to_the_device_when_the_link_is_slow() -> None:
+    assert decide("auto", "fast", _inputs(rtt_s=0.02)).path == "device-edge"
+    # On a terrible link both large-model paths miss a tight objective: the device answers.
+    slow = decide("auto", "fast", _inputs(bandwidth_bps=200, rtt_s=0.5, slo_s=0.15))
+    assert slow.path == "on-device" and "objective" in slow.reason
+    # Only token ids cross, so a low bandwidth alone leaves server-only (streamed ids) viable.
+    assert decide("auto", "fast", _inputs(bandwidth_bps=200, rtt_s=0.5)).path == "server-only"
+
+
+def test_edge_down_or_saturated() -> None:
+    down = TierLoad(available=False, capacity=0)
+    assert decide("auto", "fast", _inputs(edge=down)).path == "on-device"
+    assert decide("auto", "exact", _inputs(edge=down)).path is None
+    full = TierLoad(True, ongoing=8, queued=4, capacity=8)
+    shed = decide("device-edge", "fast", _inputs(edge=full))
+    assert shed.path == "on-device" and "saturated" in shed.reason
+    queued = decide("auto", "fast", RouteInputs(**{**_inputs(edge=full).__dict__, "shed_to_device": False}))
+    assert queued.path in ("device-edge", "server-only") and "queueing" in queued.reason
+
+
+def test_grounded_needs_the_cloud_and_on_device_cannot_be_exact() -> None:
+    assert decide("auto", "grounded", _inputs()).path == "device-edge-cloud"
+    assert decide("auto", "grounded", _inputs(cloud=TierLoad(available=False))).path is None
+    with pytest.raises(RouteError, match="exact"):
+        decide("on-device", "exact", _inputs())
+
+
+def test_router_state_learns_from_reports_and_records_decisions() -> None:
+    state = RouterState()
+    state.report_load("edge", "r1", 0, 0, 4)
+    state.report_load("cloud", "c1", 0, 0, 4)
+    for _ in range(30):
+        state.report_generation(GenerationReport(
+            link_id="phone", path="device-edge", rounds=5, drafted=20, accepted=5, rejections=5,
+            draft_s=1.0, draft_tokens=20, verify_samples=[(5, 0.21)], link_samples=[(90, 0.3), (3000, 0.33)]))
+    assert state.alpha < 0.6
+    est = state.links["phone"].estimate()
+    assert est.rtt_s == pytest.approx(0.3, abs=0.01)
+    decision = state.decide("req-1", "phone", "auto", "exact", None)
+    snap = state.snapshot()
+    assert snap["recent_decisions"][-1]["request_id"] == "req-1"
+    assert snap["recent_decisions"][-1]["reason"] == decision.reason
+    assert snap["decision_counts"][str(decision.path)] == 1
