@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Real-model tests need the fetched Qwen pair; `make test` fetches it (cached under AIFLOW_HOME).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+# The local cluster runs with token auth; drivers (serve deploy, ray job submit) must say so too.
+export RAY_AUTH_MODE := token
 
 PROFILE ?= local
 HTTP_PORT ?= 8000

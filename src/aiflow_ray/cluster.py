@@ -1,12 +1,16 @@
 """A real multi-node Ray cluster on one machine, on 127.0.0.1: a head plus one node per tier.
 
-Each worker node carries ``tier=<name>`` so the placement code is the one KubeRay uses. ``up``
-records the PIDs of every process that belongs to this cluster (found by its private temp dir) and
-``down`` stops exactly those, never other Ray processes on the machine.
+Each worker node carries ``tier=<name>`` so the placement code is the one KubeRay uses. Nodes are
+started with Ray's own multi-node helper (``ray.cluster_utils.Cluster``) inside a supervisor process:
+``ray start`` either refuses extra nodes on one host (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) or
+rewrites 127.0.0.1 to the host's routable address (=1), and every server here must stay on
+loopback. ``up`` starts the supervisor and records its PID; ``down`` sends it SIGTERM (it shuts the
+nodes down) and then stops, by PID, anything of this cluster that is left.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -15,23 +19,31 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiflow_ray.logging_utils import get_logger
 
 log = get_logger(__name__)
 
 TIERS = ("device", "edge", "cloud")
+# Every node and driver must agree on the auth mode: left unset, Ray enables token auth in whichever
+# process happens to find ~/.ray/auth_token, and nodes then refuse each other. Token auth it is: the
+# head creates the token if missing, and workers and drivers read it from the same file.
+AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **AUTH_ENV}
 
 
 @dataclass
 class ClusterInfo:
     gcs_port: int
     dashboard_port: int
-    http_port: int
     temp_dir: str
-    pids: list[int]
+    supervisor_pid: int = 0
+    ready: bool = False
+    error: str | None = None
+    pids: list[int] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -42,15 +54,19 @@ class ClusterInfo:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
 
-def _ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
+def state_file(state_dir: Path) -> Path:
+    return state_dir / "cluster.json"
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return env
+def _write(state_dir: Path, info: ClusterInfo) -> None:
+    tmp = state_file(state_dir).with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(info)))
+    tmp.replace(state_file(state_dir))
+
+
+def load(state_dir: Path) -> ClusterInfo | None:
+    path = state_file(state_dir)
+    return ClusterInfo(**json.loads(path.read_text())) if path.exists() else None
 
 
 def _processes_under(temp_dir: str) -> list[int]:
@@ -67,54 +83,108 @@ def _processes_under(temp_dir: str) -> list[int]:
     return sorted(pids)
 
 
-def state_file(state_dir: Path) -> Path:
-    return state_dir / "cluster.json"
-
-
-def up(state_dir: Path, gcs_port: int = 6390, dashboard_port: int = 8265, http_port: int = 8000,
-       cpus_per_node: int = 2) -> ClusterInfo:
+def up(state_dir: Path, gcs_port: int = 6390, dashboard_port: int = 8265, cpus_per_node: int = 2,
+       timeout_s: float = 180.0) -> ClusterInfo:
     state_dir.mkdir(parents=True, exist_ok=True)
     if state_file(state_dir).exists():
         raise RuntimeError(f"a cluster is already recorded in {state_file(state_dir)}; run `aiflow cluster down`")
     # Short and private: Ray puts unix sockets under it (path length limits) and we find our PIDs by it.
     temp_dir = f"/tmp/aiflow-ray-{os.getuid()}-{gcs_port}"
     shutil.rmtree(temp_dir, ignore_errors=True)
-    common = ["--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", f"--num-cpus={cpus_per_node}",
-              "--disable-usage-stats"]
-    head = [_ray_bin(), "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}", "--labels=tier=head", *common]
-    log.info("starting Ray head on 127.0.0.1:%d", gcs_port)
-    subprocess.run(head, check=True, env=_env(), stdout=subprocess.DEVNULL)
-    for tier in TIERS:
-        log.info("starting worker node tier=%s", tier)
-        subprocess.run([_ray_bin(), "start", f"--address=127.0.0.1:{gcs_port}", f"--labels=tier={tier}", *common],
-                       check=True, env=_env(), stdout=subprocess.DEVNULL)
-    info = ClusterInfo(gcs_port, dashboard_port, http_port, temp_dir, _processes_under(temp_dir))
-    state_file(state_dir).write_text(json.dumps(asdict(info)))
-    return info
+    info = ClusterInfo(gcs_port, dashboard_port, temp_dir)
+    _write(state_dir, info)
+    log_path = state_dir / "cluster.log"
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aiflow_ray.cluster", "--state-dir", str(state_dir), "--gcs-port", str(gcs_port),
+             "--dashboard-port", str(dashboard_port), "--cpus-per-node", str(cpus_per_node)],
+            env={**os.environ, **LOOPBACK_ENV}, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    info.supervisor_pid = proc.pid
+    _write(state_dir, info)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        current = load(state_dir)
+        if current and current.ready:
+            return current
+        if (current and current.error) or proc.poll() is not None:
+            down(state_dir)
+            raise RuntimeError(f"cluster failed to start: {current.error if current else ''}; see {log_path}")
+        time.sleep(0.5)
+    down(state_dir)
+    raise RuntimeError(f"cluster did not start within {timeout_s:.0f} s; see {log_path}")
 
 
-def load(state_dir: Path) -> ClusterInfo | None:
-    path = state_file(state_dir)
-    return ClusterInfo(**json.loads(path.read_text())) if path.exists() else None
-
-
-def down(state_dir: Path, timeout_s: float = 20.0) -> int:
-    """Stop every process of the recorded cluster (and workers it spawned since). Returns how many."""
+def down(state_dir: Path, timeout_s: float = 30.0) -> int:
+    """Stop the supervisor (which shuts its nodes down), then any process of this cluster left."""
     info = load(state_dir)
     if info is None:
         return 0
-    pids = sorted(set(info.pids) | set(_processes_under(info.temp_dir)))
-    for pid in pids:
+    pids = sorted({p for p in [info.supervisor_pid, *info.pids, *_processes_under(info.temp_dir)] if p})
+    if info.supervisor_pid:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(info.supervisor_pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+    while time.monotonic() < deadline and Path(f"/proc/{info.supervisor_pid}").exists():
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.supervisor_pid, os.WNOHANG)  # reap it when we are its parent
         time.sleep(0.2)
-    for pid in pids:
+    for pid in sorted(set(pids) | set(_processes_under(info.temp_dir))):
         if Path(f"/proc/{pid}").exists():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     state_file(state_dir).unlink(missing_ok=True)
     shutil.rmtree(info.temp_dir, ignore_errors=True)
     return len(pids)
+
+
+def _supervise(state_dir: Path, gcs_port: int, dashboard_port: int, cpus_per_node: int) -> None:
+    from ray.cluster_utils import Cluster
+
+    info = load(state_dir)
+    assert info is not None
+    common: dict[str, Any] = {"node_ip_address": "127.0.0.1", "num_cpus": cpus_per_node,
+                              "object_store_memory": 256 * 1024 * 1024, "temp_dir": info.temp_dir}
+    stopping = False
+
+    def on_term(_signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    try:
+        cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
+            **common, "gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port, "labels": {"tier": "head"},
+        })
+        for tier in TIERS:
+            log.info("adding node tier=%s", tier)
+            cluster.add_node(**common, labels={"tier": tier})
+    except Exception as exc:
+        info.error = repr(exc)
+        _write(state_dir, info)
+        raise
+    info.ready = True
+    info.pids = _processes_under(info.temp_dir)
+    _write(state_dir, info)
+    log.info("cluster ready at %s, dashboard %s", info.address, info.dashboard_url)
+    while not stopping:
+        time.sleep(0.5)
+    log.info("shutting the cluster down")
+    cluster.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="supervisor of a local multi-node Ray cluster (internal)")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--gcs-port", type=int, required=True)
+    parser.add_argument("--dashboard-port", type=int, required=True)
+    parser.add_argument("--cpus-per-node", type=int, required=True)
+    args = parser.parse_args()
+    _supervise(args.state_dir, args.gcs_port, args.dashboard_port, args.cpus_per_node)
+
+
+if __name__ == "__main__":
+    main()

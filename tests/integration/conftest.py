@@ -21,16 +21,17 @@ APP = "aiflow"
 
 @pytest.fixture(scope="session")
 def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.update(cluster.LOOPBACK_ENV)
     state = tmp_path_factory.mktemp("cluster")
-    cluster.up(state, gcs_port=GCS_PORT, dashboard_port=DASHBOARD_PORT, cpus_per_node=4)
+    info = cluster.up(state, gcs_port=GCS_PORT, dashboard_port=DASHBOARD_PORT, cpus_per_node=4)
     try:
         import ray
         from ray import serve
 
         from aiflow_ray.serve import build_app
 
-        ray.init(address=f"127.0.0.1:{GCS_PORT}", _node_ip_address="127.0.0.1", log_to_driver=False)
+        # The driver finds its local raylet through the session's temp dir, which is private here.
+        ray.init(address=info.address, _node_ip_address="127.0.0.1", _temp_dir=info.temp_dir, log_to_driver=False)
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": HTTP_PORT})
         args = profile_args("tiny")
         serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
@@ -52,8 +53,9 @@ def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             import ray
             from ray import serve
 
-            serve.shutdown()
-            ray.shutdown()
+            if ray.is_initialized():  # else serve.shutdown() would start a local instance
+                serve.shutdown()
+                ray.shutdown()
         finally:
             cluster.down(Path(state))
 

@@ -5,8 +5,6 @@ chosen tier, and records metrics from the returned trace. Errors map to 4xx nami
 503 with Retry-After when no tier can serve, never a bare 500 for client mistakes.
 """
 
-from __future__ import annotations
-
 import json
 import time
 import uuid
@@ -26,7 +24,6 @@ from aiflow_ray.config import GenerateOptions, LinkConfig, SamplingConfig
 from aiflow_ray.serve.args import AppArgs
 from aiflow_ray.units import parse_bandwidth_bps
 
-api = FastAPI(title="aiflow-ray", version="0.1.0")
 OPEN_PATHS = {"/healthz", "/metrics", "/docs", "/openapi.json"}
 
 
@@ -43,12 +40,10 @@ def _error(status: int, message: str, field: str | None = None, retry_after_s: i
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-@api.exception_handler(ApiError)
 async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
     return _error(exc.status, exc.message, exc.field, exc.retry_after_s)
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -76,15 +71,13 @@ class GuardMiddleware(BaseHTTPMiddleware):
 
 
 class Ingress:
-    """Undecorated; the builder wraps it with ``serve.ingress(api)`` and ``serve.deployment``."""
+    """The ingress logic; ``make_ingress`` binds it to a FastAPI app for ``serve.ingress``."""
 
     def __init__(self, args: dict[str, Any], device: Any, cloud: Any, router: Any) -> None:
         self.args = AppArgs.model_validate(args)
         self.device, self.cloud, self.router = device, cloud, router
         pair = self.args.model_pair()
         self.model_ids = [pair.verifier, pair.drafter, "aiflow"]
-        api.user_middleware.clear()
-        api.add_middleware(GuardMiddleware, max_body_bytes=self.args.max_body_bytes)
 
     # -- plumbing -------------------------------------------------------------------------------
     def _check_tokens(self, max_tokens: int, field: str) -> None:
@@ -139,8 +132,11 @@ class Ingress:
                 "prompt": body.prompt, "chat": body.chat, "beam_width": body.beam_width,
                 "length_penalty": body.length_penalty, "max_new_tokens": body.max_tokens,
             })
+            # Beam search returns the whole answer at once: the first token arrives with the last.
             trace = {"path": "device-edge-cloud", "num_tokens": len(result["token_ids"]),
-                     "compute_s": result["compute_s"], "sum_logprob": result["sum_logprob"]}
+                     "ttft_s": result["compute_s"], "tpot_s": 0.0, "compute_s": result["compute_s"],
+                     "bytes_up": len(body.prompt.encode()), "bytes_down": 4 * len(result["token_ids"]),
+                     "beam_width": body.beam_width, "sum_logprob": result["sum_logprob"]}
             result = {"text": result["text"], "token_ids": result["token_ids"], "trace": trace}
         else:
             result = await self.device.generate.remote(self._tier_request(body, decision, messages))
@@ -179,17 +175,14 @@ class Ingress:
             stream.cancel()  # the client went away: stop generating
 
     # -- native API -----------------------------------------------------------------------------
-    @api.post("/v1/generate")
     async def generate(self, body: GenerateBody) -> Any:
         if body.stream:
             return await self._open_stream(body, None, lambda e: e)
         return await self._run(body)
 
-    @api.get("/v1/router")
     async def router_state(self) -> Any:
         return await self.router.snapshot.remote()
 
-    @api.put("/v1/admin/links/{link_id}")
     async def set_link(self, link_id: str, update: LinkUpdate) -> Any:
         if update.bandwidth_bps is None and update.bandwidth is None:
             raise ApiError(422, "give bandwidth_bps or bandwidth", "bandwidth_bps")
@@ -200,11 +193,9 @@ class Ingress:
         settings = await self.router.set_emulated_link.remote(link_id, bps, update.rtt_ms / 1000.0)
         return {"link_id": link_id, **settings}
 
-    @api.get("/healthz")
     async def healthz(self) -> Any:
         return {"status": "ok"}
 
-    @api.get("/metrics")
     async def metrics_endpoint(self) -> Any:
         return PlainTextResponse(generate_latest(metrics.REGISTRY).decode(), media_type="text/plain; version=0.0.4")
 
@@ -213,7 +204,6 @@ class Ingress:
         if model not in self.model_ids:
             raise ApiError(404, f"model {model!r} not found; served: {', '.join(self.model_ids)}", "model")
 
-    @api.get("/v1/models")
     async def models(self) -> Any:
         now = int(time.time())
         return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "aiflow"}
@@ -232,7 +222,6 @@ class Ingress:
         return GenerateBody(prompt=prompt, path=path, quality=quality, max_tokens=max_tokens,
                             temperature=temperature, top_p=top_p, seed=seed, stream=stream, chat=chat)
 
-    @api.post("/v1/completions")
     async def completions(self, body: CompletionBody) -> Any:
         self._check_model(body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
@@ -256,7 +245,6 @@ class Ingress:
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
                 "usage": {"completion_tokens": len(result["token_ids"])}, "aiflow_trace": result["trace"]}
 
-    @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatBody) -> Any:
         self._check_model(body.model)
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
@@ -295,3 +283,52 @@ class Ingress:
         except ApiError as exc:
             yield f"data: {json.dumps({'error': {'message': exc.message, 'code': exc.status}})}\n\n"
         yield "data: [DONE]\n\n"
+
+
+def make_ingress(max_body_bytes: int) -> type:
+    """A FastAPI app and the class Serve runs behind it, built together in one closure.
+
+    Serve turns the class's route methods into class-based views when it builds the replica; the
+    app travels with the class by value, so the replica sees exactly these routes and middleware.
+    """
+    from ray import serve
+
+    api = FastAPI(title="aiflow-ray", version="0.1.0")
+    api.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes)
+    api.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+
+    class AiflowIngress(Ingress):
+        @api.post("/v1/generate")
+        async def generate_route(self, body: GenerateBody) -> Any:
+            return await self.generate(body)
+
+        @api.get("/v1/router")
+        async def router_route(self) -> Any:
+            return await self.router_state()
+
+        @api.put("/v1/admin/links/{link_id}")
+        async def set_link_route(self, link_id: str, update: LinkUpdate) -> Any:
+            return await self.set_link(link_id, update)
+
+        @api.get("/healthz")
+        async def healthz_route(self) -> Any:
+            return await self.healthz()
+
+        @api.get("/metrics")
+        async def metrics_route(self) -> Any:
+            return await self.metrics_endpoint()
+
+        @api.get("/v1/models")
+        async def models_route(self) -> Any:
+            return await self.models()
+
+        @api.post("/v1/completions")
+        async def completions_route(self, body: CompletionBody) -> Any:
+            return await self.completions(body)
+
+        @api.post("/v1/chat/completions")
+        async def chat_route(self, body: ChatBody) -> Any:
+            return await self.chat_completions(body)
+
+    return serve.ingress(api)(AiflowIngress)

@@ -24,9 +24,9 @@ DECISIONS = Counter("aiflow_router_decisions", "Router decisions by chosen path"
 def observe(trace: dict[str, Any]) -> None:
     path = trace.get("path", "unknown")
     if trace.get("num_tokens"):
-        TTFT.labels(path).observe(trace["ttft_s"])
+        TTFT.labels(path).observe(trace.get("ttft_s", 0.0))
         OUTPUT_TOKENS.labels(path).inc(trace["num_tokens"])
-    if trace.get("num_tokens", 0) > 1:
+    if trace.get("num_tokens", 0) > 1 and trace.get("tpot_s"):
         TPOT.labels(path).observe(trace["tpot_s"])
     DRAFT_TOKENS.inc(sum(trace.get("draft_lens", [])))
     ACCEPTED_TOKENS.inc(sum(trace.get("accepted", [])))

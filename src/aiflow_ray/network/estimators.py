@@ -84,9 +84,11 @@ class LinkEstimator:
         prior_bandwidth_bps: float = 1e6,
         prior_rtt_s: float = 0.02,
         forget: float = 0.95,
-        prior_strength_bytes2: float = 1e6,
+        prior_strength_bytes2: float = 1e4,
     ) -> None:
-        # The prior is worth about one transfer that differs from the others by 1 KB.
+        # The prior is worth about one transfer that differs from the others by 100 bytes: weak enough
+        # that rounds with and without a context upload identify a slow link, strong enough that
+        # equal-sized rounds do not turn timing noise into a bandwidth.
         self._fit = ForgettingLinearFit(forget, 1.0 / prior_bandwidth_bps, prior_strength_bytes2)
         self._prior_rtt_s = prior_rtt_s
         self.samples = 0

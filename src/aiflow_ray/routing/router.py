@@ -57,7 +57,9 @@ class RouterState:
         self.links: dict[str, LinkEstimator] = {}
         self.accepted = self.cfg.prior_alpha * 8.0
         self.rejected = (1 - self.cfg.prior_alpha) * 8.0
-        self.draft_s = Ewma(0.2, self.cfg.prior_draft_s_per_token)
+        # No initial value: the first measurement replaces the prior outright, so a prior sized for
+        # one model pair cannot linger over another.
+        self.draft_s = Ewma(0.2)
         self.verify_fit = ForgettingLinearFit(0.95, prior_slope=0.0, prior_strength=4.0)
         self.verify_fit.observe(1.0, self.cfg.prior_verify_s)
         self.loads: dict[str, dict[str, tuple[float, TierLoad]]] = {"edge": {}, "cloud": {}}
@@ -67,7 +69,7 @@ class RouterState:
     # -- reports --------------------------------------------------------------------------------
     def report_generation(self, report: GenerationReport) -> None:
         link = self.links.setdefault(
-            report.link_id, LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s)
+            report.link_id, LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s, forget=0.9)
         )
         for nbytes, seconds in report.link_samples:
             link.observe(nbytes, seconds)

@@ -69,7 +69,7 @@ def build_app(args: dict[str, Any]) -> Any:
     """Validate ``args`` (see ``AppArgs``) and bind the application graph."""
     from ray import serve
 
-    from aiflow_ray.api.app import Ingress, api
+    from aiflow_ray.api.app import make_ingress
     from aiflow_ray.serve.cloud_server import CloudServer
     from aiflow_ray.serve.device_server import DeviceDrafterServer
     from aiflow_ray.serve.edge_server import EdgeVerifierServer
@@ -85,7 +85,7 @@ def build_app(args: dict[str, Any]) -> Any:
         raw, edge
     )
     cloud = serve.deployment(**deployment_options(parsed.cloud, "CloudService"))(CloudServer).bind(raw)
-    ingress_cls = serve.ingress(api)(Ingress)
+    ingress_cls = make_ingress(parsed.max_body_bytes)
     return serve.deployment(**deployment_options(parsed.ingress, "Ingress"))(ingress_cls).bind(
         raw, device, cloud, router
     )

@@ -32,6 +32,9 @@ def profile_args(profile: str) -> dict[str, Any]:
             "edge": {"label_selector": {"tier": "edge"}, **tier_defaults},
             "cloud": {"label_selector": {"tier": "cloud"}, **tier_defaults},
             "link": {"bandwidth_bps": 2e6, "rtt_s": 0.002},
+            # Tiny models decode in about a millisecond: an objective at that scale lets the link
+            # decide between the large model and the device, as it would for real models at ~100 ms.
+            "router": {"fast_tpot_slo_s": 0.0025},
         }
     elif profile == "gpu":
         gpu = {"num_cpus": 4, "num_gpus": 1, "max_ongoing_requests": 16}
