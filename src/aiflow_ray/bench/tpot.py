@@ -258,7 +258,8 @@ def _markdown(rows: list[dict[str, Any]], server: dict[float, float], path: Path
         "",
         f"Reproduce: `python -m aiflow_ray.bench.tpot --models {args.models} --draft-lens {args.draft_lens} "
         f"--bandwidths {args.bandwidths} --rtt-ms {args.rtt_ms:g} --max-new-tokens {args.max_new_tokens}"
-        + (f" --prompts {args.prompts}" if args.prompts else "") + "`",
+        + (f" --prompts {args.prompts}" if args.prompts else "")
+        + (f" --out {args.out}" if args.out != "docs/benchmarks" else "") + "`",
         "",
         f"Prompts: {len({r['prompt_id'] for r in raw})} ({', '.join(sorted({r['kind'] for r in raw}))}), "
         f"{args.max_new_tokens} new tokens, greedy, RTT {args.rtt_ms:g} ms. TPOT = time after the first "
