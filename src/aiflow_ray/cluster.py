@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -83,9 +84,22 @@ def _processes_under(temp_dir: str) -> list[int]:
     return sorted(pids)
 
 
+def ensure_auth_token() -> Path:
+    """Create Ray's default token file when missing; nodes and drivers all read this one file."""
+    path = Path.home() / ".ray" / "auth_token"
+    if not path.exists() and not os.environ.get("RAY_AUTH_TOKEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        log.info("created a Ray auth token at %s", path)
+    return path
+
+
 def up(state_dir: Path, gcs_port: int = 6390, dashboard_port: int = 8265, cpus_per_node: int = 2,
        timeout_s: float = 180.0) -> ClusterInfo:
     state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_auth_token()
     if state_file(state_dir).exists():
         raise RuntimeError(f"a cluster is already recorded in {state_file(state_dir)}; run `aiflow cluster down`")
     # Short and private: Ray puts unix sockets under it (path length limits) and we find our PIDs by it.
