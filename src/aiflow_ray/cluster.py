@@ -96,6 +96,16 @@ def ensure_auth_token() -> Path:
     return path
 
 
+def _node_env() -> dict[str, str]:
+    """The Ray processes' environment: loopback settings, and this interpreter first on PATH, so that a
+    ``ray job submit -- python -m aiflow_ray...`` entrypoint runs where aiflow_ray is installed."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        path = os.pathsep.join([bin_dir, path]) if path else bin_dir
+    return {**os.environ, **LOOPBACK_ENV, "PATH": path}
+
+
 def up(state_dir: Path, gcs_port: int = 6390, dashboard_port: int = 8265, cpus_per_node: int = 2,
        timeout_s: float = 180.0) -> ClusterInfo:
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +122,7 @@ def up(state_dir: Path, gcs_port: int = 6390, dashboard_port: int = 8265, cpus_p
         proc = subprocess.Popen(
             [sys.executable, "-m", "aiflow_ray.cluster", "--state-dir", str(state_dir), "--gcs-port", str(gcs_port),
              "--dashboard-port", str(dashboard_port), "--cpus-per-node", str(cpus_per_node)],
-            env={**os.environ, **LOOPBACK_ENV}, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=_node_env(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     info.supervisor_pid = proc.pid

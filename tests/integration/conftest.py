@@ -1,4 +1,10 @@
-"""A real local Ray cluster (head + device/edge/cloud nodes on 127.0.0.1) serving the tiny profile."""
+"""A real local Ray cluster (head + device/edge/cloud nodes on 127.0.0.1) serving the tiny profile.
+
+The cluster runs with an API key, as a deployment that faces users should: the Ray processes inherit
+AIFLOW_API_KEY from this process, and every request of the tests carries it unless a test is about
+leaving it out. The edge and device tiers are pinned to one replica, with room for two requests at
+the edge, so that a handful of requests saturates the edge and a replica's counters are the tier's.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +23,14 @@ GCS_PORT = 6393
 DASHBOARD_PORT = 8267
 HTTP_PORT = 8127
 APP = "aiflow"
+API_KEY = "integration-test-key"
 
 
 @pytest.fixture(scope="session")
 def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ.update(cluster.LOOPBACK_ENV)
+    previous_key = os.environ.get("AIFLOW_API_KEY")
+    os.environ["AIFLOW_API_KEY"] = API_KEY
     state = tmp_path_factory.mktemp("cluster")
     info = cluster.up(state, gcs_port=GCS_PORT, dashboard_port=DASHBOARD_PORT, cpus_per_node=4)
     try:
@@ -34,6 +43,9 @@ def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ray.init(address=info.address, _node_ip_address="127.0.0.1", _temp_dir=info.temp_dir, log_to_driver=False)
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": HTTP_PORT})
         args = profile_args("tiny")
+        one = {"min_replicas": 1, "max_replicas": 1}
+        args["edge"] = {**args.get("edge", {}), "max_ongoing_requests": 2, "autoscaling": one}
+        args["device"] = {**args.get("device", {}), "max_ongoing_requests": 8, "autoscaling": one}
         serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{HTTP_PORT}"
         deadline = time.monotonic() + 300
@@ -58,13 +70,29 @@ def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 ray.shutdown()
         finally:
             cluster.down(Path(state))
+            if previous_key is None:
+                os.environ.pop("AIFLOW_API_KEY", None)
+            else:
+                os.environ["AIFLOW_API_KEY"] = previous_key
+
+
+@pytest.fixture(scope="session")
+def api(serve_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=serve_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def cluster_info(serve_url: str) -> dict[str, str]:
+    return {"dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}", "serve_url": serve_url}
 
 
 def _wait_for_loads(url: str) -> None:
     """The router treats a tier as down until its replicas report; wait for the first reports."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        loads = httpx.get(f"{url}/v1/router", timeout=10).json()["loads"]
+        loads = httpx.get(f"{url}/v1/router", timeout=10,
+                          headers={"Authorization": f"Bearer {API_KEY}"}).json()["loads"]
         if loads.get("edge", {}).get("available") and loads.get("cloud", {}).get("available"):
             return
         time.sleep(1)

@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
 
+from tests.integration.conftest import API_KEY
+
+T = TypeVar("T")
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROMPT = "def fibonacci(n):"
+# About 2.4 KB of code context: the raw input a slow link has to carry before the first token.
+LONG_PROMPT = "# helpers\n" + "\n".join(f"def helper_{i}(x):\n    return x * {i} + {i % 7}" for i in range(60)) + "\n"
 
 
-def _generate(url: str, **body: object) -> httpx.Response:
-    return httpx.post(f"{url}/v1/generate", json={"prompt": PROMPT, "max_tokens": 24, **body}, timeout=120)
+def _generate(api: httpx.Client, **body: object) -> httpx.Response:
+    return api.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 24, **body})
 
 
-def test_every_path_end_to_end(serve_url: str) -> None:
+def test_every_path_end_to_end(api: httpx.Client) -> None:
     outputs = {}
     for path in ("on-device", "device-edge", "server-only", "device-edge-cloud"):
         quality = {"on-device": "fast", "device-edge-cloud": "grounded"}.get(path, "exact")
-        response = _generate(serve_url, path=path, quality=quality, draft_len=4 if path == "device-edge" else None)
+        response = _generate(api, path=path, quality=quality, draft_len=4 if path == "device-edge" else None)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["trace"]["path"] == path
@@ -30,8 +43,8 @@ def test_every_path_end_to_end(serve_url: str) -> None:
     assert outputs["device-edge"] == outputs["server-only"]
 
 
-def test_device_edge_trace_has_the_promised_fields(serve_url: str) -> None:
-    body = _generate(serve_url, path="device-edge", draft_len=3).json()
+def test_device_edge_trace_has_the_promised_fields(api: httpx.Client) -> None:
+    body = _generate(api, path="device-edge", draft_len=3).json()
     trace = body["trace"]
     for key in ("path", "reason", "rounds", "draft_lens", "acceptance_rate", "bytes_up", "bytes_down",
                 "ttft_s", "tpot_s", "draft_s", "verify_s", "link_s"):
@@ -52,17 +65,17 @@ def test_device_edge_trace_has_the_promised_fields(serve_url: str) -> None:
         ({"prompt": "x", "path": "on-device", "quality": "exact"}, "path"),
     ],
 )
-def test_bad_input_gets_4xx_naming_the_field(serve_url: str, body: dict, field: str) -> None:
-    response = httpx.post(f"{serve_url}/v1/generate", json=body, timeout=30)
+def test_bad_input_gets_4xx_naming_the_field(api: httpx.Client, body: dict, field: str) -> None:
+    response = api.post("/v1/generate", json=body, timeout=30)
     assert 400 <= response.status_code < 500, response.text
     assert field in response.text
 
 
-def test_malformed_json_and_oversized_body(serve_url: str) -> None:
-    response = httpx.post(f"{serve_url}/v1/generate", content=b"{not json", timeout=30,
+def test_malformed_json_and_oversized_body(api: httpx.Client) -> None:
+    response = api.post("/v1/generate", content=b"{not json", timeout=30,
                           headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500
-    response = httpx.post(f"{serve_url}/v1/generate", content=b"x" * (2 << 20), timeout=30,
+    response = api.post("/v1/generate", content=b"x" * (2 << 20), timeout=30,
                           headers={"content-type": "application/json"})
     assert response.status_code == 413
 
@@ -70,7 +83,7 @@ def test_malformed_json_and_oversized_body(serve_url: str) -> None:
 def test_openai_client_chat_and_completions(serve_url: str) -> None:
     import openai
 
-    client = openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{serve_url}/v1", api_key=API_KEY)
     models = [m.id for m in client.models.list().data]
     assert "tiny-verifier" in models
     chat = client.chat.completions.create(model="tiny-verifier", max_tokens=12, temperature=0,
@@ -86,54 +99,170 @@ def test_openai_client_chat_and_completions(serve_url: str) -> None:
         client.completions.create(model="gpt-nope", prompt=PROMPT, max_tokens=5)
 
 
-def test_sse_stream_of_native_generate(serve_url: str) -> None:
+def test_sse_stream_of_native_generate(api: httpx.Client) -> None:
     events = []
-    with httpx.stream("POST", f"{serve_url}/v1/generate", timeout=60,
+    with api.stream("POST", "/v1/generate", timeout=60,
                       json={"prompt": PROMPT, "max_tokens": 16, "path": "device-edge", "stream": True}) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[6:]))
     assert events[-1]["done"] and events[-1]["num_tokens"] == 16
-    whole = _generate(serve_url, path="device-edge", max_tokens=16).json()["text"]
+    whole = _generate(api, path="device-edge", max_tokens=16).json()["text"]
     assert "".join(e["text"] for e in events) == whole
 
 
-def test_router_estimates_follow_the_emulated_link(serve_url: str) -> None:
-    """The router never reads the emulator: its bandwidth estimate must come from measured rounds."""
+def _poll(check: Callable[[], T | None], deadline_s: float, what: str) -> T:
+    """Call ``check`` until it returns something truthy; fail naming ``what`` after ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {deadline_s:.0f} s")
+        time.sleep(0.5)
 
-    def link_estimate() -> dict:
-        return httpx.get(f"{serve_url}/v1/router", timeout=10).json()["links"]["device-0"]
 
-    def drive(n: int) -> None:
-        for _ in range(n):
-            assert _generate(serve_url, path="device-edge", quality="fast").json()["trace"]["path"] == "device-edge"
+def _set_link(api: httpx.Client, link_id: str, bandwidth: str, rtt_ms: float = 2) -> None:
+    api.put(f"/v1/admin/links/{link_id}", json={"bandwidth": bandwidth, "rtt_ms": rtt_ms}).raise_for_status()
 
-    httpx.put(f"{serve_url}/v1/admin/links/device-0", json={"bandwidth": "2MB/s", "rtt_ms": 2}, timeout=10)
-    drive(4)
-    fast_link = link_estimate()["bandwidth_bps"]
-    httpx.put(f"{serve_url}/v1/admin/links/device-0", json={"bandwidth": "10KB/s", "rtt_ms": 2}, timeout=10)
-    drive(5)
-    slow_link = link_estimate()["bandwidth_bps"]
-    # Rounds move ~100 bytes each, so the estimate is coarse (the unit tests check convergence with
-    # varied sizes); it must still see a several-fold drop.
-    assert slow_link < 100_000 and slow_link < fast_link / 3, (slow_link, fast_link)
-    # An auto request is decided from these estimates, and the decision says why.
-    body = _generate(serve_url, path="auto", quality="fast").json()
-    decision = httpx.get(f"{serve_url}/v1/router", timeout=10).json()["recent_decisions"][-1]
+
+def test_router_estimates_follow_the_emulated_link(api: httpx.Client) -> None:
+    """The router never reads the emulator: its estimate comes from measured rounds and probes."""
+    link = "estimates"
+
+    def estimate_in(low_bps: float, high_bps: float) -> float | None:
+        est = api.get("/v1/router").json()["links"].get(link)
+        return est["bandwidth_bps"] if est and low_bps < est["bandwidth_bps"] < high_bps else None
+
+    _set_link(api, link, "2MB/s")
+    assert _generate(api, path="device-edge", link_id=link).status_code == 200  # the device meets the link
+    _poll(lambda: estimate_in(100e3, float("inf")), 30, "an estimate above 100 KB/s on a 2 MB/s link")
+    _set_link(api, link, "10KB/s")
+    slow = _poll(lambda: estimate_in(5e3, 20e3), 30, "an estimate near 10 KB/s after the drop")
+    body = _generate(api, path="auto", quality="exact", link_id=link).json()
+    decision = api.get("/v1/router").json()["recent_decisions"][-1]
     assert decision["path"] == body["trace"]["path"] and decision["reason"] == body["trace"]["reason"]
-    assert decision["inputs"]["bandwidth_bps"] == pytest.approx(slow_link, rel=0.5)
-    httpx.put(f"{serve_url}/v1/admin/links/device-0", json={"bandwidth": "2MB/s", "rtt_ms": 2}, timeout=10)
-    drive(6)
-    assert link_estimate()["bandwidth_bps"] > 2 * slow_link
+    assert decision["inputs"]["bandwidth_bps"] == pytest.approx(slow, rel=0.5)
+    _set_link(api, link, "2MB/s")
+    _poll(lambda: estimate_in(100e3, float("inf")), 30, "the estimate recovering with the link")
 
 
-def test_adaptive_draft_length_changes_with_conditions(serve_url: str) -> None:
+def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx.Client) -> None:
+    link = "fast-path"
+
+    def fast(expect: Callable[[str], bool]) -> dict | None:
+        response = _generate(api, prompt=LONG_PROMPT, path="auto", quality="fast", link_id=link)
+        assert response.status_code == 200, response.text
+        trace = response.json()["trace"]
+        return trace if expect(trace["path"]) else None
+
+    _set_link(api, link, "2MB/s")
+    _poll(lambda: fast(lambda p: p in ("server-only", "device-edge")), 30, "the large model serving at 2 MB/s")
+    _set_link(api, link, "10KB/s")
+    moved = _poll(lambda: fast(lambda p: p == "on-device"), 40, "fast requests moving on-device at 10 KB/s")
+    assert "objective" in moved["reason"], moved["reason"]
+    _set_link(api, link, "2MB/s")
+    back = _poll(lambda: fast(lambda p: p in ("server-only", "device-edge")), 40, "coming back at 2 MB/s")
+    assert "meets" in back["reason"], back["reason"]
+
+
+def test_saturated_edge_sheds_fast_requests_and_refuses_exact_ones(api: httpx.Client) -> None:
+    statuses: list[int] = []
+
+    def hold_the_edge() -> None:
+        response = api.post("/v1/generate", json={"prompt": PROMPT, "max_tokens": 800, "path": "server-only"})
+        statuses.append(response.status_code)
+
+    def edge_saturated() -> bool:
+        edge = api.get("/v1/router").json()["loads"]["edge"]
+        return bool(edge["available"] and edge["ongoing"] + edge["queued"] >= edge["capacity"] > 0)
+
+    holders = [threading.Thread(target=hold_the_edge) for _ in range(4)]
+    for thread in holders:
+        thread.start()
+    try:
+        _poll(edge_saturated, 20, "the edge reporting saturation")
+        shed = _generate(api, path="auto", quality="fast")
+        assert shed.status_code == 200 and shed.json()["trace"]["path"] == "on-device"
+        assert "saturated" in shed.json()["trace"]["reason"]
+        refused = _generate(api, path="auto", quality="exact")
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+        assert "saturated" in refused.json()["error"]["message"]
+    finally:
+        for thread in holders:
+            thread.join(timeout=120)
+        _poll(lambda: not edge_saturated(), 20, "the edge draining")  # leave the cluster as found
+    assert statuses == [200] * 4  # the requests that filled the edge were served, not dropped
+
+
+def test_client_disconnect_cancels_the_generation(api: httpx.Client) -> None:
+    from ray import serve
+
+    device = serve.get_deployment_handle("DeviceDrafter", app_name="aiflow")
+    before = device.stats.remote().result()["cancelled"]
+    _set_link(api, "cancel", "2KB/s")  # about 20 s for these 1000 tokens: far longer than the wait below
+    body = {"prompt": PROMPT, "max_tokens": 1000, "path": "device-edge", "draft_len": 2, "stream": True,
+            "link_id": "cancel"}
+    with api.stream("POST", "/v1/generate", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # tokens are flowing; leaving the block drops the connection
+
+    def stopped() -> bool:
+        stats = device.stats.remote().result()
+        return bool(stats["cancelled"] > before and stats["active"] == 0)
+
+    _poll(stopped, 10, "the device stopping the abandoned generation")
+
+
+def test_auth_rejects_a_missing_or_wrong_key(serve_url: str) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 4}
+    missing = httpx.post(f"{serve_url}/v1/generate", json=body, timeout=30)
+    assert missing.status_code == 401 and missing.json()["error"]["param"] == "authorization"
+    wrong = httpx.post(f"{serve_url}/v1/generate", json=body, timeout=30, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert httpx.get(f"{serve_url}/v1/models", timeout=30).status_code == 401
+    assert httpx.get(f"{serve_url}/healthz", timeout=30).status_code == 200  # probes stay open
+
+
+def test_submitted_ray_jobs_succeed_and_write_their_outputs(serve_url: str, cluster_info: dict[str, str],
+                                                             tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": PROMPT}) + "\n" + "not json\n"
+                       + json.dumps({"id": "b", "prompt": "def add(a, b):", "path": "on-device", "quality": "fast"})
+                       + "\n")
+    out = tmp_path / "eval" / "results.jsonl"
+    sweep = tmp_path / "sweep"
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    for entrypoint in (
+        f"python -m aiflow_ray.jobs.batch_eval --url {serve_url} --input {prompts} --output {out} --max-tokens 8",
+        f"python -m aiflow_ray.jobs.tpot_sweep --url {serve_url} --output {sweep} --prompts 2 --draft-lens 2 "
+        "--bandwidths 2MB/s --max-tokens 8 --rtt-ms 2",
+    ):
+        command = [ray_cli, "job", "submit", "--address", cluster_info["dashboard"], "--", *entrypoint.split()]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "succeeded" in (done.stdout + done.stderr).lower()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [("error" in r) for r in records] == [False, True, False]
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["ok"] == 2 and summary["errors"] == 1 and summary["paths"].get("on-device") == 1
+    rows = (sweep / "tpot_sweep.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 3  # header + 2 prompts x (server-only, k=2, adaptive)
+    ratios = json.loads((sweep / "summary.json").read_text())["bandwidths"]["2MB/s"]
+    assert ratios["server-only"]["ratio_vs_server_only"] == pytest.approx(1.0)
+    assert ratios["k=2"]["median_tpot_s"] > 0
+
+
+def test_adaptive_draft_length_changes_with_conditions(api: httpx.Client) -> None:
     def draft_lens(rtt_ms: float) -> list[int]:
-        httpx.put(f"{serve_url}/v1/admin/links/adaptive", json={"bandwidth": "2MB/s", "rtt_ms": rtt_ms}, timeout=10)
+        api.put("/v1/admin/links/adaptive", json={"bandwidth": "2MB/s", "rtt_ms": rtt_ms}, timeout=10)
         lens: list[int] = []
         for _ in range(4):
-            trace = _generate(serve_url, path="device-edge", draft_len="auto", link_id="adaptive",
+            trace = _generate(api, path="device-edge", draft_len="auto", link_id="adaptive",
                               max_tokens=32).json()["trace"]
             lens = trace["draft_lens"][1:-1] or lens
         return lens
@@ -143,7 +272,7 @@ def test_adaptive_draft_length_changes_with_conditions(serve_url: str) -> None:
     assert sum(long_rtt) / len(long_rtt) > sum(short_rtt) / len(short_rtt)
 
 
-def test_metrics_and_health(serve_url: str) -> None:
-    assert httpx.get(f"{serve_url}/healthz", timeout=10).json() == {"status": "ok"}
-    text = httpx.get(f"{serve_url}/metrics", timeout=10).text
+def test_metrics_and_health(api: httpx.Client) -> None:
+    assert api.get("/healthz", timeout=10).json() == {"status": "ok"}
+    text = api.get("/metrics", timeout=10).text
     assert "aiflow_requests_total" in text and "aiflow_tpot_seconds_bucket" in text

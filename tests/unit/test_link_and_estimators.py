@@ -90,3 +90,38 @@ def test_real_clock_sleeps() -> None:
     started = clock.now()
     clock.sleep_until(started + 0.05)
     assert clock.now() - started >= 0.05
+
+
+def test_probe_pairs_separate_rtt_from_bandwidth_where_equal_rounds_cannot() -> None:
+    """~100-byte speculative rounds alone mistake a slow link for a long RTT; probe pairs do not."""
+    from aiflow_ray.network.probe import probe_link
+    from aiflow_ray.tiers.edge import answer_ping
+
+    clock = VirtualClock()
+    link = DuplexLink(Link(BandwidthTrace.constant(10e3), 0.001, clock),
+                      Link(BandwidthTrace.constant(10e3), 0.001, clock), clock)
+
+    def exchange(payload: bytes) -> bytes:
+        link.up.transfer(len(payload))
+        reply = answer_ping(payload)
+        link.down.transfer(len(reply))
+        return reply
+
+    rounds_only, probed = LinkEstimator(), LinkEstimator()
+    rng = np.random.default_rng(2)
+    for i in range(12):
+        size = int(rng.integers(95, 110))
+        seconds = 0.002 + size / 10e3
+        rounds_only.observe(size, seconds)
+        probed.observe(size, seconds)
+        if i % 3 == 0:
+            small, big = probe_link(exchange, clock, padding_bytes=1024, seq=i)
+            probed.observe_pair(small, big)
+    assert rounds_only.estimate().bandwidth_bps > 5 * 10e3  # the blind spot the probes exist for
+    assert probed.estimate().bandwidth_bps == pytest.approx(10e3, rel=0.1)
+    assert probed.estimate().rtt_s == pytest.approx(0.002, abs=0.001)
+    # A pair taken after the link recovers moves the estimate at once; two pairs outvote the past.
+    fast_link = LinkEstimator()
+    for bps in (10e3, 10e3, 10e3, 2e6, 2e6):
+        fast_link.observe_pair((52, 0.002 + 52 / bps), (1076, 0.002 + 1076 / bps))
+    assert fast_link.estimate().bandwidth_bps == pytest.approx(2e6, rel=0.01)

@@ -12,7 +12,7 @@ CPU = ComputeCosts(draft_s_per_token=0.09, verify_base_s=0.2, verify_per_token_s
 def _inputs(bandwidth_bps: float = 1e6, rtt_s: float = 0.02, edge: TierLoad | None = None,
             cloud: TierLoad | None = None, slo_s: float = 0.25) -> RouteInputs:
     return RouteInputs(alpha=0.8, compute=CPU, link=LinkCosts(rtt_s, bandwidth_bps, bandwidth_bps),
-                       edge=edge or TierLoad(), cloud=cloud or TierLoad(), fast_tpot_slo_s=slo_s)
+                       edge=edge or TierLoad(), cloud=cloud or TierLoad(), fast_slo_s_per_token=slo_s)
 
 
 def test_exact_takes_the_large_model_with_a_draft_length() -> None:
@@ -28,6 +28,23 @@ def test_fast_moves_to_the_device_when_the_link_is_slow() -> None:
     assert slow.path == "on-device" and "objective" in slow.reason
     # Only token ids cross, so a low bandwidth alone leaves server-only (streamed ids) viable.
     assert decide("auto", "fast", _inputs(bandwidth_bps=200, rtt_s=0.5)).path == "server-only"
+
+
+def test_fast_counts_the_raw_input_upload_and_comes_back_when_the_link_recovers() -> None:
+    tiny = ComputeCosts(draft_s_per_token=0.0006, verify_base_s=0.0015, verify_per_token_s=0.0001)
+
+    def fast(bandwidth_bps: float) -> str | None:
+        inputs = RouteInputs(alpha=0.8, compute=tiny, link=LinkCosts(0.002, bandwidth_bps, bandwidth_bps),
+                             edge=TierLoad(), cloud=TierLoad(), fast_slo_s_per_token=0.005,
+                             prompt_bytes=2000, max_new_tokens=24)
+        decision = decide("auto", "fast", inputs)
+        # The objective is latency per output token with the upload in TTFT, not TPOT alone.
+        assert decision.predicted_s_per_token["server-only"] > decision.predicted_tpot_s["server-only"]
+        return decision.path
+
+    assert fast(2e6) in ("device-edge", "server-only")
+    assert fast(10e3) == "on-device"  # 2 KB at 10 KB/s is 200 ms before the first token
+    assert fast(2e6) in ("device-edge", "server-only")
 
 
 def test_edge_down_or_saturated() -> None:
@@ -50,15 +67,17 @@ def test_grounded_needs_the_cloud_and_on_device_cannot_be_exact() -> None:
 
 def test_router_state_learns_from_reports_and_records_decisions() -> None:
     state = RouterState()
-    state.report_load("edge", "r1", 0, 0, 4)
+    state.report_load("edge", "r1", 0, 0, 4, [(5, 0.21)] * 20)
     state.report_load("cloud", "c1", 0, 0, 4)
     for _ in range(30):
         state.report_generation(GenerationReport(
             link_id="phone", path="device-edge", rounds=5, drafted=20, accepted=5, rejections=5,
-            draft_s=1.0, draft_tokens=20, verify_samples=[(5, 0.21)], link_samples=[(90, 0.3), (3000, 0.33)]))
+            draft_s=1.0, draft_tokens=20, link_samples=[(90, 0.3), (3000, 0.33)]))
     assert state.alpha < 0.6
     est = state.links["phone"].estimate()
     assert est.rtt_s == pytest.approx(0.3, abs=0.01)
+    # Service times come from the edge's own reports, whichever path produced them.
+    assert state.inputs("phone").compute.verify_s(4) == pytest.approx(0.21, rel=0.05)
     decision = state.decide("req-1", "phone", "auto", "exact", None)
     snap = state.snapshot()
     assert snap["recent_decisions"][-1]["request_id"] == "req-1"

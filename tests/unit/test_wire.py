@@ -49,6 +49,24 @@ def test_other_messages_roundtrip() -> None:
     assert isinstance(toks, wire.Tokens) and toks.token_ids.tolist() == [4] and toks.done
     err = wire.decode(wire.encode_error(wire.ErrorMsg(_header(wire.MsgType.ERROR), 400, "bad")))
     assert isinstance(err, wire.ErrorMsg) and err.message == "bad"
+    ping = wire.Ping(_header(wire.MsgType.PING), 300)
+    assert wire.decode(wire.encode_ping(ping)) == ping
+    assert len(wire.encode_ping(ping)) == wire.PING_BASE_SIZE + 300
+
+
+def test_probes_are_bounded_and_answered_only_as_probes() -> None:
+    from aiflow_ray.tiers.edge import answer_ping
+
+    with pytest.raises(wire.WireError, match="padding"):
+        wire.encode_ping(wire.Ping(_header(wire.MsgType.PING), wire.MAX_PROBE_PADDING_BYTES + 1))
+    forged = wire.encode_ping(wire.Ping(_header(wire.MsgType.PING), 8))[:-8]  # claims 8 bytes, carries none
+    with pytest.raises(wire.WireError, match="truncated"):
+        wire.decode(forged)
+    pong = wire.decode(answer_ping(wire.encode_ping(wire.Ping(_header(wire.MsgType.PING), 16))))
+    assert isinstance(pong, wire.Pong)
+    release = wire.encode_release(wire.Release(_header(wire.MsgType.RELEASE)))
+    refused = wire.decode(answer_ping(release))
+    assert isinstance(refused, wire.ErrorMsg) and "not a probe" in refused.message
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ chosen tier, and records metrics from the returned trace. Errors map to 4xx nami
 503 with Retry-After when no tier can serve, never a bare 500 for client mistakes.
 """
 
+import hmac
 import json
 import time
 import uuid
@@ -15,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
-from starlette.middleware.base import BaseHTTPMiddleware
+from ray.serve.exceptions import BackPressureError
 
 from aiflow_ray import envs
 from aiflow_ray.api import metrics
@@ -44,6 +45,11 @@ async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
     return _error(exc.status, exc.message, exc.field, exc.retry_after_s)
 
 
+async def _overloaded(_request: Request, _exc: Exception) -> JSONResponse:
+    # Serve refused to queue more work for a tier (max_queued_requests): the client should back off.
+    return _error(503, "the cluster is at capacity; retry shortly", None, 1)
+
+
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -51,23 +57,60 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return _error(422 if loc else 400, f"{field}: {first.get('msg')}", field)
 
 
-class GuardMiddleware(BaseHTTPMiddleware):
-    """Bearer auth (when AIFLOW_API_KEY is set) and a request body size limit."""
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Bearer auth (when AIFLOW_API_KEY is set) and a request body size limit (pure ASGI).
+
+    The limit holds for chunked bodies too: Content-Length is checked up front, and the bytes
+    actually received are counted as the application reads them.
+    """
 
     def __init__(self, app: Any, max_body_bytes: int) -> None:
-        super().__init__(app)
+        self.app = app
         self.max_body_bytes = max_body_bytes
 
-    async def dispatch(self, request: Request, call_next: Any) -> Any:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         key = envs.api_key()
-        if key and request.url.path not in OPEN_PATHS:
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {key}":
-                return _error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authorization")
-        length = request.headers.get("content-length")
+        if key and scope.get("path", "") not in OPEN_PATHS:
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                await _error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authorization")(
+                    scope, receive, send)
+                return
+        length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return _error(413, f"request body over {self.max_body_bytes} bytes", "body")
-        return await call_next(request)
+            await _error(413, f"request body over {self.max_body_bytes} bytes", "body")(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted_receive() -> dict[str, Any]:
+            nonlocal received
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracked_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await _error(413, f"request body over {self.max_body_bytes} bytes", "body")(scope, receive, send)
 
 
 class Ingress:
@@ -84,13 +127,15 @@ class Ingress:
         if max_tokens > self.args.max_new_tokens_limit:
             raise ApiError(400, f"{field} must be at most {self.args.max_new_tokens_limit}", field)
 
-    async def _decide(self, body: GenerateBody) -> dict[str, Any]:
+    async def _decide(self, body: GenerateBody, messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
         from aiflow_ray.routing.policy import RouteError
 
         fixed = body.draft_len if isinstance(body.draft_len, int) else None
+        # What crosses the link before the first token: the raw input (chat turns as their text).
+        prompt_bytes = sum(len(m["content"].encode()) for m in messages) if messages else len(body.prompt.encode())
         try:
             decision: dict[str, Any] = await self.router.decide.remote(
-                uuid.uuid4().hex, body.link_id, body.path, body.quality, fixed
+                uuid.uuid4().hex, body.link_id, body.path, body.quality, fixed, prompt_bytes, body.max_tokens
             )
         except RouteError as exc:
             raise ApiError(400, str(exc), "path") from None
@@ -126,7 +171,7 @@ class Ingress:
                    decision: dict[str, Any] | None = None) -> dict[str, Any]:
         self._check_tokens(body.max_tokens, "max_tokens")
         started = time.perf_counter()
-        decision = decision or await self._decide(body)
+        decision = decision or await self._decide(body, messages)
         if decision["path"] == "device-edge-cloud":
             result = await self.cloud.generate.remote({
                 "prompt": body.prompt, "chat": body.chat, "beam_width": body.beam_width,
@@ -151,7 +196,7 @@ class Ingress:
                            shape: Any) -> StreamingResponse:
         """Decide before the response starts, so refusals keep their 4xx/503 status."""
         self._check_tokens(body.max_tokens, "max_tokens")
-        decision = await self._decide(body)
+        decision = await self._decide(body, messages)
         return StreamingResponse(self._sse(self._stream(body, messages, decision), shape),
                                  media_type="text/event-stream")
 
@@ -297,6 +342,7 @@ def make_ingress(max_body_bytes: int) -> type:
     api.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes)
     api.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    api.add_exception_handler(BackPressureError, _overloaded)
 
     class AiflowIngress(Ingress):
         @api.post("/v1/generate")

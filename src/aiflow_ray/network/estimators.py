@@ -5,10 +5,19 @@ old observations fade and the fit follows changing conditions. ``LinkEstimator``
 trips: link time = RTT + bytes / bandwidth, so the intercept is the RTT and the slope 1/bandwidth.
 Round trips of similar size cannot separate the two; then the slope stays near its prior and the
 intercept absorbs the rest, which is what a decision at that size needs.
+
+Probe pairs (a bare and a padded message sent back to back, see network/probe.py) measure the slope
+directly: the difference of their times over the difference of their sizes cancels the RTT and any
+per-call overhead. When pairs are available the slope is the median of the last few pair slopes,
+which follows a change within two pairs and ignores one noisy pair, and the RTT is a moving average
+of what each later round trip leaves after its bytes / bandwidth (old round trips, timed under other
+conditions, would otherwise drag it for many rounds).
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -91,15 +100,29 @@ class LinkEstimator:
         # equal-sized rounds do not turn timing noise into a bandwidth.
         self._fit = ForgettingLinearFit(forget, 1.0 / prior_bandwidth_bps, prior_strength_bytes2)
         self._prior_rtt_s = prior_rtt_s
+        self._pair_slopes: deque[float] = deque(maxlen=3)
+        self._rtt_s = Ewma(0.3)
         self.samples = 0
 
     def observe(self, num_bytes: int, link_s: float) -> None:
         self._fit.observe(float(num_bytes), max(link_s, 0.0))
+        if self._pair_slopes:
+            self._rtt_s.update(max(link_s - num_bytes * statistics.median(self._pair_slopes), 0.0))
         self.samples += 1
+
+    def observe_pair(self, small: tuple[int, float], big: tuple[int, float]) -> None:
+        """A bare and a padded round trip sent back to back (both also count as round trips)."""
+        (small_bytes, small_s), (big_bytes, big_s) = small, big
+        if big_bytes <= small_bytes:
+            raise ValueError("the padded probe must be the larger one")
+        self._pair_slopes.append(max((big_s - small_s) / (big_bytes - small_bytes), 0.0))
+        self.observe(small_bytes, small_s)
+        self.observe(big_bytes, big_s)
 
     def estimate(self) -> LinkEstimate:
         if self.samples == 0:
             return LinkEstimate(self._prior_rtt_s, 1.0 / self._fit.prior_slope, 0)
-        slope = max(self._fit.slope(), 1e-12)  # a negative slope is noise: bandwidth "infinite", not negative
-        rtt = max(self._fit.intercept(slope), 0.0)
+        slope = statistics.median(self._pair_slopes) if self._pair_slopes else self._fit.slope()
+        slope = max(slope, 1e-12)  # a negative slope is noise: bandwidth "infinite", not negative
+        rtt = self._rtt_s.value if self._rtt_s.value is not None else max(self._fit.intercept(slope), 0.0)
         return LinkEstimate(rtt_s=rtt, bandwidth_bps=1.0 / slope, samples=self.samples)

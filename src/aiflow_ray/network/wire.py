@@ -25,6 +25,7 @@ VERSION = 1
 MAX_CONTEXT_TOKENS = 131_072
 MAX_DRAFT_TOP_K = 256
 MAX_PROMPT_BYTES = 1 << 20
+MAX_PROBE_PADDING_BYTES = 1 << 16
 
 _HEADER = struct.Struct("<2sBB16sI")
 _VERIFY_FIXED = struct.Struct("<BIH")  # flags, base_len, k
@@ -35,6 +36,7 @@ _VERIFY_RESP = struct.Struct("<BHiII")  # status, accepted, next token, verify_u
 _GEN_FIXED = struct.Struct("<BII")  # flags, max_new_tokens, prompt byte length
 _TOKENS_FIXED = struct.Struct("<BH")  # done, count
 _ERROR_FIXED = struct.Struct("<H")
+_PING_FIXED = struct.Struct("<I")  # padding length
 
 _F_CONTEXT, _F_SAMPLED, _F_SEED, _F_CHAT, _F_MESSAGES = 1, 2, 4, 8, 16
 _I32 = np.dtype("<i4")
@@ -52,6 +54,8 @@ class MsgType(IntEnum):
     TOKENS = 4
     RELEASE = 5
     ERROR = 6
+    PING = 7  # link probe: padding makes probes of different sizes, which separates RTT from bandwidth
+    PONG = 8
 
 
 class VerifyStatus(IntEnum):
@@ -109,13 +113,24 @@ class Release:
 
 
 @dataclass
+class Ping:
+    header: Header
+    padding_bytes: int
+
+
+@dataclass
+class Pong:
+    header: Header
+
+
+@dataclass
 class ErrorMsg:
     header: Header
     code: int
     message: str
 
 
-Message = VerifyRequest | VerifyResult | GenerateRequest | Tokens | Release | ErrorMsg
+Message = VerifyRequest | VerifyResult | GenerateRequest | Tokens | Release | ErrorMsg | Ping | Pong
 
 
 def new_session_id() -> bytes:
@@ -188,6 +203,17 @@ def encode_tokens(msg: Tokens) -> bytes:
 
 def encode_release(msg: Release) -> bytes:
     return _header(MsgType.RELEASE, msg.header.session_id, msg.header.seq)
+
+
+def encode_ping(msg: Ping) -> bytes:
+    if not 0 <= msg.padding_bytes <= MAX_PROBE_PADDING_BYTES:
+        raise WireError(f"probe padding must be within 0..{MAX_PROBE_PADDING_BYTES} bytes")
+    head = _header(MsgType.PING, msg.header.session_id, msg.header.seq)
+    return head + _PING_FIXED.pack(msg.padding_bytes) + bytes(msg.padding_bytes)
+
+
+def encode_pong(msg: Pong) -> bytes:
+    return _header(MsgType.PONG, msg.header.session_id, msg.header.seq)
 
 
 def encode_error(msg: ErrorMsg) -> bytes:
@@ -306,6 +332,14 @@ def decode(payload: bytes) -> Message:
         msg = Tokens(header, reader.array(_I32, count, "tokens"), bool(done))
     elif msg_type is MsgType.RELEASE:
         msg = Release(header)
+    elif msg_type is MsgType.PING:
+        (padding,) = reader.unpack(_PING_FIXED, "probe padding length")
+        if padding > MAX_PROBE_PADDING_BYTES:
+            raise WireError(f"probe padding of {padding} bytes exceeds {MAX_PROBE_PADDING_BYTES}")
+        reader.take(padding, "probe padding")
+        msg = Ping(header, padding)
+    elif msg_type is MsgType.PONG:
+        msg = Pong(header)
     else:
         (code,) = reader.unpack(_ERROR_FIXED, "error code")
         text = bytes(reader.take(len(reader.buf) - reader.pos, "error text")).decode("utf-8", "replace")
@@ -326,3 +360,5 @@ def verify_request_size(k: int, draft_top_k: int = 0, context_len: int = 0) -> i
 
 VERIFY_RESULT_SIZE = _HEADER.size + _VERIFY_RESP.size
 TOKENS_MESSAGE_SIZE = _HEADER.size + _TOKENS_FIXED.size + 4  # one streamed token
+PING_BASE_SIZE = _HEADER.size + _PING_FIXED.size
+PONG_SIZE = _HEADER.size

@@ -3,8 +3,14 @@
 Quality levels:
 - ``exact``: the large model's output is required: device-edge or server-only.
 - ``fast``: the small model's output is acceptable. The large model's output is still preferred
-  while its predicted TPOT meets the service objective ``fast_tpot_slo_s``; beyond that (slow
-  link, loaded edge) the request takes whichever path is predicted faster, usually the device.
+  while its predicted latency per output token meets the objective ``fast_slo_s_per_token``;
+  beyond that (slow link, loaded edge) the request takes whichever path is predicted faster,
+  usually the device.
+
+Paths are compared by predicted end-to-end latency per output token, (TTFT + (n - 1) TPOT) / n for
+the request's n = max_new_tokens, not by TPOT alone: the raw input crosses the link before the
+first token on the edge paths (never on-device), and on a slow link that upload, not decoding,
+decides which path answers first.
 - ``grounded``: retrieval from the cloud is required: device-edge-cloud.
 An explicit path is honoured unless it cannot meet the quality or its tier is down.
 """
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from aiflow_ray.network.wire import TOKENS_MESSAGE_SIZE, VERIFY_RESULT_SIZE, verify_request_size
-from aiflow_ray.routing.cost_model import ComputeCosts, LinkCosts, best_draft_len
+from aiflow_ray.routing.cost_model import ComputeCosts, LinkCosts, best_draft_len, round_time_s
 
 Path = Literal["on-device", "device-edge", "device-edge-cloud", "server-only"]
 Quality = Literal["exact", "fast", "grounded"]
@@ -45,8 +51,10 @@ class RouteInputs:
     edge: TierLoad
     cloud: TierLoad
     max_draft_len: int = 24
-    fast_tpot_slo_s: float = 0.25
+    fast_slo_s_per_token: float = 0.25
     shed_to_device: bool = True  # False: queue at the edge instead of answering from the device
+    prompt_bytes: int = 0  # raw input that crosses the link before the first token (edge paths)
+    max_new_tokens: int = 64
 
 
 @dataclass
@@ -55,6 +63,8 @@ class Decision:
     draft_len: int
     reason: str
     predicted_tpot_s: dict[str, float] = field(default_factory=dict)
+    predicted_ttft_s: dict[str, float] = field(default_factory=dict)
+    predicted_s_per_token: dict[str, float] = field(default_factory=dict)  # (TTFT + (n-1) TPOT) / n
 
 
 class RouteError(Exception):
@@ -67,63 +77,86 @@ def _edge_factor(load: TierLoad) -> float:
     return 1.0 / (1.0 - rho)
 
 
-def predict(inputs: RouteInputs) -> tuple[int, dict[str, float]]:
+@dataclass(frozen=True)
+class Prediction:
+    draft_len: int
+    tpot_s: dict[str, float]
+    ttft_s: dict[str, float]
+    s_per_token: dict[str, float]
+
+
+def predict(inputs: RouteInputs) -> Prediction:
     compute = inputs.compute
+    link = inputs.link
     factor = _edge_factor(inputs.edge)
     loaded = ComputeCosts(compute.draft_s_per_token, compute.verify_base_s * factor,
                           compute.verify_per_token_s * factor, compute.round_overhead_s)
-    k, spec = best_draft_len(inputs.alpha, loaded, inputs.link, verify_request_size, VERIFY_RESULT_SIZE,
+    k, spec = best_draft_len(inputs.alpha, loaded, link, verify_request_size, VERIFY_RESULT_SIZE,
                              inputs.max_draft_len)
     # Server-only streams one TOKENS message per token: on a very slow link their serialisation,
     # not the verifier, sets the pace.
-    streamed = TOKENS_MESSAGE_SIZE / inputs.link.bandwidth_down_bps
-    return k, {
+    streamed = TOKENS_MESSAGE_SIZE / link.bandwidth_down_bps
+    upload = link.rtt_s + inputs.prompt_bytes / link.bandwidth_up_bps
+    tpot = {
         "on-device": compute.draft_s_per_token,
         "device-edge": spec,
         "server-only": max(loaded.verify_s(0), streamed),
     }
+    ttft = {
+        "on-device": compute.draft_s_per_token,
+        # Token ids (4 bytes each) replace the text, about as many bytes as the raw prompt.
+        "device-edge": upload + round_time_s(k, loaded, link, verify_request_size, VERIFY_RESULT_SIZE),
+        "server-only": upload + loaded.verify_s(0) + streamed,
+    }
+    n = max(inputs.max_new_tokens, 1)
+    per_token = {p: (ttft[p] + (n - 1) * tpot[p]) / n for p in tpot}
+    return Prediction(k, tpot, ttft, per_token)
 
 
 def decide(requested: str, quality: Quality, inputs: RouteInputs, fixed_draft_len: int | None = None) -> Decision:
-    k, tpot = predict(inputs)
-    if fixed_draft_len is not None:
-        k = fixed_draft_len
+    pred = predict(inputs)
+    k = fixed_draft_len if fixed_draft_len is not None else pred.draft_len
+    lat = pred.s_per_token
+
+    def made(path: Path | None, draft_len: int, reason: str) -> Decision:
+        return Decision(path, draft_len, reason, pred.tpot_s, pred.ttft_s, lat)
+
     edge_ok = inputs.edge.available and not inputs.edge.saturated
     if quality == "grounded" or requested == "device-edge-cloud":
         if not inputs.cloud.available:
-            return Decision(None, k, "cloud tier unavailable", tpot)
-        return Decision("device-edge-cloud", k, "grounded answers need the cloud knowledge base", tpot)
+            return made(None, k, "cloud tier unavailable")
+        return made("device-edge-cloud", k, "grounded answers need the cloud knowledge base")
     if requested == "on-device":
         if quality == "exact":
             raise RouteError("path on-device cannot give quality 'exact' (the large model's output)")
-        return Decision("on-device", 0, "requested on-device", tpot)
+        return made("on-device", 0, "requested on-device")
     if requested in ("device-edge", "server-only"):
         if edge_ok:
-            return Decision(cast(Path, requested), k, f"requested {requested}", tpot)
+            return made(cast(Path, requested), k, f"requested {requested}")
         if quality == "fast" and inputs.shed_to_device:
-            return Decision("on-device", 0, f"edge {'saturated' if inputs.edge.available else 'unreachable'}: "
-                            "falling back to on-device", tpot)
-        return Decision(None, k, "edge unavailable or saturated", tpot)
+            return made("on-device", 0, f"edge {'saturated' if inputs.edge.available else 'unreachable'}: "
+                        "falling back to on-device")
+        return made(None, k, "edge unavailable or saturated")
     # auto
-    large_path: Path = "device-edge" if tpot["device-edge"] <= tpot["server-only"] else "server-only"
+    large_path: Path = "device-edge" if lat["device-edge"] <= lat["server-only"] else "server-only"
+    large_ms = lat[large_path] * 1e3
     if quality == "exact":
         if not inputs.edge.available:
-            return Decision(None, k, "edge unreachable; exact answers need the large model", tpot)
+            return made(None, k, "edge unreachable; exact answers need the large model")
         if inputs.edge.saturated and inputs.shed_to_device:
-            return Decision(None, k, "edge saturated; exact answers need the large model", tpot)
-        return Decision(large_path, k, f"{large_path} has the lowest predicted TPOT "
-                        f"({tpot[large_path] * 1e3:.1f} ms)", tpot)
+            return made(None, k, "edge saturated; exact answers need the large model")
+        return made(large_path, k, f"{large_path} has the lowest predicted latency ({large_ms:.1f} ms per token)")
     if not edge_ok:
         state = "saturated" if inputs.edge.available else "unreachable"
         if inputs.shed_to_device or not inputs.edge.available:
-            return Decision("on-device", 0, f"edge {state}: on-device", tpot)
-        return Decision(large_path, k, f"edge {state}: queueing for the large model", tpot)
-    slo_ms = inputs.fast_tpot_slo_s * 1e3
-    if tpot[large_path] <= inputs.fast_tpot_slo_s:
-        return Decision(large_path, k, f"{large_path} predicted {tpot[large_path] * 1e3:.1f} ms/token meets the "
-                        f"{slo_ms:g} ms objective", tpot)
-    if tpot["on-device"] < tpot[large_path]:
-        return Decision("on-device", 0, f"{large_path} predicted {tpot[large_path] * 1e3:.1f} ms/token misses the "
-                        f"{slo_ms:g} ms objective; on-device is faster ({tpot['on-device'] * 1e3:.1f} ms)", tpot)
-    return Decision(large_path, k, f"{large_path} predicted {tpot[large_path] * 1e3:.1f} ms/token, the fastest "
-                    "path though over the objective", tpot)
+            return made("on-device", 0, f"edge {state}: on-device")
+        return made(large_path, k, f"edge {state}: queueing for the large model")
+    slo_ms = inputs.fast_slo_s_per_token * 1e3
+    if lat[large_path] <= inputs.fast_slo_s_per_token:
+        return made(large_path, k, f"{large_path} predicted {large_ms:.1f} ms per token (TTFT included) meets "
+                    f"the {slo_ms:g} ms objective")
+    if lat["on-device"] < lat[large_path]:
+        return made("on-device", 0, f"{large_path} predicted {large_ms:.1f} ms per token misses the {slo_ms:g} ms "
+                    f"objective; on-device is faster ({lat['on-device'] * 1e3:.1f} ms)")
+    return made(large_path, k, f"{large_path} predicted {large_ms:.1f} ms per token, the fastest path though "
+                "over the objective")

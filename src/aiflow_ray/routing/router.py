@@ -32,15 +32,14 @@ class GenerationReport:
     rejections: int = 0
     draft_s: float = 0.0
     draft_tokens: int = 0
-    verify_samples: list[tuple[int, float]] = field(default_factory=list)  # (tokens fed, seconds)
     link_samples: list[tuple[int, float]] = field(default_factory=list)  # (bytes, link seconds)
+    probe_pairs: list[tuple[tuple[int, float], tuple[int, float]]] = field(default_factory=list)
     on_device_s_per_token: float | None = None
-    server_only_s_per_token: float | None = None
 
 
 @dataclass
 class RouterConfig:
-    fast_tpot_slo_s: float = 0.25
+    fast_slo_s_per_token: float = 0.25
     shed_to_device: bool = True
     max_draft_len: int = 24
     prior_alpha: float = 0.7
@@ -60,8 +59,9 @@ class RouterState:
         # No initial value: the first measurement replaces the prior outright, so a prior sized for
         # one model pair cannot linger over another.
         self.draft_s = Ewma(0.2)
+        # Empty until the edge reports (its start-up calibration does): the prior is used only while
+        # there is nothing measured, so a prior sized for another model pair cannot linger.
         self.verify_fit = ForgettingLinearFit(0.95, prior_slope=0.0, prior_strength=4.0)
-        self.verify_fit.observe(1.0, self.cfg.prior_verify_s)
         self.loads: dict[str, dict[str, tuple[float, TierLoad]]] = {"edge": {}, "cloud": {}}
         self.decisions: deque[dict[str, Any]] = deque(maxlen=self.cfg.decisions_kept)
         self.decision_counts: dict[str, int] = {}
@@ -73,6 +73,8 @@ class RouterState:
         )
         for nbytes, seconds in report.link_samples:
             link.observe(nbytes, seconds)
+        for small, big in report.probe_pairs:
+            link.observe_pair(small, big)
         if report.drafted:
             self.accepted = 0.9 * self.accepted + report.accepted
             self.rejected = 0.9 * self.rejected + report.rejections
@@ -80,13 +82,14 @@ class RouterState:
             self.draft_s.update(report.draft_s / report.draft_tokens)
         if report.on_device_s_per_token is not None:
             self.draft_s.update(report.on_device_s_per_token)
-        for fed, seconds in report.verify_samples:
-            self.verify_fit.observe(float(fed), seconds)
-        if report.server_only_s_per_token is not None:
-            self.verify_fit.observe(1.0, report.server_only_s_per_token)
 
-    def report_load(self, tier: str, replica: str, ongoing: int, queued: int, capacity: int) -> None:
+    def report_load(self, tier: str, replica: str, ongoing: int, queued: int, capacity: int,
+                    service_samples: list[tuple[int, float]] | None = None) -> None:
+        """A replica's load and its recent (tokens fed, seconds) forwards, measured where they ran."""
         self.loads.setdefault(tier, {})[replica] = (time.monotonic(), TierLoad(True, ongoing, queued, capacity))
+        if tier == "edge":
+            for fed, seconds in service_samples or []:
+                self.verify_fit.observe(float(fed), seconds)
 
     def tier_load(self, tier: str) -> TierLoad:
         now = time.monotonic()
@@ -101,32 +104,38 @@ class RouterState:
     def alpha(self) -> float:
         return min(self.accepted / max(self.accepted + self.rejected, 1e-9), 0.999)
 
-    def inputs(self, link_id: str) -> RouteInputs:
+    def inputs(self, link_id: str, prompt_bytes: int = 0, max_new_tokens: int = 64) -> RouteInputs:
         est = self.links.get(link_id) or LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s)
         link = est.estimate()
         per_token = max(self.verify_fit.slope(), 0.0)
+        verify_base_s = self.verify_fit.intercept(per_token)
+        if self.verify_fit.count_weight == 0:
+            per_token, verify_base_s = 0.0, self.cfg.prior_verify_s
         compute = ComputeCosts(
             draft_s_per_token=self.draft_s.value or self.cfg.prior_draft_s_per_token,
-            verify_base_s=self.verify_fit.intercept(per_token), verify_per_token_s=per_token,
+            verify_base_s=verify_base_s, verify_per_token_s=per_token,
         )
         return RouteInputs(
             alpha=self.alpha, compute=compute, link=LinkCosts(link.rtt_s, link.bandwidth_bps, link.bandwidth_bps),
             edge=self.tier_load("edge"), cloud=self.tier_load("cloud"), max_draft_len=self.cfg.max_draft_len,
-            fast_tpot_slo_s=self.cfg.fast_tpot_slo_s, shed_to_device=self.cfg.shed_to_device,
+            fast_slo_s_per_token=self.cfg.fast_slo_s_per_token, shed_to_device=self.cfg.shed_to_device,
+            prompt_bytes=prompt_bytes, max_new_tokens=max_new_tokens,
         )
 
     def decide(self, request_id: str, link_id: str, path: str, quality: Quality,
-               draft_len: int | None) -> Decision:
-        inputs = self.inputs(link_id)
+               draft_len: int | None, prompt_bytes: int = 0, max_new_tokens: int = 64) -> Decision:
+        inputs = self.inputs(link_id, prompt_bytes, max_new_tokens)
         decision = decide(path, quality, inputs, draft_len)
         record = {
             "request_id": request_id, "at": time.time(), "link_id": link_id, "requested_path": path,
             "quality": quality, "path": decision.path, "draft_len": decision.draft_len,
             "reason": decision.reason, "predicted_tpot_s": decision.predicted_tpot_s,
+            "predicted_s_per_token": decision.predicted_s_per_token,
             "inputs": {
                 "alpha": inputs.alpha, "rtt_s": inputs.link.rtt_s, "bandwidth_bps": inputs.link.bandwidth_up_bps,
                 "draft_s_per_token": inputs.compute.draft_s_per_token,
                 "verify_s": inputs.compute.verify_s(0), "edge": asdict(inputs.edge), "cloud": asdict(inputs.cloud),
+                "prompt_bytes": prompt_bytes, "max_new_tokens": max_new_tokens,
             },
         }
         self.decisions.append(record)

@@ -41,9 +41,17 @@ def _tier(tier: str, **kw: object) -> TierArgs:
     return TierArgs(label_selector={"tier": tier}, **kw)
 
 
+class LinkProbeArgs(StrictModel):
+    enabled: bool = Field(True, description="Probe quiet device links so estimates stay current.")
+    interval_s: float = Field(2.0, gt=0, description="Probe a link after this long without traffic.")
+    padding_bytes: int = Field(1024, ge=64, le=65536, description="Size of the padded probe of each pair.")
+    idle_stop_s: float = Field(300.0, gt=0, description="Stop probing a device with no requests for this long.")
+
+
 class RouterArgs(StrictModel):
-    fast_tpot_slo_s: float = Field(
-        0.25, gt=0, description="'fast' requests keep the large model while its predicted TPOT meets this."
+    fast_slo_s_per_token: float = Field(
+        0.25, gt=0, description="'fast' requests keep the large model while its predicted latency per output "
+        "token (end to end, time to first token included) meets this.",
     )
     shed_to_device: bool = Field(True, description="Saturated edge: answer 'fast' requests on the device.")
     max_draft_len: int = Field(24, ge=1, le=64, description="Largest k the router may pick.")
@@ -63,6 +71,7 @@ class AppArgs(StrictModel):
     link: LinkConfig = Field(default_factory=lambda: LinkConfig(bandwidth_bps=1e6, rtt_s=0.02))
     edge_cloud_link: LinkConfig = Field(default_factory=lambda: LinkConfig(bandwidth_bps=10e6, rtt_s=0.04))
     router: RouterArgs = Field(default_factory=RouterArgs)
+    link_probe: LinkProbeArgs = Field(default_factory=LinkProbeArgs)
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
     max_new_tokens_limit: int = Field(1024, ge=1, le=4096, description="Cap on max_tokens per request.")
     edge_sessions_per_replica: int = Field(64, ge=1, description="Sessions an edge replica keeps (LRU).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections import deque
 from typing import Any
 
 from aiflow_ray.logging_utils import get_logger
@@ -21,12 +22,21 @@ def router_handle(args: AppArgs) -> Any:
 
 
 class LoadTracker:
-    """Counts a replica's ongoing/queued work and pushes it to the router periodically."""
+    """Counts a replica's ongoing/queued work and pushes it, with recent service times, to the router.
 
-    def __init__(self, tier: str, args: AppArgs, capacity: int) -> None:
+    ``service_samples`` is the replica's own record of (tokens fed, seconds) per forward; each report
+    drains it, so the router learns compute costs from every path, including server-only and the
+    start-up calibration, without a per-request call.
+    """
+
+    MAX_SAMPLES_PER_REPORT = 64
+
+    def __init__(self, tier: str, args: AppArgs, capacity: int,
+                 service_samples: deque[tuple[int, float]] | None = None) -> None:
         self.tier = tier
         self.args = args
         self.capacity = capacity
+        self.service_samples = service_samples
         self.ongoing = 0
         self.waiting = 0
         self._task: asyncio.Task[None] | None = None
@@ -51,10 +61,15 @@ class LoadTracker:
 
         replica = serve.get_replica_context().replica_id.unique_id
         router = None
+        pending: list[tuple[int, float]] = []
         while True:
+            while self.service_samples and len(pending) < self.MAX_SAMPLES_PER_REPORT:
+                pending.append(self.service_samples.popleft())
             try:
                 router = router or router_handle(self.args)
-                await router.report_load.remote(self.tier, replica, self.ongoing, self.waiting, self.capacity)
+                await router.report_load.remote(self.tier, replica, self.ongoing, self.waiting, self.capacity,
+                                                pending)
+                pending = []
             except Exception as exc:  # the router may not exist yet during start-up
                 router = None
                 log.debug("load report failed: %s", exc)

@@ -34,7 +34,7 @@ def profile_args(profile: str) -> dict[str, Any]:
             "link": {"bandwidth_bps": 2e6, "rtt_s": 0.002},
             # Tiny models decode in about a millisecond: an objective at that scale lets the link
             # decide between the large model and the device, as it would for real models at ~100 ms.
-            "router": {"fast_tpot_slo_s": 0.0025},
+            "router": {"fast_slo_s_per_token": 0.005},
         }
     elif profile == "gpu":
         gpu = {"num_cpus": 4, "num_gpus": 1, "max_ongoing_requests": 16}

@@ -1,21 +1,31 @@
-"""DeviceDrafter deployment: the small model, the speculative loop, the emulated device link.
+"""DeviceDrafter deployment: the small model, the speculative loop, the emulated device links.
 
 The loop is synchronous (each step waits for a forward pass) and runs in a worker thread, so the
 replica's event loop stays free; the thread talks to the edge through blocking handle calls, which
 Serve allows outside the event loop. A client disconnect sets a flag the loop checks every round.
+
+A replica stands in for every device whose requests reach it, so it keeps one emulated link and one
+draft-length policy per link id (per device). A background thread probes each recently used link
+that has been quiet for ``link_probe.interval_s``: without probes, a router that moved a device's
+requests on-device because its link was slow would never see the link recover.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from aiflow_ray.config import DraftPolicyConfig, GenerateOptions
+from aiflow_ray.config import DraftPolicyConfig, GenerateOptions, SamplingConfig
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network.link import DuplexLink, RealClock
+from aiflow_ray.network.probe import probe_link
 from aiflow_ray.routing.router import GenerationReport
 from aiflow_ray.serve.args import AppArgs
 from aiflow_ray.serve.common import router_handle
@@ -25,8 +35,22 @@ from aiflow_ray.tiers.device import DeviceDrafter, GenerationResult, generate_se
 log = get_logger(__name__)
 
 
+MAX_LINKS_PER_REPLICA = 256
+
+
 class Cancelled(Exception):
     """The client went away; the generation stops at the next round."""
+
+
+@dataclass
+class DeviceLinkState:
+    """One device's emulated link, its draft-length policy, and when the link last carried traffic."""
+
+    link: DuplexLink
+    policy: AdaptiveDraftLen
+    settings: tuple[float, float]
+    last_traffic_at: float = field(default_factory=time.monotonic)  # last link measurement
+    last_request_at: float = field(default_factory=time.monotonic)
 
 
 class ServeTransport:
@@ -49,6 +73,12 @@ class ServeTransport:
     def notify(self, payload: bytes) -> None:
         self.link.up.schedule(len(payload))
         self._for(payload).release.remote(payload)
+
+    def probe(self, payload: bytes) -> bytes:
+        self.link.up.transfer(len(payload))
+        reply: bytes = self.edge.ping.remote(payload).result()
+        self.link.down.transfer(len(reply))
+        return reply
 
     def stream(self, payload: bytes) -> Iterator[tuple[bytes, float]]:
         self.link.up.transfer(len(payload))
@@ -73,22 +103,92 @@ class DeviceDrafterServer:
         self.engine = engine
         self.device = DeviceDrafter(engine)
         self.edge_handle = edge_handle
-        self.link = DuplexLink.from_config(self.args.link, RealClock())
-        self._link_settings = (self.args.link.bandwidth_bps, self.args.link.rtt_s)
         self._engine_lock = threading.Lock()
-        # Device-level knowledge carried across requests: acceptance, compute and link estimates.
-        self.policy = AdaptiveDraftLen(
-            DraftPolicyConfig(policy="adaptive", max_draft_len=self.args.router.max_draft_len)
-        )
+        self._links: OrderedDict[str, DeviceLinkState] = OrderedDict()
+        self._links_lock = threading.Lock()
         self._router: Any = None
+        self._counts_lock = threading.Lock()
+        self.active = 0  # generations running now
+        self.cancelled = 0  # generations stopped because the client went away
+        self._stop = threading.Event()
+        self._calibration = self._calibrate()
+        threading.Thread(target=self._background, name="aiflow-device-background", daemon=True).start()
+
+    def __del__(self) -> None:
+        self._stop.set()
 
     # -- helpers --------------------------------------------------------------------------------
-    def _apply_link(self, bandwidth_bps: float | None, rtt_s: float | None) -> None:
-        if bandwidth_bps is None or rtt_s is None:
-            return
-        if (bandwidth_bps, rtt_s) != self._link_settings:
-            self.link.set_conditions(bandwidth_bps, rtt_s)
-            self._link_settings = (bandwidth_bps, rtt_s)
+    def _link_state(self, link_id: str, bandwidth_bps: float | None = None, rtt_s: float | None = None
+                    ) -> DeviceLinkState:
+        """The device's link, created on first use and set to the emulated conditions given."""
+        with self._links_lock:
+            state = self._links.get(link_id)
+            if state is None:
+                # Device-level knowledge carried across requests: acceptance, compute and link estimates.
+                policy = AdaptiveDraftLen(DraftPolicyConfig(policy="adaptive",
+                                                            max_draft_len=self.args.router.max_draft_len))
+                link = DuplexLink.from_config(self.args.link, RealClock())
+                state = DeviceLinkState(link, policy, (self.args.link.bandwidth_bps, self.args.link.rtt_s))
+                self._links[link_id] = state
+                while len(self._links) > MAX_LINKS_PER_REPLICA:
+                    self._links.popitem(last=False)
+            self._links.move_to_end(link_id)
+        if bandwidth_bps is not None and rtt_s is not None and (bandwidth_bps, rtt_s) != state.settings:
+            state.link.set_conditions(bandwidth_bps, rtt_s)
+            state.settings = (bandwidth_bps, rtt_s)
+        return state
+
+    def _router_handle(self) -> Any:
+        self._router = self._router or router_handle(self.args)
+        return self._router
+
+    def _calibrate(self) -> GenerationReport:
+        """Time a short local generation, so the router knows the device's speed before traffic."""
+        ids = self.engine.encode_prompt("def add(a, b):", False)
+        self.device.generate_local(ids, 2, SamplingConfig())  # warm-up
+        trace = self.device.generate_local(ids, 9, SamplingConfig()).trace
+        log.info("device calibrated: %.1f ms per token", trace.tpot_s * 1e3)
+        return GenerationReport(link_id="", path="calibration", on_device_s_per_token=trace.tpot_s)
+
+    def _background(self) -> None:
+        """Deliver the calibration, then probe quiet links for as long as the replica lives."""
+        cfg = self.args.link_probe
+        calibration: GenerationReport | None = self._calibration
+        seq = 0
+        while not self._stop.wait(cfg.interval_s / 2):
+            if calibration is not None:
+                try:
+                    self._router_handle().report_generation.remote(calibration).result(timeout_s=10)
+                    calibration = None
+                except Exception as exc:  # the router may still be starting
+                    log.debug("calibration report failed: %s", exc)
+            if not cfg.enabled:
+                continue
+            now = time.monotonic()
+            with self._links_lock:
+                due = [(lid, st) for lid, st in self._links.items()
+                       if now - st.last_traffic_at >= cfg.interval_s and now - st.last_request_at <= cfg.idle_stop_s]
+            for link_id, state in due:
+                try:
+                    # The emulated conditions live with the router (the admin API sets them there);
+                    # asking costs one call per probe, not per request.
+                    settings = self._router_handle().emulated_link.remote(link_id).result(timeout_s=10)
+                    if settings is not None:
+                        self._link_state(link_id, settings["bandwidth_bps"], settings["rtt_s"])
+                    transport = ServeTransport(self.edge_handle, state.link)
+                    samples = probe_link(transport.probe, state.link.clock, cfg.padding_bytes, seq)
+                    seq += 2
+                except Exception as exc:  # edge restarting, router not up yet: try again next period
+                    log.debug("link probe on %s failed: %s", link_id, exc)
+                    continue
+                state.last_traffic_at = time.monotonic()
+                small, big = samples
+                state.policy.link.observe_pair(small, big)
+                try:
+                    self._router_handle().report_generation.remote(
+                        GenerationReport(link_id=link_id, path="probe", probe_pairs=[(small, big)]))
+                except Exception as exc:
+                    log.debug("could not report a probe: %s", exc)
 
     def _report(self, link_id: str, result: GenerationResult) -> None:
         trace = result.trace
@@ -100,23 +200,20 @@ class DeviceDrafterServer:
             # Round 1 carries both prefills; steady-state costs come from the rest.
             report.draft_s = sum(trace.round_draft_s[1:])
             report.draft_tokens = sum(trace.draft_lens[1:])
-            report.verify_samples = [(k + 1, v) for k, v in zip(trace.draft_lens[1:], trace.round_verify_s[1:],
-                                                                 strict=True)]
             report.link_samples = [(b, s) for b, s in zip(trace.round_bytes, trace.round_link_s, strict=True)]
         elif trace.path == "on-device" and trace.num_tokens > 1:
             report.on_device_s_per_token = trace.tpot_s
-        elif trace.path == "server-only" and trace.num_tokens > 1:
-            report.server_only_s_per_token = trace.tpot_s
         try:
-            self._router = self._router or router_handle(self.args)
-            self._router.report_generation.remote(report)  # fire and forget: off the hot path
+            self._router_handle().report_generation.remote(report)  # fire and forget: off the hot path
         except Exception as exc:
             log.warning("could not report to the router: %s", exc)
 
     def _run(self, request: dict[str, Any], cancel: threading.Event,
              on_tokens: Any = None) -> GenerationResult:
         opts = GenerateOptions.model_validate(request["options"])
-        self._apply_link(request.get("link_bandwidth_bps"), request.get("link_rtt_s"))
+        link_id = request.get("link_id", "device-0")
+        state = self._link_state(link_id, request.get("link_bandwidth_bps"), request.get("link_rtt_s"))
+        state.last_request_at = time.monotonic()
 
         def on_round(_round: int, emitted: list[int]) -> None:
             if cancel.is_set():
@@ -124,26 +221,30 @@ class DeviceDrafterServer:
             if on_tokens is not None:
                 on_tokens(emitted)
 
-        with self._engine_lock:
-            if cancel.is_set():
-                raise Cancelled()
-            if opts.path == "on-device":
-                ids = self.engine.encode_prompt(opts.prompt_input(), opts.chat)
-                result = self.device.generate_local(ids, opts.max_new_tokens, opts.sampling,
-                                                    on_token=on_round)
-            elif opts.path == "server-only":
-                transport = ServeTransport(self.edge_handle, self.link)
+        with self._count_active():
+            if opts.path == "server-only":
+                # The device's model is not involved, so server-only requests do not queue behind it.
+                transport = ServeTransport(self.edge_handle, state.link)
                 result = generate_server_only(opts.prompt_input(), opts.chat, opts.max_new_tokens, opts.sampling,
                                               transport, self.engine.decode, on_token=on_round)
             else:
-                ids = self.engine.encode_prompt(opts.prompt_input(), opts.chat)
-                transport = ServeTransport(self.edge_handle, self.link)
-                policy: Any = self.policy
-                if opts.draft_len != "auto":
-                    policy = FixedDraftLen(opts.draft_policy())
-                result = self.device.generate_speculative(ids, opts.max_new_tokens, opts.sampling, policy,
-                                                          transport, on_round=on_round)
-        self._report(request.get("link_id", "device-0"), result)
+                with self._engine_lock:
+                    if cancel.is_set():
+                        raise Cancelled()
+                    ids = self.engine.encode_prompt(opts.prompt_input(), opts.chat)
+                    if opts.path == "on-device":
+                        result = self.device.generate_local(ids, opts.max_new_tokens, opts.sampling,
+                                                            on_token=on_round)
+                    else:
+                        transport = ServeTransport(self.edge_handle, state.link)
+                        policy: Any = state.policy
+                        if opts.draft_len != "auto":
+                            policy = FixedDraftLen(opts.draft_policy())
+                        result = self.device.generate_speculative(ids, opts.max_new_tokens, opts.sampling, policy,
+                                                                  transport, on_round=on_round)
+        if opts.path == "device-edge":  # its rounds are link measurements; a server-only stream is not
+            state.last_traffic_at = time.monotonic()
+        self._report(link_id, result)
         return result
 
     # -- endpoints ------------------------------------------------------------------------------
@@ -197,8 +298,26 @@ class DeviceDrafterServer:
         finally:
             cancel.set()
 
-    async def set_link(self, bandwidth_bps: float, rtt_s: float) -> None:
-        self._apply_link(bandwidth_bps, rtt_s)
+    async def set_link(self, link_id: str, bandwidth_bps: float, rtt_s: float) -> None:
+        self._link_state(link_id, bandwidth_bps, rtt_s)
+
+    @contextlib.contextmanager
+    def _count_active(self) -> Iterator[None]:
+        with self._counts_lock:
+            self.active += 1
+        try:
+            yield
+        except Cancelled:
+            with self._counts_lock:
+                self.cancelled += 1
+            log.info("generation cancelled: the client went away")
+            raise
+        finally:
+            with self._counts_lock:
+                self.active -= 1
+
+    async def stats(self) -> dict[str, Any]:
+        return {"active": self.active, "cancelled": self.cancelled, "links": len(self._links)}
 
     async def check_health(self) -> None:
         return None

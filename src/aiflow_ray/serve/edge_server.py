@@ -18,7 +18,7 @@ from ray import serve
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.serve.args import AppArgs
 from aiflow_ray.serve.common import LoadTracker
-from aiflow_ray.tiers.edge import EdgeVerifier
+from aiflow_ray.tiers.edge import EdgeVerifier, answer_ping
 
 log = get_logger(__name__)
 
@@ -47,7 +47,9 @@ class EdgeVerifierServer:
             engine = load_engine(pair.verifier, pair.dtype, pair.device)
         self.edge = EdgeVerifier(engine, max_sessions=self.args.edge_sessions_per_replica)
         self._engine_lock = threading.Lock()  # one forward at a time: the engine is not thread-safe
-        self.load = LoadTracker("edge", self.args, self.args.edge.max_ongoing_requests)
+        samples = self.edge.calibrate()
+        log.info("edge calibrated: %s", ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples))
+        self.load = LoadTracker("edge", self.args, self.args.edge.max_ongoing_requests, self.edge.service_samples)
 
     # Serve detects multiplexing on the class, so the bound is a constant here; the KV memory bound is
     # EdgeVerifier's own max_sessions (edge_sessions_per_replica), which evicts independently.
@@ -69,6 +71,10 @@ class EdgeVerifierServer:
         await self._affinity()
         with self.load.track():
             return await asyncio.to_thread(self._verify_locked, payload)
+
+    async def ping(self, payload: bytes) -> bytes:
+        # Answered on the event loop, never behind the engine lock: a probe measures the link.
+        return answer_ping(payload)
 
     async def release(self, payload: bytes) -> None:
         await asyncio.to_thread(self._verify_locked, payload)

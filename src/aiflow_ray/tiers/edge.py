@@ -9,7 +9,7 @@ exception across the link.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -32,6 +32,31 @@ class EdgeVerifier:
         self._sampling: OrderedDict[bytes, tuple[SamplingConfig, np.random.Generator]] = OrderedDict()
         self._seed_rng = np.random.default_rng(seed)
         self.context_requests = 0
+        # (tokens fed, seconds) of recent forwards, drained by whoever reports service times.
+        self.service_samples: deque[tuple[int, float]] = deque(maxlen=256)
+
+    def calibrate(self, context_len: int = 16, draft_lens: tuple[int, ...] = (0, 3, 7)) -> list[tuple[int, float]]:
+        """Time a few verifications on a scratch session, so the router has service times before traffic.
+
+        The first forward warms the model up and is not recorded.
+        """
+        sid = "calibration"
+        vocab = self.engine.vocab_size
+        ids = [(7 * i + 11) % vocab for i in range(context_len + max(draft_lens) + 1)]
+        samples = []
+        try:
+            self.engine.open_session(sid, ids[:context_len])
+            self.engine.score(sid, [], GREEDY)
+            for k in draft_lens:
+                length = self.engine.session_length(sid)
+                started = time.perf_counter()
+                self.engine.score(sid, ids[context_len : context_len + k], GREEDY)
+                samples.append((k + 1, time.perf_counter() - started))
+                self.engine.rollback(sid, length)
+        finally:
+            self.engine.release(sid)
+        self.service_samples.extend(samples)
+        return samples
 
     # -- sessions -------------------------------------------------------------------------------
     def _sid(self, session_id: bytes) -> str:
@@ -72,6 +97,8 @@ class EdgeVerifier:
             if isinstance(msg, wire.Release):
                 self.drop_session(msg.header.session_id)
                 return b""
+            if isinstance(msg, wire.Ping):
+                return answer_ping(payload)
             raise wire.WireError(f"{msg.header.type.name} is not a request this tier answers")
         except wire.WireError as exc:
             header = wire.Header(wire.MsgType.ERROR, payload[4:20] if len(payload) >= 20 else bytes(16), 0)
@@ -108,7 +135,9 @@ class EdgeVerifier:
             q_probs = wire.normalize_q(req.q_probs) if req.q_probs is not None else np.zeros((0, 1))
             accepted, next_token = verify_sampled(draft, q_ids, q_probs, scores.probs, rng)
         self.engine.append(self._sid(sid), [*draft[:accepted], next_token])
-        verify_us = int((time.perf_counter() - started) * 1e6)
+        elapsed_s = time.perf_counter() - started
+        self.service_samples.append((len(draft) + 1, elapsed_s))
+        verify_us = int(elapsed_s * 1e6)
         return wire.VerifyResult(
             header, wire.VerifyStatus.OK, accepted, next_token, verify_us,
             self.engine.session_length(self._sid(sid)),
@@ -125,6 +154,7 @@ class EdgeVerifier:
         sampling, rng = self._sampling[sid]
         try:
             for i in range(msg.max_new_tokens):
+                started = time.perf_counter()
                 scores = self.engine.score(self._sid(sid), [], sampling)
                 if sampling.greedy:
                     assert scores.greedy_ids is not None
@@ -133,6 +163,8 @@ class EdgeVerifier:
                     assert scores.probs is not None
                     _, token = verify_sampled([], np.zeros((0, 1), np.int32), np.zeros((0, 1)), scores.probs, rng)
                 self.engine.append(self._sid(sid), [token])
+                if i:  # the first step includes the prompt's prefill
+                    self.service_samples.append((1, time.perf_counter() - started))
                 done = token in self.engine.eos_token_ids or i == msg.max_new_tokens - 1
                 header = wire.Header(wire.MsgType.TOKENS, sid, i)
                 yield wire.encode_tokens(wire.Tokens(header, np.asarray([token], np.int32), done))
@@ -140,3 +172,15 @@ class EdgeVerifier:
                     break
         finally:
             self.drop_session(sid)
+
+
+def answer_ping(payload: bytes) -> bytes:
+    """Reply to a link probe without touching a model, so the probe measures the link, not a queue."""
+    try:
+        msg = wire.decode(payload)
+        if not isinstance(msg, wire.Ping):
+            raise wire.WireError(f"{msg.header.type.name} is not a probe")
+        return wire.encode_pong(wire.Pong(wire.Header(wire.MsgType.PONG, msg.header.session_id, msg.header.seq)))
+    except wire.WireError as exc:
+        header = wire.Header(wire.MsgType.ERROR, bytes(16), 0)
+        return wire.encode_error(wire.ErrorMsg(header, 400, str(exc)))
