@@ -14,15 +14,16 @@ PROFILE ?= local
 HTTP_PORT ?= 8000
 AIFLOW := $(VENV)/bin/aiflow
 
-.PHONY: help install models run stop test lint typecheck unit bench-tpot configs clean
+.PHONY: help install models kb run stop test lint typecheck unit bench-tpot configs clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
@@ -31,8 +32,12 @@ install: $(STAMP) ## create .venv and install pinned dependencies (CPU torch)
 models: install ## fetch, verify and cache the default model pair and build the tiny pair
 	$(AIFLOW) models fetch
 
+kb: install ## fetch the demo corpora (pydoc topics, FOLDOC) and ingest them into the knowledge base
+	$(AIFLOW) kb ingest $$($(AIFLOW) kb fetch)
+
 run: install ## start the local cluster (head + device/edge/cloud nodes) and serve the API (PROFILE=tiny: test models)
 	@if [ "$(PROFILE)" != "tiny" ]; then $(AIFLOW) models fetch; else $(AIFLOW) models fetch tiny-verifier; fi
+	@if [ "$(PROFILE)" != "tiny" ]; then $(MAKE) --no-print-directory kb; fi
 	@test -f .aiflow/cluster.json || $(AIFLOW) cluster up
 	$(AIFLOW) deploy --profile $(PROFILE) --http-port $(HTTP_PORT)
 	@echo "API on http://127.0.0.1:$(HTTP_PORT)  (make stop to shut down)"

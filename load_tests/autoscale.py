@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -40,7 +41,9 @@ async def load(url: str, dashboard: str, app: str, total: int, concurrency: int,
     codes: Counter[int] = Counter()
     deadline = time.monotonic() + max_seconds
     remaining = total
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    key = os.environ.get("AIFLOW_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as client:
         async def worker() -> None:
             nonlocal remaining
             while remaining > 0 and time.monotonic() < deadline:

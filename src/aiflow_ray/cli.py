@@ -85,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     configs = sub.add_parser("configs", help="render deployments/*.yaml and k8s/ from the builder's profiles")
     configs.add_argument("action", choices=["render"])
 
+    kb = sub.add_parser("kb", help="knowledge base: fetch demo corpora, ingest files, search")
+    kb.add_argument("--kb", dest="kb_path", type=Path, default=None,
+                    help="knowledge base file (default: AIFLOW_KB_PATH or AIFLOW_HOME/kb/default.sqlite)")
+    kb_sub = kb.add_subparsers(dest="kb_command", required=True)
+    kb_fetch = kb_sub.add_parser("fetch", help="write the demo corpora (pydoc, foldoc) as JSONL and print their paths")
+    kb_fetch.add_argument("corpora", nargs="*", default=["pydoc", "foldoc"])
+    kb_ingest = kb_sub.add_parser("ingest", help="ingest text, markdown or JSONL files (idempotent)")
+    kb_ingest.add_argument("paths", nargs="+", type=Path)
+    kb_ingest.add_argument("--chunk-chars", type=int, default=1000)
+    kb_ingest.add_argument("--overlap-chars", type=int, default=200)
+    kb_search = kb_sub.add_parser("search", help="nearest chunks to a query")
+    kb_search.add_argument("query")
+    kb_search.add_argument("--top-k", type=int, default=5)
+    kb_search.add_argument("--json", action="store_true", help="print a JSON list of hits")
+    kb_sub.add_parser("stats", help="documents, chunks and version of the knowledge base")
+
     models = sub.add_parser("models", help="list or fetch models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("list", help="registered models and whether they are cached")
@@ -184,10 +200,11 @@ def _deploy(args: argparse.Namespace) -> int:
     subprocess.run([serve_bin, "deploy", handle.name, "--address", info.dashboard_url], check=True)
     url = f"http://127.0.0.1:{args.http_port}"
     deadline = time.monotonic() + args.timeout_s
-    print(f"waiting for {url}/healthz ", end="", flush=True, file=sys.stderr)
+    # /readyz, not /healthz: the ingress answers long before the tiers have loaded their models.
+    print(f"waiting for {url}/readyz (models load in the tier replicas) ", end="", flush=True, file=sys.stderr)
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
                 if response.status == 200:
                     print(" ready", file=sys.stderr)
                     print(url)
@@ -200,6 +217,47 @@ def _deploy(args: argparse.Namespace) -> int:
                        f"see `serve status --address {info.dashboard_url}`")
 
 
+def _kb(args: argparse.Namespace) -> int:
+    from aiflow_ray import envs
+    from aiflow_ray.rag import corpora
+    from aiflow_ray.rag.store import IngestError, KnowledgeBase, QueryError, Retriever, read_documents
+
+    path = args.kb_path or envs.kb_path()
+    if args.kb_command == "fetch":
+        for name in args.corpora:
+            print(corpora.fetch(name))
+        return 0
+    if args.kb_command == "stats":
+        print(json.dumps(KnowledgeBase(path).stats(), indent=2))
+        return 0
+    from aiflow_ray.rag.embedder import Embedder
+
+    if args.kb_command == "ingest":
+        kb = KnowledgeBase(path, args.chunk_chars, args.overlap_chars)
+        try:
+            # Read every file first, so a bad file fails the command before anything is written.
+            documents = [doc for p in args.paths for doc in read_documents(p)]
+        except IngestError as exc:
+            print(f"aiflow: cannot ingest {exc}", file=sys.stderr)
+            return 2
+        stats = kb.ingest(documents, Embedder(), progress=True)
+        print(json.dumps({**stats.__dict__, **kb.stats()}, indent=2))
+        return 0
+    kb = KnowledgeBase(path)
+    try:
+        hits = Retriever(kb, Embedder()).search(args.query, top_k=args.top_k)
+    except QueryError as exc:
+        print(f"aiflow: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=2))
+    else:
+        for rank, hit in enumerate(hits, start=1):
+            snippet = " ".join(hit.text.split())[:160]
+            print(f"{rank}. {hit.score:.3f}  {hit.chunk_id}\n   {snippet}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -210,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cluster(args)
         if args.command == "deploy":
             return _deploy(args)
+        if args.command == "kb":
+            return _kb(args)
         if args.command == "configs":
             from aiflow_ray.serve.configs import render
 

@@ -87,7 +87,7 @@ class DraftPolicyConfig(StrictModel):
 
 
 ModelsProfile = Literal["default", "tiny"]
-PathName = Literal["on-device", "device-edge", "server-only"]
+PathName = Literal["on-device", "device-edge", "server-only", "device-edge-cloud"]
 
 
 class ModelPairConfig(StrictModel):
@@ -114,6 +114,22 @@ class ChatTurn(StrictModel):
     content: str = Field(..., max_length=200_000)
 
 
+class GroundingOptions(StrictModel):
+    """How the device-edge-cloud path grounds an answer in the knowledge base."""
+
+    top_k: int = Field(4, ge=1, le=20, description="Chunks retrieved and put in the prompt.")
+    generation: Literal["beam", "speculative"] = Field(
+        "beam", description="beam: the cloud's large model answers with beam search; speculative: the cloud "
+        "returns the chunks and the device and edge decode over them (exact to the large model's greedy).",
+    )
+    beam_width: int = Field(4, ge=1, le=16, description="Beams, for generation 'beam'.")
+    length_penalty: float = Field(1.0, ge=-5.0, le=5.0, description="Beam length penalty.")
+    query_encoding: Literal["text", "embedding"] = Field(
+        "text", description="What the device sends for retrieval: the query text, or its embedding computed "
+        "on the device (384 float16 values, 768 bytes).",
+    )
+
+
 class GenerateOptions(StrictModel):
     """One generation request as the CLI (and later the HTTP API) sees it."""
 
@@ -127,6 +143,7 @@ class GenerateOptions(StrictModel):
     chat: bool = Field(True, description="Wrap the prompt in the model's chat template.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     link: LinkConfig = Field(default_factory=LinkConfig)
+    grounding: GroundingOptions | None = Field(None, description="Set for the device-edge-cloud path.")
 
     @field_validator("prompt")
     @classmethod

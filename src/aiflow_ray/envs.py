@@ -38,3 +38,9 @@ def pip_index_url() -> str | None:
 def api_key() -> str | None:
     """When set, every /v1 route requires ``Authorization: Bearer <key>``."""
     return os.environ.get("AIFLOW_API_KEY") or None
+
+
+def kb_path() -> Path:
+    """The knowledge base file that the CLI and the cloud tier share (SQLite, see rag/store.py)."""
+    raw = os.environ.get("AIFLOW_KB_PATH")
+    return Path(raw).expanduser() if raw else aiflow_home() / "kb" / "default.sqlite"

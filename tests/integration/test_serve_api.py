@@ -272,7 +272,78 @@ def test_adaptive_draft_length_changes_with_conditions(api: httpx.Client) -> Non
     assert sum(long_rtt) / len(long_rtt) > sum(short_rtt) / len(short_rtt)
 
 
-def test_metrics_and_health(api: httpx.Client) -> None:
+def test_metrics_and_health(api: httpx.Client, serve_url: str) -> None:
     assert api.get("/healthz", timeout=10).json() == {"status": "ok"}
+    assert httpx.get(f"{serve_url}/readyz", timeout=10).json() == {"status": "ready"}  # open, like /healthz
     text = api.get("/metrics", timeout=10).text
     assert "aiflow_requests_total" in text and "aiflow_tpot_seconds_bucket" in text
+
+
+KB_DOCS = [
+    {"source": "notes:raft", "title": "Raft",
+     "text": "Raft is a consensus algorithm. Servers elect a leader by randomized election timeouts; the leader "
+             "replicates its log to followers and commits an entry once a majority has stored it."},
+    {"source": "notes:bloom", "title": "Bloom filter",
+     "text": "A Bloom filter is a probabilistic set membership structure: k hash functions set bits in an "
+             "array, lookups may return false positives but never false negatives."},
+    {"source": "notes:tcp", "title": "TCP",
+     "text": "TCP provides reliable ordered byte streams; lost segments are retransmitted after a timeout and "
+             "congestion control adapts the sending window."},
+]
+QUESTION = "How does Raft choose a leader?"
+
+
+def test_knowledge_base_ingest_search_and_grounded_answers(api: httpx.Client) -> None:
+    first = api.post("/v1/admin/kb/documents", json={"documents": KB_DOCS})
+    assert first.status_code == 200, first.text
+    assert first.json()["added"] == 3 and first.json()["chunks"] == 3
+    again = api.post("/v1/admin/kb/documents", json={"documents": KB_DOCS}).json()
+    assert again["unchanged"] == 3 and again["chunks"] == 3  # re-ingest does not duplicate
+
+    def raft_first() -> list[dict] | None:
+        hits = api.post("/v1/kb/search", json={"query": "leader election for consensus", "top_k": 2}).json()["hits"]
+        return hits if hits and hits[0]["source"] == "notes:raft" else None
+
+    hits = _poll(raft_first, 15, "the new documents becoming searchable")
+    assert {"source", "chunk_id", "score", "text"} <= set(hits[0]) and hits[0]["chunk_id"] == "notes:raft#0"
+
+    def grounded(**extra: object) -> dict:
+        response = _generate(api, prompt=QUESTION, quality="grounded", retrieval_top_k=2, max_tokens=16, **extra)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    beam = grounded(beam_width=3)
+    trace = beam["trace"]
+    assert trace["path"] == "device-edge-cloud" and beam["sources"][0]["source"] == "notes:raft"
+    assert trace["retrieval"]["beam_width"] == 3 and trace["stages"]["search_s"] > 0
+    for link in ("device-edge", "edge-cloud"):  # only the question goes up; the answer comes down
+        assert trace["links"][link]["bytes_up"] == len(QUESTION) + 8 and trace["links"][link]["bytes_down"] > 0
+    # Speculative decoding over the retrieved chunks equals the large model's greedy answer (beam width 1).
+    greedy = grounded(beam_width=1)
+    speculative = grounded(generation="speculative", draft_len=3)
+    assert speculative["token_ids"] == greedy["token_ids"]
+    assert speculative["trace"]["rounds"] >= 1 and speculative["trace"]["links"]["device-edge"]["bytes_down"] > 0
+    # The query can travel as a device-computed embedding instead: 384 float16 values.
+    embedded = grounded(beam_width=1, query_encoding="embedding")
+    assert [h["chunk_id"] for h in embedded["sources"]] == [h["chunk_id"] for h in greedy["sources"]]
+    assert embedded["trace"]["links"]["device-edge"]["bytes_up"] == 768 + 8
+    assert embedded["token_ids"] == greedy["token_ids"]
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("/v1/kb/search", {"query": "  "}, "query"),
+        ("/v1/kb/search", {"query": "x", "top_k": 0}, "top_k"),
+        ("/v1/admin/kb/documents", {"documents": []}, "documents"),
+        ("/v1/admin/kb/documents", {"documents": [{"source": "a", "text": " "}]}, "documents.0.text"),
+        ("/v1/admin/kb/documents", {"documents": [{"source": "a", "text": "t", "extra": 1}]}, "documents.0.extra"),
+        ("/v1/generate", {"prompt": "x", "quality": "grounded", "retrieval_top_k": 0}, "retrieval_top_k"),
+        ("/v1/generate", {"prompt": "x", "quality": "grounded", "generation": "magic"}, "generation"),
+    ],
+)
+def test_knowledge_base_bad_input_gets_4xx_naming_the_field(api: httpx.Client, route: str, body: dict,
+                                                            field: str) -> None:
+    response = api.post(route, json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["param"] == field, response.text

@@ -20,12 +20,12 @@ from ray.serve.exceptions import BackPressureError
 
 from aiflow_ray import envs
 from aiflow_ray.api import metrics
-from aiflow_ray.api.schemas import ChatBody, CompletionBody, GenerateBody, LinkUpdate
-from aiflow_ray.config import GenerateOptions, LinkConfig, SamplingConfig
+from aiflow_ray.api.schemas import ChatBody, CompletionBody, GenerateBody, KbIngestBody, KbSearchBody, LinkUpdate
+from aiflow_ray.config import GenerateOptions, GroundingOptions, LinkConfig, SamplingConfig
 from aiflow_ray.serve.args import AppArgs
 from aiflow_ray.units import parse_bandwidth_bps
 
-OPEN_PATHS = {"/healthz", "/metrics", "/docs", "/openapi.json"}
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
 
 
 class ApiError(Exception):
@@ -162,6 +162,10 @@ class Ingress:
             chat=body.chat,
             sampling=SamplingConfig(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed),
             link=LinkConfig(**decision["emulated_link"]),
+            grounding=GroundingOptions(
+                top_k=body.retrieval_top_k, generation=body.generation, beam_width=body.beam_width,
+                length_penalty=body.length_penalty, query_encoding=body.query_encoding,
+            ) if path == "device-edge-cloud" else None,
         )
         return {"options": opts.model_dump(mode="json"), "link_id": body.link_id,
                 "link_bandwidth_bps": decision["emulated_link"]["bandwidth_bps"],
@@ -172,19 +176,9 @@ class Ingress:
         self._check_tokens(body.max_tokens, "max_tokens")
         started = time.perf_counter()
         decision = decision or await self._decide(body, messages)
-        if decision["path"] == "device-edge-cloud":
-            result = await self.cloud.generate.remote({
-                "prompt": body.prompt, "chat": body.chat, "beam_width": body.beam_width,
-                "length_penalty": body.length_penalty, "max_new_tokens": body.max_tokens,
-            })
-            # Beam search returns the whole answer at once: the first token arrives with the last.
-            trace = {"path": "device-edge-cloud", "num_tokens": len(result["token_ids"]),
-                     "ttft_s": result["compute_s"], "tpot_s": 0.0, "compute_s": result["compute_s"],
-                     "bytes_up": len(body.prompt.encode()), "bytes_down": 4 * len(result["token_ids"]),
-                     "beam_width": body.beam_width, "sum_logprob": result["sum_logprob"]}
-            result = {"text": result["text"], "token_ids": result["token_ids"], "trace": trace}
-        else:
-            result = await self.device.generate.remote(self._tier_request(body, decision, messages))
+        result = await self.device.generate.remote(self._tier_request(body, decision, messages))
+        if result["trace"].get("retrieval"):
+            result["sources"] = result["trace"]["retrieval"]["hits"]
         result["trace"]["reason"] = decision["reason"]
         result["trace"]["router_draft_len"] = decision["draft_len"]
         result["trace"]["e2e_s"] = time.perf_counter() - started
@@ -202,11 +196,6 @@ class Ingress:
 
     async def _stream(self, body: GenerateBody, messages: list[dict[str, str]] | None,
                       decision: dict[str, Any]) -> AsyncIterator[dict]:
-        if decision["path"] == "device-edge-cloud":
-            result = await self._run(body, messages, decision)
-            yield {"text": result["text"], "token_ids": result["token_ids"]}
-            yield {"done": True, "text": "", "trace": result["trace"], "num_tokens": len(result["token_ids"])}
-            return
         stream = self.device.options(stream=True).generate_stream.remote(
             self._tier_request(body, decision, messages))
         try:
@@ -240,6 +229,33 @@ class Ingress:
 
     async def healthz(self) -> Any:
         return {"status": "ok"}
+
+    # -- knowledge base -------------------------------------------------------------------------
+    async def kb_search(self, body: KbSearchBody) -> Any:
+        started = time.perf_counter()
+        out = await self.cloud.retrieve.remote({"query": body.query, "top_k": body.top_k})
+        return {"hits": out["hits"], "num_chunks": out["num_chunks"], "embed_s": out["embed_s"],
+                "search_s": out["search_s"], "e2e_s": time.perf_counter() - started}
+
+    async def kb_ingest(self, body: KbIngestBody) -> Any:
+        return await self.cloud.ingest.remote({"documents": [d.model_dump() for d in body.documents]})
+
+    async def kb_stats(self) -> Any:
+        return await self.cloud.kb_stats.remote()
+
+    async def readyz(self) -> Any:
+        """Ready once every tier has reported: the edge and cloud their load, the device its calibration.
+
+        /healthz answers as soon as the ingress runs; the tiers may still be loading their models.
+        """
+        snap = await self.router.snapshot.remote()
+        waiting = [tier for tier in ("edge", "cloud") if not snap["loads"].get(tier, {}).get("available")]
+        if snap.get("draft_s_per_token") is None:
+            waiting.append("device")
+        if waiting:
+            return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503,
+                                headers={"Retry-After": "2"})
+        return {"status": "ready"}
 
     async def metrics_endpoint(self) -> Any:
         return PlainTextResponse(generate_latest(metrics.REGISTRY).decode(), media_type="text/plain; version=0.0.4")
@@ -357,9 +373,25 @@ def make_ingress(max_body_bytes: int) -> type:
         async def set_link_route(self, link_id: str, update: LinkUpdate) -> Any:
             return await self.set_link(link_id, update)
 
+        @api.post("/v1/kb/search")
+        async def kb_search_route(self, body: KbSearchBody) -> Any:
+            return await self.kb_search(body)
+
+        @api.get("/v1/kb")
+        async def kb_stats_route(self) -> Any:
+            return await self.kb_stats()
+
+        @api.post("/v1/admin/kb/documents")
+        async def kb_ingest_route(self, body: KbIngestBody) -> Any:
+            return await self.kb_ingest(body)
+
         @api.get("/healthz")
         async def healthz_route(self) -> Any:
             return await self.healthz()
+
+        @api.get("/readyz")
+        async def readyz_route(self) -> Any:
+            return await self.readyz()
 
         @api.get("/metrics")
         async def metrics_route(self) -> Any:

@@ -38,6 +38,12 @@ class GenerateBody(Body):
     link_id: str = Field("device-0", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Which device link.")
     beam_width: int = Field(4, ge=1, le=16, description="Cloud path: beams.")
     length_penalty: float = Field(1.0, ge=-5.0, le=5.0, description="Cloud path: beam length penalty.")
+    retrieval_top_k: int = Field(4, ge=1, le=20, description="Cloud path: knowledge base chunks to use.")
+    generation: Literal["beam", "speculative"] = Field(
+        "beam", description="Cloud path: beam search in the cloud, or speculative decoding on the device and "
+        "edge over the retrieved chunks.")
+    query_encoding: Literal["text", "embedding"] = Field(
+        "text", description="Cloud path: send the query text, or its embedding computed on the device.")
     stream: bool = False
 
     _prompt = field_validator("prompt")(lambda cls, v: _not_blank(v))
@@ -104,3 +110,22 @@ class LinkUpdate(Body):
     bandwidth_bps: float | None = Field(None, gt=0, description="Bytes per second.")
     bandwidth: str | None = Field(None, description="Human form, e.g. '10KB/s'.")
     rtt_ms: float = Field(20.0, ge=0, le=10_000)
+
+
+class KbSearchBody(Body):
+    query: str = Field(..., min_length=1, max_length=4096)
+    top_k: int = Field(5, ge=1, le=100)
+
+    _query = field_validator("query")(lambda cls, v: _not_blank(v))
+
+
+class KbDocument(Body):
+    source: str = Field(..., min_length=1, max_length=512, description="Stable id; re-ingesting it replaces it.")
+    text: str = Field(..., min_length=1, max_length=1_000_000)
+    title: str = Field("", max_length=512)
+
+    _text = field_validator("text", "source")(lambda cls, v: _not_blank(v))
+
+
+class KbIngestBody(Body):
+    documents: list[KbDocument] = Field(..., min_length=1, max_length=1000)

@@ -255,29 +255,58 @@ class BeamResult:
     compute_s: float
 
 
-@torch.inference_mode()
-def beam_search(
-    engine: HFEngine, prompt_ids: Sequence[int], beam_width: int, max_new_tokens: int, length_penalty: float = 1.0
-) -> BeamResult:
-    """Beam search with transformers' implementation, which reorders one shared KV cache across beams
-    instead of recomputing each beam's prefix."""
-    started = time.perf_counter()
+def _generate_ids(engine: HFEngine, prompt_ids: Sequence[int], num_beams: int, max_new_tokens: int,
+                  length_penalty: float) -> list[int]:
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=engine.device)
     eos = sorted(engine.eos_token_ids) or None
+    options: dict[str, Any] = {}
+    if num_beams > 1:
+        options = {"length_penalty": length_penalty, "early_stopping": True}
     out = engine.model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, num_beams=beam_width,
-        do_sample=False, length_penalty=length_penalty, early_stopping=True, eos_token_id=eos,
-        pad_token_id=eos[0] if eos else None, return_dict_in_generate=True, output_scores=False,
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, num_beams=num_beams,
+        do_sample=False, eos_token_id=eos, pad_token_id=eos[0] if eos else None, return_dict_in_generate=True,
+        output_scores=False, **options,
     )
     generated = [int(t) for t in out.sequences[0, ids.shape[1]:].tolist()]
     if eos:
         for i, token in enumerate(generated):
             if token in engine.eos_token_ids:
-                generated = generated[: i + 1]
-                break
-    # Score the chosen sequence in one forward so the figure is comparable across beam widths.
+                return generated[: i + 1]
+    return generated
+
+
+def _sequence_logprob(engine: HFEngine, prompt_ids: Sequence[int], generated: list[int]) -> float:
+    if not generated:
+        return 0.0
     full = torch.tensor([[*prompt_ids, *generated]], dtype=torch.long, device=engine.device)
     logits = engine.model(input_ids=full).logits[0, len(prompt_ids) - 1 : -1].float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(generated, device=engine.device)[:, None]).sum()
-    return BeamResult(generated, float(chosen.item()), time.perf_counter() - started)
+    return float(logprobs.gather(1, torch.tensor(generated, device=engine.device)[:, None]).sum().item())
+
+
+@torch.inference_mode()
+def beam_search(
+    engine: HFEngine, prompt_ids: Sequence[int], beam_width: int, max_new_tokens: int, length_penalty: float = 1.0
+) -> BeamResult:
+    """Beam search with transformers' implementation, which reorders one shared KV cache across beams
+    instead of recomputing each beam's prefix.
+
+    Beam search prunes: on a flat distribution it can drop the greedy path early and finish below it.
+    The greedy answer is decoded too (one more pass, a fraction of a beam's cost) and returned when it
+    scores better by the objective beam search optimises, sum log-probability / length^length_penalty,
+    so a wider beam is never worse than greedy. Both are scored in one forward each, so the figure is
+    comparable across beam widths.
+    """
+    started = time.perf_counter()
+    greedy = _generate_ids(engine, prompt_ids, 1, max_new_tokens, length_penalty)
+    best, best_logprob = greedy, _sequence_logprob(engine, prompt_ids, greedy)
+    if beam_width > 1:
+        beams = _generate_ids(engine, prompt_ids, beam_width, max_new_tokens, length_penalty)
+        beam_logprob = _sequence_logprob(engine, prompt_ids, beams)
+
+        def objective(logprob: float, length: int) -> float:
+            return logprob / max(length, 1) ** length_penalty
+
+        if objective(beam_logprob, len(beams)) >= objective(best_logprob, len(best)):
+            best, best_logprob = beams, beam_logprob
+    return BeamResult(best, best_logprob, time.perf_counter() - started)

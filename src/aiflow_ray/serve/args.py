@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -32,6 +33,9 @@ class TierArgs(StrictModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (GPU clusters).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads for the tier's model (default: all cores of the node; Ray would "
+        "otherwise cap them at num_cpus, and the tiers of one request take turns rather than compete).")
     max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica serves at once.")
     max_queued_requests: int = Field(32, ge=-1, description="Queued requests before 503 (-1 = unbounded).")
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
@@ -39,6 +43,21 @@ class TierArgs(StrictModel):
 
 def _tier(tier: str, **kw: object) -> TierArgs:
     return TierArgs(label_selector={"tier": tier}, **kw)
+
+
+class KbArgs(StrictModel):
+    path: str | None = Field(None, description="Knowledge base file all cloud replicas share "
+                             "(default: AIFLOW_KB_PATH, else AIFLOW_HOME/kb/default.sqlite).")
+    index: Literal["exact", "hnsw"] = Field("exact", description="exact: full scan, recall 1 (the demo corpora's "
+                                            "size); hnsw: approximate, for much larger knowledge bases.")
+    chunk_chars: int = Field(1000, ge=100, le=8000, description="Chunk size for documents ingested over HTTP.")
+    overlap_chars: int = Field(200, ge=0, le=2000, description="Overlap of consecutive chunks.")
+    refresh_interval_s: float = Field(1.0, gt=0, description="How often a replica checks for new ingestions.")
+
+    def path_or_default(self) -> Path:
+        from aiflow_ray import envs
+
+        return Path(self.path).expanduser() if self.path else envs.kb_path()
 
 
 class LinkProbeArgs(StrictModel):
@@ -72,6 +91,7 @@ class AppArgs(StrictModel):
     edge_cloud_link: LinkConfig = Field(default_factory=lambda: LinkConfig(bandwidth_bps=10e6, rtt_s=0.04))
     router: RouterArgs = Field(default_factory=RouterArgs)
     link_probe: LinkProbeArgs = Field(default_factory=LinkProbeArgs)
+    kb: KbArgs = Field(default_factory=KbArgs)
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
     max_new_tokens_limit: int = Field(1024, ge=1, le=4096, description="Cap on max_tokens per request.")
     edge_sessions_per_replica: int = Field(64, ge=1, description="Sessions an edge replica keeps (LRU).")

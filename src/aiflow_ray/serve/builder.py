@@ -81,10 +81,10 @@ def build_app(args: dict[str, Any]) -> Any:
     router = serve.deployment(name="Router", num_replicas=1, ray_actor_options={"num_cpus": 0},
                               max_ongoing_requests=1000)(RouterServer).bind(raw)
     edge = serve.deployment(**deployment_options(parsed.edge, "EdgeVerifier"))(EdgeVerifierServer).bind(raw)
-    device = serve.deployment(**deployment_options(parsed.device, "DeviceDrafter"))(DeviceDrafterServer).bind(
-        raw, edge
-    )
     cloud = serve.deployment(**deployment_options(parsed.cloud, "CloudService"))(CloudServer).bind(raw)
+    device = serve.deployment(**deployment_options(parsed.device, "DeviceDrafter"))(DeviceDrafterServer).bind(
+        raw, edge, cloud
+    )
     ingress_cls = make_ingress(parsed.max_body_bytes)
     return serve.deployment(**deployment_options(parsed.ingress, "Ingress"))(ingress_cls).bind(
         raw, device, cloud, router

@@ -14,6 +14,23 @@ from aiflow_ray.serve.args import AppArgs
 log = get_logger(__name__)
 
 
+def configure_torch_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads for a replica: the tier's setting, else AIFLOW_TORCH_THREADS, else all cores.
+
+    Ray sets OMP_NUM_THREADS to a replica's num_cpus (1 by default), which torch obeys; a verifier on
+    one thread of a multi-core node is several times slower than it needs to be.
+    """
+    import os
+
+    import torch
+
+    from aiflow_ray import envs
+
+    count = threads or envs.torch_threads() or os.cpu_count() or 1
+    torch.set_num_threads(count)
+    return count
+
+
 def router_handle(args: AppArgs) -> Any:
     """The app's Router: a single-replica deployment, so its lifetime is the application's."""
     from ray import serve

@@ -13,6 +13,7 @@ requests on-device because its link was slow would never see the link recover.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import queue
 import threading
@@ -22,15 +23,17 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiflow_ray.config import DraftPolicyConfig, GenerateOptions, SamplingConfig
+from aiflow_ray.config import DraftPolicyConfig, GenerateOptions, GroundingOptions, SamplingConfig
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network.link import DuplexLink, RealClock
 from aiflow_ray.network.probe import probe_link
+from aiflow_ray.rag.prompting import grounded_messages
 from aiflow_ray.routing.router import GenerationReport
 from aiflow_ray.serve.args import AppArgs
-from aiflow_ray.serve.common import router_handle
+from aiflow_ray.serve.common import configure_torch_threads, router_handle
 from aiflow_ray.speculative.policy import AdaptiveDraftLen, FixedDraftLen
 from aiflow_ray.tiers.device import DeviceDrafter, GenerationResult, generate_server_only
+from aiflow_ray.tiers.trace import Trace
 
 log = get_logger(__name__)
 
@@ -93,8 +96,9 @@ class ServeTransport:
 
 
 class DeviceDrafterServer:
-    def __init__(self, args: dict[str, Any], edge_handle: Any, engine: Any = None) -> None:
+    def __init__(self, args: dict[str, Any], edge_handle: Any, cloud_handle: Any = None, engine: Any = None) -> None:
         self.args = AppArgs.model_validate(args)
+        configure_torch_threads(self.args.device.torch_threads)
         if engine is None:
             from aiflow_ray.models.loader import load_engine
 
@@ -103,6 +107,10 @@ class DeviceDrafterServer:
         self.engine = engine
         self.device = DeviceDrafter(engine)
         self.edge_handle = edge_handle
+        self.cloud_handle = cloud_handle
+        # The edge-cloud link is the edge's backhaul: one per replica, as configured (not per device).
+        self.cloud_link = DuplexLink.from_config(self.args.edge_cloud_link, RealClock())
+        self._embedder: Any = None
         self._engine_lock = threading.Lock()
         self._links: OrderedDict[str, DeviceLinkState] = OrderedDict()
         self._links_lock = threading.Lock()
@@ -222,7 +230,9 @@ class DeviceDrafterServer:
                 on_tokens(emitted)
 
         with self._count_active():
-            if opts.path == "server-only":
+            if opts.path == "device-edge-cloud":
+                result = self._grounded(opts, state, cancel, on_round)
+            elif opts.path == "server-only":
                 # The device's model is not involved, so server-only requests do not queue behind it.
                 transport = ServeTransport(self.edge_handle, state.link)
                 result = generate_server_only(opts.prompt_input(), opts.chat, opts.max_new_tokens, opts.sampling,
@@ -245,6 +255,98 @@ class DeviceDrafterServer:
         if opts.path == "device-edge":  # its rounds are link measurements; a server-only stream is not
             state.last_traffic_at = time.monotonic()
         self._report(link_id, result)
+        return result
+
+    def _grounded(self, opts: GenerateOptions, state: DeviceLinkState, cancel: threading.Event,
+                  on_round: Any) -> GenerationResult:
+        """device-edge-cloud: the query goes up through the edge to the cloud; either the cloud answers
+        with beam search over the retrieved chunks, or the chunks come back and the device and edge
+        decode over them speculatively. Only the query (text or a 768-byte embedding) goes up."""
+        if self.cloud_handle is None:
+            raise RuntimeError("this device tier has no cloud handle")
+        grounding = opts.grounding or GroundingOptions()
+        clock = state.link.clock
+        links = {name: {"bytes_up": 0, "bytes_down": 0, "time_s": 0.0} for name in ("device-edge", "edge-cloud")}
+        stages: dict[str, float] = {}
+
+        def hop(direction: str, nbytes: int) -> None:
+            # Device -> edge -> cloud going up, the reverse coming down; the edge relays.
+            order = [("device-edge", state.link), ("edge-cloud", self.cloud_link)]
+            for name, link in order if direction == "up" else reversed(order):
+                links[name][f"bytes_{direction}"] += nbytes
+                links[name]["time_s"] += (link.up if direction == "up" else link.down).transfer(nbytes)
+
+        question = opts.prompt
+        if opts.messages:
+            question = next((t.content for t in reversed(opts.messages) if t.role == "user"), opts.prompt)
+        started = clock.now()
+        request: dict[str, Any] = {"top_k": grounding.top_k}
+        if grounding.query_encoding == "embedding":
+            t0 = time.perf_counter()
+            if self._embedder is None:
+                from aiflow_ray.rag.embedder import Embedder
+
+                self._embedder = Embedder()
+            vector = self._embedder.embed([question])[0].astype("<f2")
+            stages["device_embed_s"] = time.perf_counter() - t0
+            request["query_vector_f16"] = base64.b64encode(vector.tobytes()).decode()
+            query_bytes = vector.nbytes  # binary on a real wire; base64 only inside this emulation
+        else:
+            request["query"] = question
+            query_bytes = len(question.encode())
+        if cancel.is_set():
+            raise Cancelled()
+        hop("up", query_bytes + 8)
+        if grounding.generation == "beam":
+            out = self.cloud_handle.generate.remote({
+                **request, "question": question, "beam_width": grounding.beam_width,
+                "length_penalty": grounding.length_penalty, "max_new_tokens": opts.max_new_tokens,
+            }).result()
+            retrieval = out["retrieval"]
+            token_ids = out["token_ids"]
+            hop("down", 4 * len(token_ids) + sum(len(h["chunk_id"]) for h in retrieval["hits"]) + 8)
+            stages.update(cloud_generate_s=out["compute_s"])
+            trace = Trace(path="device-edge-cloud")
+            arrival = clock.now() - started
+            trace.token_times_s = [arrival] * len(token_ids)  # beam search answers all at once
+            trace.finish(started)
+            if on_round is not None and token_ids:
+                on_round(1, token_ids)
+            result = GenerationResult(token_ids, out["text"], trace)
+            result.trace.retrieval = {"sum_logprob": out["sum_logprob"], "beam_width": grounding.beam_width}
+        else:
+            retrieval = self.cloud_handle.retrieve.remote(request).result()
+            messages, used = grounded_messages(question, retrieval["hits"])
+            retrieval["hits"] = retrieval["hits"][:used]
+            hop("down", sum(len(h["text"].encode()) + len(h["chunk_id"]) for h in retrieval["hits"]) + 8)
+            ids = self.engine.encode_prompt(messages, True)
+            decode_started = clock.now()
+            transport = ServeTransport(self.edge_handle, state.link)
+            policy: Any = state.policy
+            if opts.draft_len != "auto":
+                policy = FixedDraftLen(opts.draft_policy())
+            with self._engine_lock:
+                result = self.device.generate_speculative(ids, opts.max_new_tokens, opts.sampling, policy,
+                                                          transport, on_round=on_round)
+            # The decode's clock starts after retrieval; the client's starts at the request.
+            offset = decode_started - started
+            result.trace.token_times_s = [t + offset for t in result.trace.token_times_s]
+            result.trace.finish(started)
+            result.trace.path = "device-edge-cloud"
+            links["device-edge"]["bytes_up"] += result.trace.bytes_up
+            links["device-edge"]["bytes_down"] += result.trace.bytes_down
+            links["device-edge"]["time_s"] += result.trace.link_s
+            stages["speculative_decode_s"] = clock.now() - decode_started
+        stages.update(cloud_embed_s=retrieval["embed_s"], search_s=retrieval["search_s"])
+        trace = result.trace
+        trace.links, trace.stages = links, stages
+        trace.bytes_up = int(links["device-edge"]["bytes_up"])
+        trace.bytes_down = int(links["device-edge"]["bytes_down"])
+        trace.retrieval.update(
+            query_encoding=grounding.query_encoding, generation=grounding.generation,
+            num_chunks=retrieval["num_chunks"],
+            hits=[{k: h[k] for k in ("chunk_id", "source", "score")} for h in retrieval["hits"]],
+        )
         return result
 
     # -- endpoints ------------------------------------------------------------------------------

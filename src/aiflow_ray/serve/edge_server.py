@@ -17,7 +17,7 @@ from ray import serve
 
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.serve.args import AppArgs
-from aiflow_ray.serve.common import LoadTracker
+from aiflow_ray.serve.common import LoadTracker, configure_torch_threads
 from aiflow_ray.tiers.edge import EdgeVerifier, answer_ping
 
 log = get_logger(__name__)
@@ -40,6 +40,7 @@ class _SessionMarker:
 class EdgeVerifierServer:
     def __init__(self, args: dict[str, Any], engine: Any = None) -> None:
         self.args = AppArgs.model_validate(args)
+        configure_torch_threads(self.args.edge.torch_threads)
         if engine is None:
             from aiflow_ray.models.loader import load_engine
 

@@ -29,6 +29,10 @@ class Trace:
     context_resends: int = 0
     num_tokens: int = 0
     policy: dict[str, float] = field(default_factory=dict)
+    # Grounded answers: bytes and seconds per link, seconds per stage, and the chunks used.
+    links: dict[str, dict[str, float]] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
+    retrieval: dict[str, Any] = field(default_factory=dict)
     # Time at which each output token reached the device, relative to the request start.
     token_times_s: list[float] = field(default_factory=list)
 
