@@ -149,3 +149,24 @@ def test_queries_keep_answering_while_another_writer_ingests(tmp_path: Path, emb
         retriever.search("consensus", top_k=1)  # the refresh swaps a new snapshot in behind the queries
         time.sleep(0.05)
     assert retriever.num_chunks == 304
+
+
+def test_kb_cli_ingests_searches_and_refuses_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aiflow_ray.cli import main
+
+    kb = tmp_path / "kb.sqlite"
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"source": d.source, "text": d.text, "title": d.title}) + "\n" for d in DOCS))
+    assert main(["kb", "--kb", str(kb), "ingest", str(notes)]) == 0
+    assert json.loads(capsys.readouterr().out)["chunks_added"] == 4
+    assert main(["kb", "--kb", str(kb), "ingest", str(notes)]) == 0
+    assert json.loads(capsys.readouterr().out)["unchanged"] == 4
+    assert main(["kb", "--kb", str(kb), "search", "--top-k", "2", "--json", "pivot partitioning sort"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["source"] == "test:quicksort" and {"source", "chunk_id", "score", "text"} <= set(hits[0])
+    (tmp_path / "bad.jsonl").write_text("{broken\n")
+    assert main(["kb", "--kb", str(kb), "ingest", str(notes), str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
+    assert main(["kb", "--kb", str(kb), "search", "  "]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert KnowledgeBase(kb).stats()["chunks"] == 4  # the refused ingest wrote nothing

@@ -59,8 +59,14 @@ def test_edge_down_or_saturated() -> None:
 
 
 def test_grounded_needs_the_cloud_and_on_device_cannot_be_exact() -> None:
-    assert decide("auto", "grounded", _inputs()).path == "device-edge-cloud"
+    grounded = decide("auto", "grounded", _inputs())
+    assert grounded.path == "device-edge-cloud" and grounded.predicted_s_per_token["device-edge-cloud"] > 0
     assert decide("auto", "grounded", _inputs(cloud=TierLoad(available=False))).path is None
+    full = decide("auto", "grounded", _inputs(cloud=TierLoad(True, ongoing=4, queued=0, capacity=4)))
+    assert full.path is None and "cloud saturated" in full.reason
+    # A loaded cloud is predicted slower, as a loaded edge is.
+    busy = decide("auto", "grounded", _inputs(cloud=TierLoad(True, ongoing=3, queued=0, capacity=4)))
+    assert busy.predicted_s_per_token["device-edge-cloud"] > grounded.predicted_s_per_token["device-edge-cloud"]
     with pytest.raises(RouteError, match="exact"):
         decide("on-device", "exact", _inputs())
 

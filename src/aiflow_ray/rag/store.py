@@ -8,12 +8,21 @@ knowledge base's version changes, swapping it in whole, so a query never waits f
 
 Ingestion is idempotent: a document is keyed by its source; re-ingesting the same text (with the
 same chunking) changes nothing, changed text replaces that document's chunks.
+
+Retrieval is hybrid. Dense search (cosine over all-MiniLM-L6-v2 embeddings of "title: chunk") finds
+paraphrases; a lexical BM25 index (SQLite's FTS5, in the same file and transaction as the chunks)
+finds the names and rare terms a small embedder blurs ("Guido van Rossum", "CSMA/CD"). The two
+rankings are fused by reciprocal rank (Cormack et al. 2009: score = sum 1 / (60 + rank)), and the
+result keeps the best chunk per source, so five hits are five documents. A query that arrives as an
+embedding only (computed on the device) is searched densely. docs/benchmarks/retrieval.md has the
+measured recall of each.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -129,7 +138,17 @@ CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY, chunk_id TEXT NOT NULL UNIQUE, source TEXT NOT NULL, ord INTEGER NOT NULL,
     text TEXT NOT NULL, vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks (source);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5 (text, title, tokenize = 'porter unicode61');
 """
+RRF_K = 60
+CANDIDATES = 50  # per ranking, before fusion
+_TERM = re.compile(r"\w+", re.UNICODE)
+
+
+def fts_query(text: str) -> str | None:
+    """An FTS5 query matching any of the text's words (quoted, so no FTS syntax gets through)."""
+    terms = list(dict.fromkeys(t.lower() for t in _TERM.findall(text)))[:64]
+    return " OR ".join(f'"{t}"' for t in terms) or None
 
 
 class KnowledgeBase:
@@ -183,6 +202,16 @@ class KnowledgeBase:
         vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
         return version, ids, vectors
 
+    def lexical(self, query: str, limit: int) -> list[int]:
+        """Row ids of the chunks best matching the query's words (BM25), best first."""
+        match = fts_query(query)
+        if match is None:
+            return []
+        rows = self._conn().execute(
+            "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?", (match, limit)
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def chunks_by_row(self, row_ids: Sequence[int]) -> dict[int, tuple[str, str, str, str]]:
         """row id -> (chunk_id, source, text, title)."""
         if not row_ids:
@@ -196,7 +225,7 @@ class KnowledgeBase:
 
     # -- writes ---------------------------------------------------------------------------------
     def _hash(self, doc: Document) -> str:
-        key = f"{self.chunk_chars}/{self.overlap_chars}\0{doc.title}\0{doc.text}"
+        key = f"{self.chunk_chars}/{self.overlap_chars}/titled\0{doc.title}\0{doc.text}"
         return hashlib.sha256(key.encode()).hexdigest()
 
     def ingest(self, documents: Iterable[Document], embedder: EmbedderLike, progress: bool = False,
@@ -233,23 +262,28 @@ class KnowledgeBase:
         if not todo:
             return
         chunked = [(d, chunk_text(d.text, self.chunk_chars, self.overlap_chars)) for d in todo]
-        texts = [c for _, chunks in chunked for c in chunks]
+        # The title goes into what is embedded: a chunk from the middle of a long document often
+        # never names its subject.
+        texts = [f"{d.title}: {c}" if d.title else c for d, chunks in chunked for c in chunks]
         vectors = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
         now = time.time()
         with conn:  # one transaction per batch: readers see all of it or none of it
             at = 0
             for doc, chunks in chunked:
+                conn.execute("DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE source = ?)",
+                             (doc.source,))
                 removed = conn.execute("DELETE FROM chunks WHERE source = ?", (doc.source,)).rowcount
                 stats.chunks_removed += removed
                 if doc.source in known:
                     stats.replaced += 1
                 else:
                     stats.added += 1
-                conn.executemany(
-                    "INSERT INTO chunks (chunk_id, source, ord, text, vector) VALUES (?, ?, ?, ?, ?)",
-                    [(f"{doc.source}#{i}", doc.source, i, text, vectors[at + i].astype(np.float32).tobytes())
-                     for i, text in enumerate(chunks)],
-                )
+                for i, text in enumerate(chunks):
+                    row = conn.execute(
+                        "INSERT INTO chunks (chunk_id, source, ord, text, vector) VALUES (?, ?, ?, ?, ?)",
+                        (f"{doc.source}#{i}", doc.source, i, text, vectors[at + i].astype(np.float32).tobytes()),
+                    ).lastrowid
+                    conn.execute("INSERT INTO chunks_fts (rowid, text, title) VALUES (?, ?, ?)", (row, text, doc.title))
                 at += len(chunks)
                 stats.chunks_added += len(chunks)
                 conn.execute("INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?)",
@@ -321,9 +355,14 @@ class Retriever:
             raise QueryError(f"query is longer than {MAX_QUERY_CHARS} characters")
         return self.embedder.embed([query])[0]
 
-    def search(self, query: str | None = None, top_k: int = 5, query_vector: np.ndarray | None = None) -> list[Hit]:
+    def search(self, query: str | None = None, top_k: int = 5, query_vector: np.ndarray | None = None,
+               mode: str = "hybrid") -> list[Hit]:
+        """Best chunks for a query, one per source: hybrid (dense + BM25) when the text is given, dense
+        when only an embedding is (``mode="dense"`` forces it, for comparison)."""
         if not 1 <= top_k <= 100:
             raise QueryError("top_k must be within 1..100")
+        if mode not in ("hybrid", "dense"):
+            raise QueryError("mode must be hybrid or dense")
         if query_vector is None:
             query_vector = self.embed_query(query or "")
         vector = np.asarray(query_vector, dtype=np.float32).reshape(-1)
@@ -333,12 +372,26 @@ class Retriever:
         snap = self._snapshot
         if len(snap.row_ids) == 0:
             return []
-        positions, scores = snap.index.search(vector[None, :], top_k)
-        picked = [(int(snap.row_ids[p]), float(s)) for p, s in zip(positions[0], scores[0], strict=True) if p >= 0]
-        rows = self.kb.chunks_by_row([r for r, _ in picked])
-        hits = []
-        for row, score in picked:
-            if row in rows:  # a chunk replaced since the snapshot was built is skipped, not wrong
-                chunk_id, source, text, title = rows[row]
-                hits.append(Hit(chunk_id, source, score, text, title))
+        positions, _ = snap.index.search(vector[None, :], max(CANDIDATES, 4 * top_k))
+        dense = [int(snap.row_ids[p]) for p in positions[0] if p >= 0]
+        fused: dict[int, float] = {}
+        for rank, row in enumerate(dense):
+            fused[row] = fused.get(row, 0.0) + 1.0 / (RRF_K + rank + 1)
+        if mode == "hybrid" and query:
+            for rank, row in enumerate(self.kb.lexical(query, max(CANDIDATES, 4 * top_k))):
+                fused[row] = fused.get(row, 0.0) + 1.0 / (RRF_K + rank + 1)
+        ranked = sorted(fused, key=fused.__getitem__, reverse=True)
+        rows = self.kb.chunks_by_row(ranked[: 8 * top_k + CANDIDATES])
+        hits: list[Hit] = []
+        seen: set[str] = set()
+        for row in ranked:
+            if row not in rows:  # replaced since the snapshot was built: skipped, not wrong
+                continue
+            chunk_id, source, text, title = rows[row]
+            if source in seen:
+                continue
+            seen.add(source)
+            hits.append(Hit(chunk_id, source, fused[row], text, title))
+            if len(hits) == top_k:
+                break
         return hits

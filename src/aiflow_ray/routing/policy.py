@@ -55,6 +55,10 @@ class RouteInputs:
     shed_to_device: bool = True  # False: queue at the edge instead of answering from the device
     prompt_bytes: int = 0  # raw input that crosses the link before the first token (edge paths)
     max_new_tokens: int = 64
+    # The cloud, as the edge: its edge-cloud link, retrieval time and beam-search time per token.
+    cloud_link: LinkCosts = field(default_factory=lambda: LinkCosts(0.04, 1e7, 1e7))
+    cloud_retrieval_s: float = 0.05
+    cloud_s_per_token: float = 0.5
 
 
 @dataclass
@@ -109,6 +113,12 @@ def predict(inputs: RouteInputs) -> Prediction:
         "server-only": upload + loaded.verify_s(0) + streamed,
     }
     n = max(inputs.max_new_tokens, 1)
+    cloud_factor = _edge_factor(inputs.cloud)
+    # Beam search answers all at once: every token arrives with the last, so it is all TTFT.
+    cloud = inputs.cloud_link
+    ttft["device-edge-cloud"] = (upload + cloud.rtt_s + inputs.prompt_bytes / cloud.bandwidth_up_bps
+                                 + cloud_factor * (inputs.cloud_retrieval_s + n * inputs.cloud_s_per_token))
+    tpot["device-edge-cloud"] = 0.0
     per_token = {p: (ttft[p] + (n - 1) * tpot[p]) / n for p in tpot}
     return Prediction(k, tpot, ttft, per_token)
 
@@ -125,7 +135,10 @@ def decide(requested: str, quality: Quality, inputs: RouteInputs, fixed_draft_le
     if quality == "grounded" or requested == "device-edge-cloud":
         if not inputs.cloud.available:
             return made(None, k, "cloud tier unavailable")
-        return made("device-edge-cloud", k, "grounded answers need the cloud knowledge base")
+        if inputs.cloud.saturated:
+            return made(None, k, "cloud saturated; grounded answers need the cloud knowledge base")
+        return made("device-edge-cloud", k, "grounded answers need the cloud knowledge base (predicted "
+                    f"{lat['device-edge-cloud'] * 1e3:.1f} ms per token)")
     if requested == "on-device":
         if quality == "exact":
             raise RouteError("path on-device cannot give quality 'exact' (the large model's output)")
@@ -139,6 +152,7 @@ def decide(requested: str, quality: Quality, inputs: RouteInputs, fixed_draft_le
         return made(None, k, "edge unavailable or saturated")
     # auto
     large_path: Path = "device-edge" if lat["device-edge"] <= lat["server-only"] else "server-only"
+    # (auto never picks the cloud for exact or fast requests: it answers the same question, slower.)
     large_ms = lat[large_path] * 1e3
     if quality == "exact":
         if not inputs.edge.available:

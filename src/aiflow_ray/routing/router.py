@@ -34,6 +34,7 @@ class GenerationReport:
     draft_tokens: int = 0
     link_samples: list[tuple[int, float]] = field(default_factory=list)  # (bytes, link seconds)
     probe_pairs: list[tuple[tuple[int, float], tuple[int, float]]] = field(default_factory=list)
+    cloud_link_samples: list[tuple[int, float]] = field(default_factory=list)  # edge-cloud (bytes, seconds)
     on_device_s_per_token: float | None = None
 
 
@@ -63,6 +64,9 @@ class RouterState:
         # there is nothing measured, so a prior sized for another model pair cannot linger.
         self.verify_fit = ForgettingLinearFit(0.95, prior_slope=0.0, prior_strength=4.0)
         self.loads: dict[str, dict[str, tuple[float, TierLoad]]] = {"edge": {}, "cloud": {}}
+        self.cloud_link = LinkEstimator(1e7, 0.04, forget=0.9)
+        self.cloud_s_per_token = Ewma(0.2)
+        self.cloud_retrieval_s = Ewma(0.2)
         self.decisions: deque[dict[str, Any]] = deque(maxlen=self.cfg.decisions_kept)
         self.decision_counts: dict[str, int] = {}
 
@@ -75,6 +79,8 @@ class RouterState:
             link.observe(nbytes, seconds)
         for small, big in report.probe_pairs:
             link.observe_pair(small, big)
+        for nbytes, seconds in report.cloud_link_samples:
+            self.cloud_link.observe(nbytes, seconds)
         if report.drafted:
             self.accepted = 0.9 * self.accepted + report.accepted
             self.rejected = 0.9 * self.rejected + report.rejections
@@ -87,9 +93,13 @@ class RouterState:
                     service_samples: list[tuple[int, float]] | None = None) -> None:
         """A replica's load and its recent (tokens fed, seconds) forwards, measured where they ran."""
         self.loads.setdefault(tier, {})[replica] = (time.monotonic(), TierLoad(True, ongoing, queued, capacity))
-        if tier == "edge":
-            for fed, seconds in service_samples or []:
+        for fed, seconds in service_samples or []:
+            if tier == "edge":
                 self.verify_fit.observe(float(fed), seconds)
+            elif tier == "cloud" and fed > 0:  # (tokens generated, seconds) of a beam search
+                self.cloud_s_per_token.update(seconds / fed)
+            elif tier == "cloud":  # (0, seconds) of a retrieval
+                self.cloud_retrieval_s.update(seconds)
 
     def tier_load(self, tier: str) -> TierLoad:
         now = time.monotonic()
@@ -107,6 +117,7 @@ class RouterState:
     def inputs(self, link_id: str, prompt_bytes: int = 0, max_new_tokens: int = 64) -> RouteInputs:
         est = self.links.get(link_id) or LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s)
         link = est.estimate()
+        cloud = self.cloud_link.estimate()
         per_token = max(self.verify_fit.slope(), 0.0)
         verify_base_s = self.verify_fit.intercept(per_token)
         if self.verify_fit.count_weight == 0:
@@ -120,6 +131,9 @@ class RouterState:
             edge=self.tier_load("edge"), cloud=self.tier_load("cloud"), max_draft_len=self.cfg.max_draft_len,
             fast_slo_s_per_token=self.cfg.fast_slo_s_per_token, shed_to_device=self.cfg.shed_to_device,
             prompt_bytes=prompt_bytes, max_new_tokens=max_new_tokens,
+            cloud_link=LinkCosts(cloud.rtt_s, cloud.bandwidth_bps, cloud.bandwidth_bps),
+            cloud_retrieval_s=self.cloud_retrieval_s.value or 0.05,
+            cloud_s_per_token=self.cloud_s_per_token.value or self.cfg.prior_verify_s,
         )
 
     def decide(self, request_id: str, link_id: str, path: str, quality: Quality,
@@ -145,11 +159,13 @@ class RouterState:
 
     def snapshot(self) -> dict[str, Any]:
         links = {lid: asdict(est.estimate()) for lid, est in self.links.items()}
+        links["edge-cloud"] = asdict(self.cloud_link.estimate())
         return {
             "links": links,
             "alpha": self.alpha,
             "draft_s_per_token": self.draft_s.value,
             "verify_s": self.inputs("").compute.verify_s(0),
+            "cloud_s_per_token": self.cloud_s_per_token.value, "cloud_retrieval_s": self.cloud_retrieval_s.value,
             "loads": {tier: asdict(self.tier_load(tier)) for tier in self.loads},
             "decision_counts": dict(self.decision_counts),
             "recent_decisions": list(self.decisions)[-20:],

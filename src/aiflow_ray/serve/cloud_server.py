@@ -14,6 +14,7 @@ import asyncio
 import base64
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -76,7 +77,9 @@ class CloudServer:
             engine = load_engine(pair.verifier, pair.dtype, pair.device)
         self.engine = engine
         self._lock = threading.Lock()
-        self.load = LoadTracker("cloud", self.args, self.args.cloud.max_ongoing_requests)
+        # (tokens, seconds) of each beam search and (0, seconds) of each retrieval, for the router.
+        self.service_samples: deque[tuple[int, float]] = deque(maxlen=256)
+        self.load = LoadTracker("cloud", self.args, self.args.cloud.max_ongoing_requests, self.service_samples)
         from aiflow_ray.rag.embedder import Embedder
 
         kb_args = self.args.kb
@@ -94,6 +97,7 @@ class CloudServer:
             vector = self.retriever.embed_query(req.query)
         embedded = time.perf_counter()
         hits = self.retriever.search(query_vector=vector, top_k=req.top_k)
+        self.service_samples.append((0, time.perf_counter() - started))
         return {"hits": [h.to_dict() for h in hits], "embed_s": embedded - started,
                 "search_s": time.perf_counter() - embedded, "num_chunks": self.retriever.num_chunks}
 
@@ -109,6 +113,8 @@ class CloudServer:
 
         with self._lock:
             result = beam_search(self.engine, ids, beam_width, max_new_tokens, length_penalty)
+        if result.token_ids:
+            self.service_samples.append((len(result.token_ids), result.compute_s))
         return {"token_ids": result.token_ids, "text": self.engine.decode(result.token_ids),
                 "sum_logprob": result.sum_logprob, "compute_s": result.compute_s}
 

@@ -211,6 +211,9 @@ class DeviceDrafterServer:
             report.link_samples = [(b, s) for b, s in zip(trace.round_bytes, trace.round_link_s, strict=True)]
         elif trace.path == "on-device" and trace.num_tokens > 1:
             report.on_device_s_per_token = trace.tpot_s
+        elif trace.path == "device-edge-cloud" and "edge-cloud" in trace.links:
+            cloud = trace.links["edge-cloud"]
+            report.cloud_link_samples = [(int(cloud["bytes_up"] + cloud["bytes_down"]), cloud["time_s"])]
         try:
             self._router_handle().report_generation.remote(report)  # fire and forget: off the hot path
         except Exception as exc:
