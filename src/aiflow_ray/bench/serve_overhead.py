@@ -21,7 +21,13 @@ from aiflow_ray.bench.tpot import load_prompts
 from aiflow_ray.config import GenerateOptions, LinkConfig, ModelPairConfig
 from aiflow_ray.jobs.client import AiflowClient
 from aiflow_ray.network.link import PRESETS_BPS
-from aiflow_ray.units import format_bandwidth
+from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps
+
+
+def _add_parts(parts: dict[str, list[float]], trace: dict[str, Any]) -> None:
+    rounds = max(int(trace["rounds"]), 1)
+    for key in parts:
+        parts[key].append(float(trace[key]) / rounds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,30 +39,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--draft-len", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rtt-ms", type=float, default=20.0)
+    parser.add_argument("--bandwidths", default=",".join(format_bandwidth(b) for b in PRESETS_BPS.values()))
     parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args(argv)
     client = AiflowClient(args.url)
     pipeline = Pipeline.load(ModelPairConfig())
     rows: list[dict[str, Any]] = []
     prompts = load_prompts(args.prompts)
-    bar = tqdm(total=len(PRESETS_BPS) * len(prompts) * 3, desc="serve overhead", unit="run")
-    for bw in PRESETS_BPS.values():
+    bandwidths = [parse_bandwidth_bps(b) for b in args.bandwidths.split(",")]
+    bar = tqdm(total=len(bandwidths) * len(prompts) * 3, desc="serve overhead", unit="run")
+    for bw in bandwidths:
         client.set_link("bench", bw, args.rtt_ms)
         samples: dict[str, list[float]] = {"in-process": [], "serve": [], "server-only": []}
+        # Where the time goes per round, to tell Serve's call overhead from slower compute in replicas.
+        parts: dict[str, dict[str, list[float]]] = {m: {"draft_s": [], "verify_s": [], "link_s": []}
+                                                    for m in ("in-process", "serve")}
         for prompt in prompts:
             link = LinkConfig(bandwidth_bps=bw, rtt_s=args.rtt_ms / 1000)
             opts = GenerateOptions(prompt=prompt["prompt"], draft_len=args.draft_len,
                                    max_new_tokens=args.max_new_tokens, link=link)
-            samples["in-process"].append(pipeline.run(opts).trace.tpot_s)
+            local = pipeline.run(opts).trace
+            samples["in-process"].append(local.tpot_s)
+            _add_parts(parts["in-process"], local.to_dict())
             bar.update(1)
             for mode, path in (("serve", "device-edge"), ("server-only", "server-only")):
                 body = client.generate(prompt=prompt["prompt"], path=path, draft_len=args.draft_len,
                                        max_tokens=args.max_new_tokens, link_id="bench")
                 samples[mode].append(body["trace"]["tpot_s"])
+                if mode == "serve":
+                    _add_parts(parts["serve"], body["trace"])
                 bar.update(1)
         for mode, values in samples.items():
-            rows.append({"bandwidth_bps": bw, "mode": mode, "tpot_s": statistics.median(values),
-                         "num_prompts": len(values)})
+            row: dict[str, Any] = {"bandwidth_bps": bw, "mode": mode, "tpot_s": statistics.median(values),
+                                   "num_prompts": len(values)}
+            for key in ("draft_s", "verify_s", "link_s"):
+                per_round = parts.get(mode, {}).get(key)
+                row[f"{key}_per_round"] = statistics.median(per_round) if per_round else ""
+            rows.append(row)
     bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,11 +88,19 @@ def main(argv: list[str] | None = None) -> None:
              f"--draft-len {args.draft_len}`", "",
              "| bandwidth | in-process TPOT | serve TPOT | overhead | server-only TPOT | serve / server-only |",
              "|---|---|---|---|---|---|"]
-    for bw in PRESETS_BPS.values():
+    for bw in bandwidths:
         by = {r["mode"]: float(r["tpot_s"]) for r in rows if r["bandwidth_bps"] == bw}
         lines.append(f"| {format_bandwidth(bw)} | {by['in-process'] * 1e3:.1f} ms | {by['serve'] * 1e3:.1f} ms | "
                      f"{by['serve'] / by['in-process'] - 1:+.1%} | {by['server-only'] * 1e3:.1f} ms | "
                      f"{by['serve'] / by['server-only']:.3f}x |")
+    lines += ["", "Per round (median over prompts): device draft, edge verify (as the edge timed it), and the rest "
+              "of the round trip (emulated link plus, through Serve, the handle call):", "",
+              "| bandwidth | mode | draft | verify | link + calls |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["mode"] != "server-only":
+            ms = {k: r[f"{k}_per_round"] * 1e3 for k in ("draft_s", "verify_s", "link_s")}
+            lines.append(f"| {format_bandwidth(r['bandwidth_bps'])} | {r['mode']} | {ms['draft_s']:.1f} ms | "
+                         f"{ms['verify_s']:.1f} ms | {ms['link_s']:.1f} ms |")
     (out / "serve_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -94,7 +94,9 @@ class EdgeVerifierServer:
                 yield message
 
     async def stats(self) -> dict[str, Any]:
-        return {"sessions": getattr(self.edge.engine, "num_sessions", None),
+        import torch
+
+        return {"torch_threads": torch.get_num_threads(), "sessions": getattr(self.edge.engine, "num_sessions", None),
                 "context_requests": self.edge.context_requests, "ongoing": self.load.ongoing}
 
     async def check_health(self) -> None:
