@@ -37,7 +37,7 @@ def deployment_options(tier: TierArgs, name: str) -> dict[str, Any]:
         "ray_actor_options": actor,
         "max_ongoing_requests": tier.max_ongoing_requests,
         "max_queued_requests": tier.max_queued_requests,
-        "health_check_period_s": 2.0,
+        "health_check_period_s": 10.0,  # Serve's default; every check costs CPU on every replica
         "autoscaling_config": {
             "min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
             "initial_replicas": max(auto.min_replicas, 1),
