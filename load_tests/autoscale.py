@@ -27,7 +27,9 @@ DEPLOYMENTS = ("DeviceDrafter", "EdgeVerifier")
 
 
 def replica_counts(dashboard: str, app: str) -> dict[str, int]:
-    status = httpx.get(f"{dashboard}/api/serve/applications/", timeout=10).json()
+    from aiflow_ray.cluster import dashboard_headers
+
+    status = httpx.get(f"{dashboard}/api/serve/applications/", timeout=10, headers=dashboard_headers()).json()
     deployments = status["applications"][app]["deployments"]
     return {name: sum(1 for r in info.get("replicas", []) if r.get("state") == "RUNNING")
             for name, info in deployments.items() if name in DEPLOYMENTS}

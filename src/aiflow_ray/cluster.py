@@ -96,6 +96,15 @@ def ensure_auth_token() -> Path:
     return path
 
 
+def dashboard_headers() -> dict[str, str]:
+    """Headers for the dashboard's HTTP API, which wants the cluster's token like every other client."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path.home() / ".ray" / "auth_token"
+    if not token and path.exists():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _node_env() -> dict[str, str]:
     """The Ray processes' environment: loopback settings, and this interpreter first on PATH, so that a
     ``ray job submit -- python -m aiflow_ray...`` entrypoint runs where aiflow_ray is installed."""
