@@ -306,6 +306,9 @@ def test_knowledge_base_ingest_search_and_grounded_answers(api: httpx.Client) ->
 
     hits = _poll(raft_first, 15, "the new documents becoming searchable")
     assert {"source", "chunk_id", "score", "text"} <= set(hits[0]) and hits[0]["chunk_id"] == "notes:raft#0"
+    # Words only the TCP note contains find it.
+    lexical = api.post("/v1/kb/search", json={"query": "segments retransmitted", "top_k": 1}).json()["hits"]
+    assert lexical[0]["source"] == "notes:tcp"
 
     def grounded(**extra: object) -> dict:
         response = _generate(api, prompt=QUESTION, quality="grounded", retrieval_top_k=2, max_tokens=16, **extra)
@@ -323,11 +326,11 @@ def test_knowledge_base_ingest_search_and_grounded_answers(api: httpx.Client) ->
     speculative = grounded(generation="speculative", draft_len=3)
     assert speculative["token_ids"] == greedy["token_ids"]
     assert speculative["trace"]["rounds"] >= 1 and speculative["trace"]["links"]["device-edge"]["bytes_down"] > 0
-    # The query can travel as a device-computed embedding instead: 384 float16 values.
+    # The query can travel as a device-computed embedding instead: 384 float16 values, searched densely
+    # (no text for the lexical half), which still finds the passage here.
     embedded = grounded(beam_width=1, query_encoding="embedding")
-    assert [h["chunk_id"] for h in embedded["sources"]] == [h["chunk_id"] for h in greedy["sources"]]
+    assert embedded["sources"][0]["source"] == "notes:raft" and embedded["token_ids"]
     assert embedded["trace"]["links"]["device-edge"]["bytes_up"] == 768 + 8
-    assert embedded["token_ids"] == greedy["token_ids"]
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,10 @@ def test_ingest_is_idempotent_and_search_finds_the_right_source(tmp_path: Path, 
     hits = retriever.search("which protocol resends lost packets?", top_k=2)
     assert hits[0].source == "test:tcp" and hits[0].chunk_id == "test:tcp#0" and hits[0].score > hits[1].score
     assert retriever.search("sorting with a pivot", top_k=1)[0].source == "test:quicksort"
+    kb.ingest([Document("test:name", "Qwzx7 is the codename of the replication layer.", "codename")], embedder)
+    fresh = Retriever(kb, embedder)
+    assert fresh.search("qwzx7", top_k=1)[0].source == "test:name"  # the lexical half matches the rare token
+    assert len({h.source for h in fresh.search("memory", top_k=5)}) == len(fresh.search("memory", top_k=5))
     for query, top_k, message in (("   ", 3, "empty"), ("x" * 5000, 3, "longer"), ("ok", 0, "top_k")):
         with pytest.raises(QueryError, match=message):
             retriever.search(query, top_k=top_k)

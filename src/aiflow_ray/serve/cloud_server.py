@@ -96,7 +96,7 @@ class CloudServer:
             assert req.query is not None
             vector = self.retriever.embed_query(req.query)
         embedded = time.perf_counter()
-        hits = self.retriever.search(query_vector=vector, top_k=req.top_k)
+        hits = self.retriever.search(req.query, top_k=req.top_k, query_vector=vector)  # hybrid when the text came
         self.service_samples.append((0, time.perf_counter() - started))
         return {"hits": [h.to_dict() for h in hits], "embed_s": embedded - started,
                 "search_s": time.perf_counter() - embedded, "num_chunks": self.retriever.num_chunks}
