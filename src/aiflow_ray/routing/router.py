@@ -72,13 +72,14 @@ class RouterState:
 
     # -- reports --------------------------------------------------------------------------------
     def report_generation(self, report: GenerationReport) -> None:
-        link = self.links.setdefault(
-            report.link_id, LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s, forget=0.9)
-        )
-        for nbytes, seconds in report.link_samples:
-            link.observe(nbytes, seconds)
-        for small, big in report.probe_pairs:
-            link.observe_pair(small, big)
+        if report.link_samples or report.probe_pairs:  # a calibration or an on-device run measured no link
+            link = self.links.setdefault(
+                report.link_id, LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s, forget=0.9)
+            )
+            for nbytes, seconds in report.link_samples:
+                link.observe(nbytes, seconds)
+            for small, big in report.probe_pairs:
+                link.observe_pair(small, big)
         for nbytes, seconds in report.cloud_link_samples:
             self.cloud_link.observe(nbytes, seconds)
         if report.drafted:
