@@ -1,4 +1,4 @@
-"""CloudService deployment: the knowledge base (retrieval) and the large model with beam search.
+"""CloudService deployment: the knowledge base (retrieval) and grounded answers by beam search.
 
 Every replica opens the same knowledge base file (SQLite in WAL mode, see rag/store.py): ingestion
 through any replica, or the CLI, is visible to all of them within ``kb.refresh_interval_s``, and
@@ -49,14 +49,6 @@ class RetrieveRequest(StrictModel):
 
 class GroundedRequest(RetrieveRequest):
     question: str = Field(..., min_length=1, max_length=100_000)
-    beam_width: int = Field(4, ge=1, le=16)
-    length_penalty: float = Field(1.0, ge=-5.0, le=5.0)
-    max_new_tokens: int = Field(64, ge=1, le=1024)
-
-
-class BeamRequest(StrictModel):
-    prompt: str = Field(..., min_length=1)
-    chat: bool = True
     beam_width: int = Field(4, ge=1, le=16)
     length_penalty: float = Field(1.0, ge=-5.0, le=5.0)
     max_new_tokens: int = Field(64, ge=1, le=1024)
@@ -127,16 +119,11 @@ class CloudServer:
         return {**out, "retrieval": retrieval, "prompt_tokens": len(ids)}
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Beam search; with ``question`` (a GroundedRequest) retrieval first and an augmented prompt."""
+        """A grounded answer: retrieval, the augmented prompt, beam search."""
         self.load.start()
+        req = GroundedRequest.model_validate(request)
         with self.load.track():
-            if "question" in request:
-                grounded = GroundedRequest.model_validate(request)
-                return await asyncio.to_thread(self._grounded, grounded)
-            req = BeamRequest.model_validate(request)
-            ids = self.engine.encode_prompt(req.prompt, req.chat)
-            return await asyncio.to_thread(self._beam_ids, ids, req.beam_width, req.max_new_tokens,
-                                           req.length_penalty)
+            return await asyncio.to_thread(self._grounded, req)
 
     # -- knowledge base -------------------------------------------------------------------------
     def _ingest(self, req: IngestRequest) -> dict[str, Any]:

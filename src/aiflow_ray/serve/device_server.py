@@ -249,16 +249,19 @@ class DeviceDrafterServer:
                         result = self.device.generate_local(ids, opts.max_new_tokens, opts.sampling,
                                                             on_token=on_round)
                     else:
-                        transport = ServeTransport(self.edge_handle, state.link)
-                        policy: Any = state.policy
-                        if opts.draft_len != "auto":
-                            policy = FixedDraftLen(opts.draft_policy())
-                        result = self.device.generate_speculative(ids, opts.max_new_tokens, opts.sampling, policy,
-                                                                  transport, on_round=on_round)
+                        result = self._speculate(ids, opts, state, on_round)
         if opts.path == "device-edge":  # its rounds are link measurements; a server-only stream is not
             state.last_traffic_at = time.monotonic()
         self._report(link_id, result)
         return result
+
+    def _speculate(self, ids: list[int], opts: GenerateOptions, state: DeviceLinkState,
+                   on_round: Any) -> GenerationResult:
+        """The speculative loop over this device's link (the caller holds the engine lock)."""
+        policy: Any = state.policy if opts.draft_len == "auto" else FixedDraftLen(opts.draft_policy())
+        transport = ServeTransport(self.edge_handle, state.link)
+        return self.device.generate_speculative(ids, opts.max_new_tokens, opts.sampling, policy, transport,
+                                                on_round=on_round)
 
     def _grounded(self, opts: GenerateOptions, state: DeviceLinkState, cancel: threading.Event,
                   on_round: Any) -> GenerationResult:
@@ -324,13 +327,8 @@ class DeviceDrafterServer:
             hop("down", sum(len(h["text"].encode()) + len(h["chunk_id"]) for h in retrieval["hits"]) + 8)
             ids = self.engine.encode_prompt(messages, True)
             decode_started = clock.now()
-            transport = ServeTransport(self.edge_handle, state.link)
-            policy: Any = state.policy
-            if opts.draft_len != "auto":
-                policy = FixedDraftLen(opts.draft_policy())
             with self._engine_lock:
-                result = self.device.generate_speculative(ids, opts.max_new_tokens, opts.sampling, policy,
-                                                          transport, on_round=on_round)
+                result = self._speculate(ids, opts, state, on_round)
             # The decode's clock starts after retrieval; the client's starts at the request.
             offset = decode_started - started
             result.trace.token_times_s = [t + offset for t in result.trace.token_times_s]
@@ -402,9 +400,6 @@ class DeviceDrafterServer:
                     raise value
         finally:
             cancel.set()
-
-    async def set_link(self, link_id: str, bandwidth_bps: float, rtt_s: float) -> None:
-        self._link_state(link_id, bandwidth_bps, rtt_s)
 
     @contextlib.contextmanager
     def _count_active(self) -> Iterator[None]:
