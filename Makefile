@@ -36,16 +36,23 @@ kb: install ## fetch the demo corpora (pydoc topics, FOLDOC) and ingest them int
 	$(AIFLOW) kb ingest $$($(AIFLOW) kb fetch)
 
 run: install ## start the local cluster (head + device/edge/cloud nodes) and serve the API (PROFILE=tiny: test models)
-	@if [ "$(PROFILE)" != "tiny" ]; then $(AIFLOW) models fetch; else $(AIFLOW) models fetch tiny-verifier; fi
-	@if [ "$(PROFILE)" != "tiny" ]; then $(MAKE) --no-print-directory kb; fi
-	@test -f .aiflow/cluster.json || $(AIFLOW) cluster up
-	$(AIFLOW) deploy --profile $(PROFILE) --http-port $(HTTP_PORT)
-	@echo "API on http://127.0.0.1:$(HTTP_PORT)  (make stop to shut down)"
-	@echo "try: curl -s http://127.0.0.1:$(HTTP_PORT)/v1/generate -H 'Content-Type: application/json' \\"
-	@echo "       -d '{\"prompt\": \"Write a Python function that reverses a list.\", \"max_tokens\": 48}'"
+# One shell, so that a running application ends the recipe before the model and knowledge-base steps.
+# No sub-make in it (the kb step is spelled out): `make -n` runs every line that calls $(MAKE).
+	@url=http://127.0.0.1:$(HTTP_PORT); \
+	if curl -fsS -m 5 -o /dev/null $$url/readyz 2>/dev/null; then \
+		echo "aiflow is already running at $$url (make stop to shut it down)"; exit 0; \
+	fi; \
+	set -e; \
+	if [ "$(PROFILE)" != "tiny" ]; then $(AIFLOW) models fetch; $(AIFLOW) kb ingest $$($(AIFLOW) kb fetch); \
+	else $(AIFLOW) models fetch tiny-verifier; fi; \
+	$(AIFLOW) cluster up; \
+	$(AIFLOW) deploy --profile $(PROFILE) --http-port $(HTTP_PORT); \
+	echo "API on $$url  (make stop to shut down)"; \
+	echo "try: curl -s $$url/v1/generate -H 'Content-Type: application/json' \\"; \
+	echo "       -d '{\"prompt\": \"Write a Python function that reverses a list.\", \"max_tokens\": 48}'"
 
 stop: ## stop exactly the local cluster that `make run` started
-	$(AIFLOW) cluster down
+	@$(AIFLOW) cluster down
 
 configs: install ## regenerate deployments/*.yaml and k8s/rayservice.yaml from the builder profiles
 	$(AIFLOW) configs render
@@ -56,8 +63,8 @@ lint: install ## ruff
 typecheck: install ## mypy
 	$(VENV)/bin/mypy
 
-unit: install ## fast tests only (no real models)
-	$(PY) -m pytest -q -m "not real_model" $(PYTEST_ARGS)
+unit: install ## fast tests only: no Ray cluster, no real models
+	$(PY) -m pytest -q -m "not real_model and not integration" $(PYTEST_ARGS)
 
 test: models lint typecheck ## lint, typecheck and the whole test suite (real-model tests included)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

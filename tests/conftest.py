@@ -33,4 +33,4 @@ PROMPTS = [
 
 @pytest.fixture(scope="session")
 def tiny_pipeline() -> Pipeline:
-    return Pipeline.load(ModelPairConfig.for_profile("tiny"))
+    return Pipeline.load(ModelPairConfig.for_preset("tiny"))

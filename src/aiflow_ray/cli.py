@@ -7,11 +7,21 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from aiflow_ray.config import GenerateOptions, LinkConfig, ModelPairConfig, SamplingConfig
+from aiflow_ray.api.schemas import KbSearchBody
+from aiflow_ray.config import (
+    PATHS,
+    GenerateOptions,
+    GroundingOptions,
+    KbArgs,
+    LinkConfig,
+    ModelPairConfig,
+    ModelPreset,
+    SamplingConfig,
+)
 from aiflow_ray.models.registry import DEFAULT_PAIR, REGISTRY, UnknownModelError
 from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps
 
@@ -48,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text on one path and print a trace")
     gen.add_argument("prompt", help="input text")
-    _add(gen, "--path", GenerateOptions, "path", choices=["on-device", "device-edge", "server-only"])
+    _add(gen, "--path", GenerateOptions, "path", choices=PATHS)
     _add(gen, "--draft-len", GenerateOptions, "draft_len", type=_draft_len)
     _add(gen, "--max-new-tokens", GenerateOptions, "max_new_tokens", type=int)
     bw_default, bw_help = _field_help(LinkConfig, "bandwidth_bps")
@@ -61,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(gen, "--top-p", SamplingConfig, "top_p", type=float)
     _add(gen, "--seed", SamplingConfig, "seed", type=int)
     gen.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
-    gen.add_argument("--models", choices=["default", "tiny"], default="default",
+    gen.add_argument("--models", choices=get_args(ModelPreset), default="default",
                      help="default = the Qwen2.5-Coder 0.5B/1.5B pair; tiny = random test models")
     _add(gen, "--drafter", ModelPairConfig, "drafter")
     _add(gen, "--verifier", ModelPairConfig, "verifier")
@@ -93,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     kb_fetch.add_argument("corpora", nargs="*", default=["pydoc", "foldoc"])
     kb_ingest = kb_sub.add_parser("ingest", help="ingest text, markdown or JSONL files (idempotent)")
     kb_ingest.add_argument("paths", nargs="+", type=Path)
-    kb_ingest.add_argument("--chunk-chars", type=int, default=1000)
-    kb_ingest.add_argument("--overlap-chars", type=int, default=200)
+    _add(kb_ingest, "--chunk-chars", KbArgs, "chunk_chars", type=int)
+    _add(kb_ingest, "--overlap-chars", KbArgs, "overlap_chars", type=int)
     kb_search = kb_sub.add_parser("search", help="nearest chunks to a query")
     kb_search.add_argument("query")
-    kb_search.add_argument("--top-k", type=int, default=5)
+    _add(kb_search, "--top-k", KbSearchBody, "top_k", type=int)
     kb_search.add_argument("--json", action="store_true", help="print a JSON list of hits")
     kb_sub.add_parser("stats", help="documents, chunks and version of the knowledge base")
 
@@ -114,7 +124,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     pair_overrides = {k: getattr(args, k) for k in ("dtype", "device")}
     if args.models == "tiny":
-        models = ModelPairConfig.for_profile("tiny", **pair_overrides)
+        models = ModelPairConfig.for_preset("tiny", **pair_overrides)
     else:
         models = ModelPairConfig(drafter=args.drafter, verifier=args.verifier, **pair_overrides)
     opts = GenerateOptions(
@@ -125,8 +135,14 @@ def _generate(args: argparse.Namespace) -> int:
         chat=not args.no_chat,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
         link=LinkConfig(bandwidth_bps=args.bandwidth, rtt_s=args.rtt_ms / 1000.0),
+        grounding=GroundingOptions() if args.path == "device-edge-cloud" else None,
     )
-    result = Pipeline.load(models).run(opts)
+    pipeline = Pipeline.load(models)
+    if args.path == "device-edge-cloud":  # the cloud in process: the knowledge base and the verifier's model
+        from aiflow_ray.tiers.cloud import CloudService
+
+        pipeline.cloud = CloudService(pipeline.verifier_engine, KbArgs())
+    result = pipeline.run(opts)
     trace = result.trace.to_dict()
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "trace": trace}))
@@ -169,14 +185,28 @@ STATE_DIR = Path(".aiflow")
 def _cluster(args: argparse.Namespace) -> int:
     from aiflow_ray import cluster
 
-    if args.cluster_command == "up":
-        started = cluster.up(STATE_DIR, gcs_port=args.gcs_port, dashboard_port=args.dashboard_port)
-        print(f"cluster up at {started.address} (dashboard {started.dashboard_url}), {len(started.pids)} processes")
-    elif args.cluster_command == "down":
-        print(f"stopped {cluster.down(STATE_DIR)} processes")
-    else:
-        recorded = cluster.load(STATE_DIR)
+    recorded = cluster.load(STATE_DIR)
+    if args.cluster_command == "status":
         print(json.dumps(recorded.__dict__ if recorded else None))
+        return 0
+    if recorded is not None and not cluster.supervisor_alive(recorded):
+        # Left by a reboot or a kill: nothing there to keep, and it must not block `make run`.
+        print(f"found a stale cluster record (its supervisor, PID {recorded.supervisor_pid}, is gone); "
+              f"stopped {cluster.down(STATE_DIR)} processes left of it")
+        if args.cluster_command == "down":
+            return 0
+        recorded = None
+    if args.cluster_command == "down":
+        print(f"stopped {cluster.down(STATE_DIR)} processes" if recorded else "no local cluster is running")
+        return 0
+    if recorded is not None:
+        if (recorded.gcs_port, recorded.dashboard_port) != (args.gcs_port, args.dashboard_port):
+            raise RuntimeError(f"a local cluster is already running at {recorded.address} (dashboard "
+                               f"{recorded.dashboard_url}); stop it with `aiflow cluster down` to use other ports")
+        print(f"cluster already running at {recorded.address} (dashboard {recorded.dashboard_url})")
+        return 0
+    started = cluster.up(STATE_DIR, gcs_port=args.gcs_port, dashboard_port=args.dashboard_port)
+    print(f"cluster up at {started.address} (dashboard {started.dashboard_url}), {len(started.pids)} processes")
     return 0
 
 
@@ -192,12 +222,17 @@ def _deploy(args: argparse.Namespace) -> int:
     from aiflow_ray.serve.configs import serve_config
 
     info = cluster.load(STATE_DIR)
-    if info is None:
-        raise RuntimeError("no local cluster: run `aiflow cluster up` first")
+    if info is None or not cluster.supervisor_alive(info):
+        raise RuntimeError("no local cluster is running: run `aiflow cluster up` first")
+    config = serve_config(args.profile, args.http_port)
+    app = config["applications"][0]["name"]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump(serve_config(args.profile, args.http_port), handle, sort_keys=False)
+        yaml.safe_dump(config, handle, sort_keys=False)
     serve_bin = str(Path(sys.executable).with_name("serve"))
-    subprocess.run([serve_bin, "deploy", handle.name, "--address", info.dashboard_url], check=True)
+    deployed = subprocess.run([serve_bin, "deploy", handle.name, "--address", info.dashboard_url])
+    Path(handle.name).unlink()
+    if deployed.returncode != 0:
+        raise RuntimeError(f"`serve deploy` to {info.dashboard_url} failed (its error is above)")
     url = f"http://127.0.0.1:{args.http_port}"
     deadline = time.monotonic() + args.timeout_s
     # /readyz, not /healthz: the ingress answers long before the tiers have loaded their models.
@@ -211,8 +246,19 @@ def _deploy(args: argparse.Namespace) -> int:
                     return 0
         except OSError:
             pass
+        # Fail as soon as waiting cannot help, not at the end of the timeout.
+        failure = None
+        if not cluster.supervisor_alive(info):
+            failure = f"the local cluster stopped while the application was starting; see {STATE_DIR / 'cluster.log'}"
+        elif (status := cluster.app_status(info, app))[0] == "DEPLOY_FAILED":
+            failure = (f"the application failed to deploy: {status[1]}\n"
+                       f"(details: `serve status --address {info.dashboard_url}`)")
+        if failure:
+            print(" failed", file=sys.stderr)
+            raise RuntimeError(failure)
         print(".", end="", flush=True, file=sys.stderr)
         time.sleep(2)
+    print(" timed out", file=sys.stderr)
     raise RuntimeError(f"the application did not become healthy within {args.timeout_s:.0f} s; "
                        f"see `serve status --address {info.dashboard_url}`")
 

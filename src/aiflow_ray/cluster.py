@@ -5,7 +5,8 @@ started with Ray's own multi-node helper (``ray.cluster_utils.Cluster``) inside 
 ``ray start`` either refuses extra nodes on one host (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) or
 rewrites 127.0.0.1 to the host's routable address (=1), and every server here must stay on
 loopback. ``up`` starts the supervisor and records its PID; ``down`` sends it SIGTERM (it shuts the
-nodes down) and then stops, by PID, anything of this cluster that is left.
+nodes down) and then stops, by PID, anything of this cluster that is left. Every process of the cluster
+carries ``RAY_TMPDIR=<its temp dir>`` in its environment, which is how ``down`` tells them apart.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiflow_ray.config import TIERS
 from aiflow_ray.logging_utils import get_logger
 
 log = get_logger(__name__)
 
-TIERS = ("device", "edge", "cloud")
+
 # Every node and driver must agree on the auth mode: left unset, Ray enables token auth in whichever
 # process happens to find ~/.ray/auth_token, and nodes then refuse each other. Token auth it is: the
 # head creates the token if missing, and workers and drivers read it from the same file.
@@ -71,17 +73,29 @@ def load(state_dir: Path) -> ClusterInfo | None:
 
 
 def _processes_under(temp_dir: str) -> list[int]:
+    """This cluster's processes, by the environment the supervisor gives them. Not by command line: Ray's
+    agents and workers rename themselves (``ray::DashboardAgent``), and outlive a killed supervisor."""
+    marker = f"\0RAY_TMPDIR={temp_dir}\0".encode()
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if marker in b"\0" + (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
         except OSError:
             continue
-        if temp_dir in cmdline and int(entry.name) != os.getpid():
-            pids.append(int(entry.name))
     return sorted(pids)
+
+
+def supervisor_alive(info: ClusterInfo) -> bool:
+    """Whether the recorded supervisor still runs. Its PID alone says nothing after a reboot or a kill: by
+    then it may be another process's."""
+    try:
+        cmdline = Path(f"/proc/{info.supervisor_pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"\0aiflow_ray.cluster\0" in cmdline and f"\0--gcs-port\0{info.gcs_port}\0".encode() in cmdline
 
 
 def ensure_auth_token() -> Path:
@@ -150,29 +164,58 @@ def up(state_dir: Path, gcs_port: int = 6390, dashboard_port: int = 8265, cpus_p
 
 
 def down(state_dir: Path, timeout_s: float = 30.0) -> int:
-    """Stop the supervisor (which shuts its nodes down), then any process of this cluster left."""
+    """Stop the supervisor (which shuts its nodes down), then any process of this cluster left; return how
+    many processes the cluster had. Recorded PIDs are signalled only while they are still this cluster's."""
     info = load(state_dir)
     if info is None:
         return 0
-    pids = sorted({p for p in [info.supervisor_pid, *info.pids, *_processes_under(info.temp_dir)] if p})
-    if info.supervisor_pid:
+    alive = supervisor_alive(info)
+    pids = set(_processes_under(info.temp_dir)) | ({info.supervisor_pid} if alive else set())
+    if alive:
         with contextlib.suppress(ProcessLookupError):
             os.kill(info.supervisor_pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and Path(f"/proc/{info.supervisor_pid}").exists():
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(info.supervisor_pid, os.WNOHANG)  # reap it when we are its parent
-        time.sleep(0.2)
-    for pid in sorted(set(pids) | set(_processes_under(info.temp_dir))):
-        if Path(f"/proc/{pid}").exists():
+        alive = supervisor_alive(info)
+    if alive:
+        os.kill(info.supervisor_pid, signal.SIGKILL)
+    # Wait for the killed ones too, so that a `make run` right after finds the ports free.
+    deadline = time.monotonic() + 10
+    while (left := _processes_under(info.temp_dir)) and time.monotonic() < deadline:
+        pids.update(left)
+        for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
     state_file(state_dir).unlink(missing_ok=True)
-    shutil.rmtree(info.temp_dir, ignore_errors=True)
+    shutil.rmtree(info.temp_dir, ignore_errors=True)  # the address file Ray wrote included
     return len(pids)
 
 
+def app_status(info: ClusterInfo, app: str) -> tuple[str, str]:
+    """Serve's status of one application (NOT_STARTED when Serve does not know it, UNKNOWN when the dashboard
+    does not answer) and why: the last line of each failing deployment's error, else the app's message."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{info.dashboard_url}/api/serve/applications/", headers=dashboard_headers(), timeout=10)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        return "UNKNOWN", str(exc)
+    detail = (response.json().get("applications") or {}).get(app) or {}
+    errors: dict[str, list[str]] = {}  # a replica's traceback ends with the exception; often one for all tiers
+    for name, deployment in (detail.get("deployments") or {}).items():
+        if deployment.get("status") in ("DEPLOY_FAILED", "UNHEALTHY") and deployment.get("message", "").strip():
+            errors.setdefault(deployment["message"].strip().splitlines()[-1], []).append(name)
+    reason = "; ".join(f"{', '.join(names)}: {error}" for error, names in errors.items())
+    return detail.get("status", "NOT_STARTED"), reason or detail.get("message", "")
+
+
 def _supervise(state_dir: Path, gcs_port: int, dashboard_port: int, cpus_per_node: int) -> None:
+    from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
 
     info = load(state_dir)
@@ -187,6 +230,12 @@ def _supervise(state_dir: Path, gcs_port: int, dashboard_port: int, cpus_per_nod
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    # Ray's Cluster helper writes its address to <Ray's default temp root>/ray_current_cluster. That folder
+    # is missing where Ray never ran; and in the shared root, any bare `ray.init()` on this machine would join
+    # this cluster, and another cluster's address there would be overwritten, then deleted. A root of our own
+    # (in temp_dir, which `down` removes) avoids all three; every node process inherits it.
+    os.environ["RAY_TMPDIR"] = info.temp_dir
+    Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
     try:
         cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
             **common, "gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1",
@@ -196,7 +245,7 @@ def _supervise(state_dir: Path, gcs_port: int, dashboard_port: int, cpus_per_nod
             log.info("adding node tier=%s", tier)
             cluster.add_node(**common, labels={"tier": tier})
     except Exception as exc:
-        info.error = repr(exc)
+        info.error = f"{type(exc).__name__}: {exc}"
         _write(state_dir, info)
         raise
     info.ready = True

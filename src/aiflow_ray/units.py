@@ -36,3 +36,17 @@ def format_bandwidth(bps: float) -> str:
         if bps >= div:
             return f"{bps / div:g}{name}"
     return f"{bps:g}B/s"
+
+
+def parse_int_ranges(text: str) -> list[int]:
+    """'1-6,8,10' -> [1, 2, 3, 4, 5, 6, 8, 10] (draft lengths on command lines); every value >= 1."""
+    out: set[int] = set()
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out.update(range(int(lo), int(hi) + 1))
+        elif part.strip():
+            out.add(int(part))
+    if not out or min(out) < 1:
+        raise ValueError("draft lengths must be >= 1")
+    return sorted(out)

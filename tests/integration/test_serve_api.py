@@ -46,10 +46,13 @@ def test_every_path_end_to_end(api: httpx.Client) -> None:
 def test_device_edge_trace_has_the_promised_fields(api: httpx.Client) -> None:
     body = _generate(api, path="device-edge", draft_len=3).json()
     trace = body["trace"]
-    for key in ("path", "reason", "rounds", "draft_lens", "acceptance_rate", "bytes_up", "bytes_down",
-                "ttft_s", "tpot_s", "draft_s", "verify_s", "link_s"):
-        assert key in trace, key
-    assert trace["rounds"] >= 1 and trace["bytes_up"] > 0 and set(trace["draft_lens"]) <= {0, 1, 2, 3}
+    assert body["route"] == {"path": "device-edge", "reason": "requested device-edge", "draft_len": 3}
+    assert trace["path"] == "device-edge" and trace["num_tokens"] == len(body["token_ids"]) == 24
+    assert trace["rounds"] >= 1 and set(trace["draft_lens"]) <= {0, 1, 2, 3}
+    assert sum(trace["accepted"]) + trace["rounds"] >= 24  # every round emits its accepted tokens plus one
+    # Only ids cross: each round's uplink is the header plus 4 bytes a draft token (the context once).
+    assert 0 < trace["bytes_up"] < 64 * trace["rounds"] + 4 * (body["prompt_tokens"] + 24)
+    assert trace["ttft_s"] > 0 and trace["draft_s"] > 0 and trace["verify_s"] > 0 and trace["link_s"] > 0
 
 
 @pytest.mark.parametrize(
@@ -62,13 +65,34 @@ def test_device_edge_trace_has_the_promised_fields(api: httpx.Client) -> None:
         ({"prompt": "x", "path": "teleport"}, "path"),
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "surprise": 1}, "surprise"),
-        ({"prompt": "x", "path": "on-device", "quality": "exact"}, "path"),
+        ({"prompt": "x", "path": "on-device", "quality": "exact"}, "quality"),
+        ({"prompt": "x", "path": "on-device", "quality": "grounded"}, "quality"),
+        ({"prompt": "x", "path": "server-only", "quality": "grounded"}, "quality"),
+        ({"prompt": "x", "path": "device-edge-cloud", "quality": "exact"}, "quality"),
+        ({"prompt": "x", "path": "on-device", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "quality": "grounded", "logprobs": 0}, "logprobs"),
+        ({"prompt": "x", "logprobs": 99}, "logprobs"),
     ],
 )
 def test_bad_input_gets_4xx_naming_the_field(api: httpx.Client, body: dict, field: str) -> None:
     response = api.post("/v1/generate", json=body, timeout=30)
     assert 400 <= response.status_code < 500, response.text
-    assert field in response.text
+    assert response.json()["error"]["param"] == field, response.text
+    assert_no_internals(response.text)
+
+
+def assert_no_internals(text: str) -> None:
+    """An error body is one sentence for a client: no traceback, file path or internal class name."""
+    for leak in ("Traceback", "ray::", 'File "', ".py", "Error:", "RouteError", "ServeReplica", "Exception"):
+        assert leak not in text, f"{leak!r} leaks into {text!r}"
+    assert len(text) < 600
+
+
+def test_a_forced_path_without_quality_just_runs(api: httpx.Client) -> None:
+    for path in ("on-device", "device-edge", "server-only"):
+        response = _generate(api, path=path, max_tokens=6)
+        assert response.status_code == 200, response.text
+        assert response.json()["trace"]["path"] == path
 
 
 def test_malformed_json_and_oversized_body(api: httpx.Client) -> None:
@@ -143,7 +167,7 @@ def test_router_estimates_follow_the_emulated_link(api: httpx.Client) -> None:
     slow = _poll(lambda: estimate_in(5e3, 20e3), 30, "an estimate near 10 KB/s after the drop")
     body = _generate(api, path="auto", quality="exact", link_id=link).json()
     decision = api.get("/v1/router").json()["recent_decisions"][-1]
-    assert decision["path"] == body["trace"]["path"] and decision["reason"] == body["trace"]["reason"]
+    assert decision["path"] == body["trace"]["path"] and decision["reason"] == body["route"]["reason"]
     assert decision["inputs"]["bandwidth_bps"] == pytest.approx(slow, rel=0.5)
     _set_link(api, link, "2MB/s")
     _poll(lambda: estimate_in(100e3, float("inf")), 30, "the estimate recovering with the link")
@@ -155,8 +179,8 @@ def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx
     def fast(expect: Callable[[str], bool]) -> dict | None:
         response = _generate(api, prompt=LONG_PROMPT, path="auto", quality="fast", link_id=link)
         assert response.status_code == 200, response.text
-        trace = response.json()["trace"]
-        return trace if expect(trace["path"]) else None
+        route = response.json()["route"]
+        return route if expect(route["path"]) else None
 
     _set_link(api, link, "2MB/s")
     _poll(lambda: fast(lambda p: p in ("server-only", "device-edge")), 30, "the large model serving at 2 MB/s")
@@ -164,7 +188,12 @@ def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx
     moved = _poll(lambda: fast(lambda p: p == "on-device"), 40, "fast requests moving on-device at 10 KB/s")
     assert "objective" in moved["reason"], moved["reason"]
     _set_link(api, link, "2MB/s")
-    back = _poll(lambda: fast(lambda p: p in ("server-only", "device-edge")), 40, "coming back at 2 MB/s")
+    try:
+        back = _poll(lambda: fast(lambda p: p in ("server-only", "device-edge")), 40, "coming back at 2 MB/s")
+    except AssertionError as exc:
+        state = api.get("/v1/router").json()
+        raise AssertionError(f"{exc}; router saw {state['links'].get(link)}, last decision "
+                             f"{state['recent_decisions'][-1]}") from None
     assert "meets" in back["reason"], back["reason"]
 
 
@@ -186,10 +215,11 @@ def test_saturated_edge_sheds_fast_requests_and_refuses_exact_ones(api: httpx.Cl
         _poll(edge_saturated, 20, "the edge reporting saturation")
         shed = _generate(api, path="auto", quality="fast")
         assert shed.status_code == 200 and shed.json()["trace"]["path"] == "on-device"
-        assert "saturated" in shed.json()["trace"]["reason"]
+        assert "saturated" in shed.json()["route"]["reason"]
         refused = _generate(api, path="auto", quality="exact")
         assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
         assert "saturated" in refused.json()["error"]["message"]
+        assert_no_internals(refused.text)
     finally:
         for thread in holders:
             thread.join(timeout=120)

@@ -4,7 +4,7 @@ import pytest
 
 from aiflow_ray.config import DraftPolicyConfig
 from aiflow_ray.network.wire import VERIFY_RESULT_SIZE, verify_request_size
-from aiflow_ray.routing.cost_model import (
+from aiflow_ray.speculative.cost_model import (
     ComputeCosts,
     LinkCosts,
     best_draft_len,

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from aiflow_ray.routing.cost_model import ComputeCosts, LinkCosts
-from aiflow_ray.routing.policy import RouteError, RouteInputs, TierLoad, decide
-from aiflow_ray.routing.router import GenerationReport, RouterState
+from aiflow_ray.routing.policy import RouteInputs, TierLoad, decide
+from aiflow_ray.routing.router import GenerationReport, LoadReport, RouteRequest, RouterState
+from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
 
 CPU = ComputeCosts(draft_s_per_token=0.09, verify_base_s=0.2, verify_per_token_s=0.005)
 
@@ -67,24 +67,62 @@ def test_grounded_needs_the_cloud_and_on_device_cannot_be_exact() -> None:
     # A loaded cloud is predicted slower, as a loaded edge is.
     busy = decide("auto", "grounded", _inputs(cloud=TierLoad(True, ongoing=3, queued=0, capacity=4)))
     assert busy.predicted_s_per_token["device-edge-cloud"] > grounded.predicted_s_per_token["device-edge-cloud"]
-    with pytest.raises(RouteError, match="exact"):
-        decide("on-device", "exact", _inputs())
+
+
+
+@pytest.mark.parametrize(
+    ("path", "quality", "logprobs", "field"),
+    [
+        ("on-device", "exact", False, "quality"),
+        ("on-device", "grounded", False, "quality"),
+        ("device-edge", "grounded", False, "quality"),
+        ("server-only", "grounded", False, "quality"),
+        ("device-edge-cloud", "exact", False, "quality"),
+        ("device-edge-cloud", "fast", False, "quality"),
+        ("on-device", None, True, "logprobs"),
+        ("device-edge-cloud", None, True, "logprobs"),
+        ("auto", "grounded", True, "logprobs"),
+    ],
+)
+def test_contradictions_are_refused_as_values_naming_the_field(path: str, quality: str | None, logprobs: bool,
+                                                               field: str) -> None:
+    decision = decide(path, quality, _inputs(), needs_logprobs=logprobs)  # type: ignore[arg-type]
+    assert decision.path is None and decision.refusal is not None
+    assert decision.refusal.status == 400 and decision.refusal.field == field
+    assert "\n" not in decision.refusal.message and "Error" not in decision.refusal.message
+
+
+def test_a_forced_path_without_quality_just_runs() -> None:
+    for path in ("on-device", "device-edge", "server-only", "device-edge-cloud"):
+        decision = decide(path, None, _inputs())
+        assert decision.path == path and decision.refusal is None
+
+
+def test_logprobs_keep_fast_requests_on_the_large_model() -> None:
+    down = TierLoad(available=False, capacity=0)
+    assert decide("auto", "fast", _inputs(edge=down)).path == "on-device"
+    refused = decide("auto", "fast", _inputs(edge=down), needs_logprobs=True)
+    assert refused.path is None and refused.refusal is not None and refused.refusal.status == 503
+    assert refused.refusal.retry_after_s == 1
+    slow = decide("auto", "fast", _inputs(bandwidth_bps=200, rtt_s=0.5, slo_s=0.15), needs_logprobs=True)
+    assert slow.path in ("device-edge", "server-only")
 
 
 def test_router_state_learns_from_reports_and_records_decisions() -> None:
     state = RouterState()
-    state.report_load("edge", "r1", 0, 0, 4, [(5, 0.21)] * 20)
-    state.report_load("cloud", "c1", 0, 0, 4)
+    state.report_load(LoadReport(tier="edge", replica="r1", ongoing=0, queued=0, capacity=4,
+                                 service_samples=((5, 0.21),) * 20))
+    state.report_load(LoadReport(tier="cloud", replica="c1", ongoing=0, queued=0, capacity=4))
     for _ in range(30):
         state.report_generation(GenerationReport(
             link_id="phone", path="device-edge", rounds=5, drafted=20, accepted=5, rejections=5,
-            draft_s=1.0, draft_tokens=20, link_samples=[(90, 0.3), (3000, 0.33)]))
+            draft_s=1.0, draft_tokens=20, link_samples=((90, 0.3), (3000, 0.33))))
     assert state.alpha < 0.6
     est = state.links["phone"].estimate()
     assert est.rtt_s == pytest.approx(0.3, abs=0.01)
     # Service times come from the edge's own reports, whichever path produced them.
     assert state.inputs("phone").compute.verify_s(4) == pytest.approx(0.21, rel=0.05)
-    decision = state.decide("req-1", "phone", "auto", "exact", None)
+    decision = state.decide(RouteRequest(request_id="req-1", link_id="phone", quality="exact"))
     snap = state.snapshot()
     assert snap["recent_decisions"][-1]["request_id"] == "req-1"
     assert snap["recent_decisions"][-1]["reason"] == decision.reason

@@ -57,8 +57,11 @@ def test_lost_session_gives_identical_output(tiny_pipeline: Pipeline) -> None:
     edge = tiny_pipeline.edge
     transport = InProcessTransport(edge, DuplexLink.from_config(VIRTUAL_LINK))
 
-    def lose_sessions(round_no: int, _emitted: list[int]) -> None:
-        if round_no in (2, 5):
+    rounds = [0]
+
+    def lose_sessions(_emitted: list[int], _logprobs: object) -> None:
+        rounds[0] += 1
+        if rounds[0] in (2, 5):
             edge.drop_all_sessions()  # a verifier restart, or a request routed to another replica
 
     policy = make_policy(GenerateOptions(prompt=prompt, draft_len=3).draft_policy())
@@ -103,7 +106,7 @@ def test_sampled_speculative_first_tokens_follow_target(tiny_pipeline: Pipeline)
     trials = 1500
     counts = np.zeros_like(p)
     device = tiny_pipeline.device
-    policy = make_policy(GenerateOptions(prompt="x", draft_len=2).draft_policy(), sampling.draft_top_k)
+    policy = make_policy(GenerateOptions(prompt="x", draft_len=2).draft_policy())
     transport = InProcessTransport(tiny_pipeline.edge, DuplexLink.from_config(VIRTUAL_LINK))
     for _ in range(trials):
         result = device.generate_speculative(ids, 2, sampling, policy, transport)

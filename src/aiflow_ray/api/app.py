@@ -1,218 +1,181 @@
 """The ingress: FastAPI through Ray Serve. Native ``/v1/generate`` plus an OpenAI-compatible subset.
 
-Every request asks the Router for a path and draft length (one call per request), runs on the
-chosen tier, and records metrics from the returned trace. Errors map to 4xx naming the field,
-503 with Retry-After when no tier can serve, never a bare 500 for client mistakes.
+Every generation asks the Router for a path and draft length (one typed call per request), runs on
+the device tier (which orchestrates every path), and records metrics from the returned trace.
+Refusals (the router's or a tier's) arrive as values and become one-sentence errors: 4xx naming the
+field for client mistakes, 503 with Retry-After when no tier can serve now (also while the tiers are
+still loading). The trace is the tier's own; the ingress adds its routing decision beside it.
 """
 
-import hmac
+from __future__ import annotations
+
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
-from ray.serve.exceptions import BackPressureError
 
-from aiflow_ray import envs
 from aiflow_ray.api import metrics
+from aiflow_ray.api.errors import ApiError, GuardMiddleware, install_error_handlers, refusal_error
+from aiflow_ray.api.openai_compat import OpenAIRequest
 from aiflow_ray.api.schemas import ChatBody, CompletionBody, GenerateBody, KbIngestBody, KbSearchBody, LinkUpdate
-from aiflow_ray.config import GenerateOptions, GroundingOptions, LinkConfig, SamplingConfig
-from aiflow_ray.serve.args import AppArgs
+from aiflow_ray.config import TIERS, AppArgs, GenerateOptions, GroundingOptions, SamplingConfig
+from aiflow_ray.errors import Refusal
+from aiflow_ray.routing.router import Routed, RouteRequest
+from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
 from aiflow_ray.units import parse_bandwidth_bps
 
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+Messages = list[dict[str, str]] | None
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None, retry_after_s: int | None = None):
-        super().__init__(message)
-        self.status, self.message, self.field, self.retry_after_s = status, message, field, retry_after_s
-
-
-def _error(status: int, message: str, field: str | None = None, retry_after_s: int | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "unavailable",
-                      "param": field, "code": status}}
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.message, exc.field, exc.retry_after_s)
-
-
-async def _overloaded(_request: Request, _exc: Exception) -> JSONResponse:
-    # Serve refused to queue more work for a tier (max_queued_requests): the client should back off.
-    return _error(503, "the cluster is at capacity; retry shortly", None, 1)
-
-
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or "body"
-    return _error(422 if loc else 400, f"{field}: {first.get('msg')}", field)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class GuardMiddleware:
-    """Bearer auth (when AIFLOW_API_KEY is set) and a request body size limit (pure ASGI).
-
-    The limit holds for chunked bodies too: Content-Length is checked up front, and the bytes
-    actually received are counted as the application reads them.
-    """
-
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        key = envs.api_key()
-        if key and scope.get("path", "") not in OPEN_PATHS:
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                await _error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authorization")(
-                    scope, receive, send)
-                return
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await _error(413, f"request body over {self.max_body_bytes} bytes", "body")(scope, receive, send)
-            return
-        received = 0
-        started = False
-
-        async def counted_receive() -> dict[str, Any]:
-            nonlocal received
-            message: dict[str, Any] = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise _BodyTooLarge()
-            return message
-
-        async def tracked_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            if started:
-                raise
-            await _error(413, f"request body over {self.max_body_bytes} bytes", "body")(scope, receive, send)
+def _prompt_bytes(body: GenerateBody, messages: Messages) -> int:
+    # What crosses the link before the first token: the raw input (chat turns as their text).
+    return sum(len(m["content"].encode()) for m in messages) if messages else len(body.prompt.encode())
 
 
 class Ingress:
-    """The ingress logic; ``make_ingress`` binds it to a FastAPI app for ``serve.ingress``."""
+    """The ingress logic over three handles (device tier, cloud tier, router); ``build_api`` serves it."""
 
     def __init__(self, args: dict[str, Any], device: Any, cloud: Any, router: Any) -> None:
         self.args = AppArgs.model_validate(args)
         self.device, self.cloud, self.router = device, cloud, router
         pair = self.args.model_pair()
+        self.drafter_name = pair.drafter
         self.model_ids = [pair.verifier, pair.drafter, "aiflow"]
+        self._ready = False
 
-    # -- plumbing -------------------------------------------------------------------------------
-    def _check_tokens(self, max_tokens: int, field: str) -> None:
-        if max_tokens > self.args.max_new_tokens_limit:
-            raise ApiError(400, f"{field} must be at most {self.args.max_new_tokens_limit}", field)
+    # -- readiness ------------------------------------------------------------------------------
+    async def _waiting_for(self) -> list[str]:
+        """Tiers that have not reported yet: the edge and cloud their load, the device its calibration."""
+        snap = await self.router.snapshot.remote()
+        waiting: list[str] = [t for t in TIERS if t != "device" and not snap["loads"].get(t, {}).get("available")]
+        if snap.get("draft_s_per_token") is None:
+            waiting.insert(0, "device")
+        return waiting
 
-    async def _decide(self, body: GenerateBody, messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
-        from aiflow_ray.routing.policy import RouteError
+    async def _ensure_ready(self) -> None:
+        # Once every tier has reported, later outages are the router's to judge (it sees stale loads).
+        if self._ready:
+            return
+        waiting = await self._waiting_for()
+        if waiting:
+            raise ApiError(503, f"the tiers are still starting (waiting for: {', '.join(waiting)}); retry shortly",
+                           None, 2)
+        self._ready = True
 
-        fixed = body.draft_len if isinstance(body.draft_len, int) else None
-        # What crosses the link before the first token: the raw input (chat turns as their text).
-        prompt_bytes = sum(len(m["content"].encode()) for m in messages) if messages else len(body.prompt.encode())
-        try:
-            decision: dict[str, Any] = await self.router.decide.remote(
-                uuid.uuid4().hex, body.link_id, body.path, body.quality, fixed, prompt_bytes, body.max_tokens
-            )
-        except RouteError as exc:
-            raise ApiError(400, str(exc), "path") from None
-        except Exception as exc:
-            if "cannot give quality" in str(exc):
-                raise ApiError(400, str(exc).splitlines()[-1], "path") from None
-            raise
-        metrics.DECISIONS.labels(str(decision["path"])).inc()
-        if decision["path"] is None:
-            metrics.REQUESTS.labels("none", "503").inc()
-            raise ApiError(503, f"no tier can serve this request now: {decision['reason']}", None, 1)
-        return decision
+    # -- generation -----------------------------------------------------------------------------
+    async def _route(self, body: GenerateBody, messages: Messages) -> Routed:
+        if body.max_tokens > self.args.max_new_tokens_limit:
+            raise ApiError(400, f"max_tokens must be at most {self.args.max_new_tokens_limit}", "max_tokens")
+        await self._ensure_ready()
+        routed: Routed = await self.router.decide.remote(RouteRequest(
+            request_id=uuid.uuid4().hex, link_id=body.link_id, path=body.path, quality=body.quality,
+            draft_len=body.draft_len if isinstance(body.draft_len, int) else None,
+            prompt_bytes=_prompt_bytes(body, messages), max_new_tokens=body.max_tokens,
+            needs_logprobs=body.logprobs is not None))
+        decision = routed.decision
+        metrics.DECISIONS.labels(str(decision.path)).inc()
+        if decision.refusal is not None:
+            metrics.REQUESTS.labels("none", str(decision.refusal.status)).inc()
+            raise refusal_error(decision.refusal)
+        return routed
 
-    def _tier_request(self, body: GenerateBody, decision: dict[str, Any], messages: list[dict[str, str]] | None
-                      ) -> dict[str, Any]:
-        path = decision["path"]
+    @staticmethod
+    def _options(body: GenerateBody, routed: Routed, messages: Messages) -> GenerateOptions:
+        decision = routed.decision
+        assert decision.path is not None
         draft_len: int | str = "auto"
         if isinstance(body.draft_len, int):
             draft_len = body.draft_len
-        elif body.draft_len is None and decision["draft_len"] >= 1:
-            draft_len = decision["draft_len"]
-        opts = GenerateOptions(
-            prompt=body.prompt, messages=messages, path=path, draft_len=draft_len, max_new_tokens=body.max_tokens,
-            chat=body.chat,
+        elif body.draft_len is None and decision.draft_len >= 1:
+            draft_len = decision.draft_len
+        return GenerateOptions(
+            prompt=body.prompt, messages=messages, path=decision.path, draft_len=draft_len,
+            max_new_tokens=body.max_tokens, chat=body.chat, link=routed.link, link_id=body.link_id,
             sampling=SamplingConfig(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed),
-            link=LinkConfig(**decision["emulated_link"]),
             grounding=GroundingOptions(
                 top_k=body.retrieval_top_k, generation=body.generation, beam_width=body.beam_width,
                 length_penalty=body.length_penalty, query_encoding=body.query_encoding,
-            ) if path == "device-edge-cloud" else None,
+            ) if decision.path == "device-edge-cloud" else None,
+            min_tokens=body.max_tokens if body.ignore_eos else min(body.min_tokens, body.max_tokens),
+            logprobs=body.logprobs,
         )
-        return {"options": opts.model_dump(mode="json"), "link_id": body.link_id,
-                "link_bandwidth_bps": decision["emulated_link"]["bandwidth_bps"],
-                "link_rtt_s": decision["emulated_link"]["rtt_s"]}
 
-    async def _run(self, body: GenerateBody, messages: list[dict[str, str]] | None = None,
-                   decision: dict[str, Any] | None = None) -> dict[str, Any]:
-        self._check_tokens(body.max_tokens, "max_tokens")
+    @staticmethod
+    def _route_info(routed: Routed) -> dict[str, Any]:
+        d = routed.decision
+        return {"path": d.path, "reason": d.reason, "draft_len": d.draft_len}
+
+    async def run(self, body: GenerateBody, messages: Messages = None) -> tuple[TierResult, Routed, float]:
         started = time.perf_counter()
-        decision = decision or await self._decide(body, messages)
-        result = await self.device.generate.remote(self._tier_request(body, decision, messages))
-        if result["trace"].get("retrieval"):
-            result["sources"] = result["trace"]["retrieval"]["hits"]
-        result["trace"]["reason"] = decision["reason"]
-        result["trace"]["router_draft_len"] = decision["draft_len"]
-        result["trace"]["e2e_s"] = time.perf_counter() - started
-        metrics.observe(result["trace"])
-        metrics.REQUESTS.labels(result["trace"]["path"], "200").inc()
-        return result
+        routed = await self._route(body, messages)
+        result: TierResult | Refusal = await self.device.generate.remote(self._options(body, routed, messages))
+        if isinstance(result, Refusal):
+            metrics.REQUESTS.labels(str(routed.decision.path), str(result.status)).inc()
+            raise refusal_error(result)
+        metrics.observe(result.trace)
+        metrics.REQUESTS.labels(result.trace["path"], "200").inc()
+        return result, routed, time.perf_counter() - started
 
-    async def _open_stream(self, body: GenerateBody, messages: list[dict[str, str]] | None,
-                           shape: Any) -> StreamingResponse:
-        """Decide before the response starts, so refusals keep their 4xx/503 status."""
-        self._check_tokens(body.max_tokens, "max_tokens")
-        decision = await self._decide(body, messages)
-        return StreamingResponse(self._sse(self._stream(body, messages, decision), shape),
-                                 media_type="text/event-stream")
+    async def open_stream(self, body: GenerateBody, messages: Messages,
+                          shape: Callable[[StreamDelta | StreamDone, Routed], list[dict[str, Any]]]
+                          ) -> StreamingResponse:
+        """Decide, and wait for the first event, before the response starts: a refusal keeps its status."""
+        routed = await self._route(body, messages)
+        stream = self.device.options(stream=True).generate_stream.remote(self._options(body, routed, messages))
+        first = await stream.__anext__()
+        if isinstance(first, Refusal):
+            stream.cancel()
+            raise refusal_error(first)
 
-    async def _stream(self, body: GenerateBody, messages: list[dict[str, str]] | None,
-                      decision: dict[str, Any]) -> AsyncIterator[dict]:
-        stream = self.device.options(stream=True).generate_stream.remote(
-            self._tier_request(body, decision, messages))
-        try:
-            async for event in stream:
-                if event.get("done"):
-                    event["trace"]["reason"] = decision["reason"]
-                    metrics.observe(event["trace"])
-                    metrics.REQUESTS.labels(event["trace"]["path"], "200").inc()
-                yield event
-        finally:
-            stream.cancel()  # the client went away: stop generating
+        async def events() -> AsyncIterator[str]:
+            try:
+                event = first
+                while True:
+                    if isinstance(event, Refusal):
+                        yield f"data: {json.dumps({'error': {'message': event.message, 'code': event.status}})}\n\n"
+                        break
+                    if isinstance(event, StreamDone):
+                        metrics.observe(event.trace)
+                        metrics.REQUESTS.labels(event.trace["path"], "200").inc()
+                    for out in shape(event, routed):
+                        yield f"data: {json.dumps(out)}\n\n"
+                    if isinstance(event, StreamDone):
+                        break
+                    event = await stream.__anext__()
+                yield "data: [DONE]\n\n"
+            finally:
+                stream.cancel()  # the client went away: stop generating
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     # -- native API -----------------------------------------------------------------------------
     async def generate(self, body: GenerateBody) -> Any:
         if body.stream:
-            return await self._open_stream(body, None, lambda e: e)
-        return await self._run(body)
+            def native(event: StreamDelta | StreamDone, routed: Routed) -> list[dict[str, Any]]:
+                if isinstance(event, StreamDelta):
+                    out: dict[str, Any] = {"token_ids": event.token_ids, "text": event.text}
+                else:
+                    out = {"done": True, "text": event.text, "num_tokens": event.num_tokens,
+                           "prompt_tokens": event.prompt_tokens, "trace": event.trace,
+                           "route": self._route_info(routed)}
+                if event.logprobs is not None:
+                    out["logprobs"] = [e.to_dict() for e in event.logprobs]
+                return [out]
+
+            return await self.open_stream(body, None, native)
+        result, routed, e2e_s = await self.run(body)
+        out = {"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
+               "trace": result.trace, "route": self._route_info(routed), "e2e_s": e2e_s}
+        if result.sources is not None:
+            out["sources"] = result.sources
+        if result.logprobs is not None:
+            out["logprobs"] = [e.to_dict() for e in result.logprobs]
+        return out
 
     async def router_state(self) -> Any:
         return await self.router.snapshot.remote()
@@ -224,41 +187,29 @@ class Ingress:
             bps = update.bandwidth_bps or parse_bandwidth_bps(update.bandwidth or "")
         except ValueError as exc:
             raise ApiError(422, str(exc), "bandwidth") from None
-        settings = await self.router.set_emulated_link.remote(link_id, bps, update.rtt_ms / 1000.0)
-        return {"link_id": link_id, **settings}
+        link = await self.router.set_emulated_link.remote(link_id, bps, update.rtt_ms / 1000.0)
+        return {"link_id": link_id, "bandwidth_bps": link.bandwidth_bps, "rtt_s": link.rtt_s}
 
-    async def healthz(self) -> Any:
-        return {"status": "ok"}
+    async def readyz(self) -> Any:
+        """Ready once every tier has reported; /healthz and /health answer as soon as the ingress runs."""
+        waiting = await self._waiting_for()
+        if waiting:
+            return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503,
+                                headers={"Retry-After": "2"})
+        return {"status": "ready"}
 
     # -- knowledge base -------------------------------------------------------------------------
     async def kb_search(self, body: KbSearchBody) -> Any:
         started = time.perf_counter()
         out = await self.cloud.retrieve.remote({"query": body.query, "top_k": body.top_k})
-        return {"hits": out["hits"], "num_chunks": out["num_chunks"], "embed_s": out["embed_s"],
-                "search_s": out["search_s"], "e2e_s": time.perf_counter() - started}
+        return {"hits": out.hit_dicts(), "num_chunks": out.num_chunks, "embed_s": out.embed_s,
+                "search_s": out.search_s, "e2e_s": time.perf_counter() - started}
 
     async def kb_ingest(self, body: KbIngestBody) -> Any:
         return await self.cloud.ingest.remote({"documents": [d.model_dump() for d in body.documents]})
 
     async def kb_stats(self) -> Any:
         return await self.cloud.kb_stats.remote()
-
-    async def readyz(self) -> Any:
-        """Ready once every tier has reported: the edge and cloud their load, the device its calibration.
-
-        /healthz answers as soon as the ingress runs; the tiers may still be loading their models.
-        """
-        snap = await self.router.snapshot.remote()
-        waiting = [tier for tier in ("edge", "cloud") if not snap["loads"].get(tier, {}).get("available")]
-        if snap.get("draft_s_per_token") is None:
-            waiting.append("device")
-        if waiting:
-            return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503,
-                                headers={"Retry-After": "2"})
-        return {"status": "ready"}
-
-    async def metrics_endpoint(self) -> Any:
-        return PlainTextResponse(generate_latest(metrics.REGISTRY).decode(), media_type="text/plain; version=0.0.4")
 
     # -- OpenAI-compatible ----------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -270,143 +221,89 @@ class Ingress:
         return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "aiflow"}
                                             for m in self.model_ids]}
 
-    @staticmethod
-    def _apply_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
-        stops = [stop] if isinstance(stop, str) else (stop or [])
-        cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
-
-    def _native(self, model: str, prompt: str, max_tokens: int, temperature: float, top_p: float,
-                seed: int | None, stream: bool, chat: bool) -> GenerateBody:
-        quality = "fast" if model == self.model_ids[1] else "exact"
-        path = "on-device" if quality == "fast" else "auto"
-        return GenerateBody(prompt=prompt, path=path, quality=quality, max_tokens=max_tokens,
-                            temperature=temperature, top_p=top_p, seed=seed, stream=stream, chat=chat)
-
-    async def completions(self, body: CompletionBody) -> Any:
+    async def openai(self, body: ChatBody | CompletionBody) -> Any:
         self._check_model(body.model)
-        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        native = self._native(body.model, prompt, body.max_tokens, body.temperature, body.top_p, body.seed,
-                              body.stream, chat=False)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(event: dict[str, Any]) -> dict[str, Any]:
-            finish = ("length" if event.get("num_tokens", 0) >= body.max_tokens else "stop") if event.get("done") \
-                else None
-            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "text": event.get("text", ""), "finish_reason": finish,
-                                 "logprobs": None}]}
-
+        req = OpenAIRequest.from_body(body, self.drafter_name)
         if body.stream:
-            return await self._open_stream(native, None, chunk)
-        result = await self._run(native)
-        text, stopped = self._apply_stop(result["text"], body.stop)
-        finish = "stop" if stopped or len(result["token_ids"]) < body.max_tokens else "length"
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-                "usage": {"completion_tokens": len(result["token_ids"])}, "aiflow_trace": result["trace"]}
+            def shape(event: StreamDelta | StreamDone, _routed: Routed) -> list[dict[str, Any]]:
+                if isinstance(event, StreamDelta):
+                    return [req.chunk(event.text, event.logprobs)]
+                out = [req.chunk(event.text, event.logprobs, event.num_tokens)]
+                if req.include_usage:
+                    out.append(req.usage_chunk(event.prompt_tokens, event.num_tokens))
+                return out
 
-    async def chat_completions(self, body: ChatBody) -> Any:
-        self._check_model(body.model)
-        max_tokens = body.max_completion_tokens or body.max_tokens or 256
-        messages = [m.model_dump() for m in body.messages]
-        last_user = next(m.content for m in reversed(body.messages) if m.role == "user")
-        native = self._native(body.model, last_user, max_tokens, body.temperature, body.top_p, body.seed,
-                              body.stream, chat=True)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        first = {"sent": False}
+            return await self.open_stream(req.native, req.messages, shape)
+        result, routed, _ = await self.run(req.native, req.messages)
+        trace = {**result.trace, "route": self._route_info(routed)}
+        return req.response(result.text, len(result.token_ids), result.prompt_tokens, result.logprobs, trace)
 
-        def chunk(event: dict[str, Any]) -> dict[str, Any]:
-            delta: dict[str, Any] = {"content": event.get("text", "")}
-            if not first["sent"]:
-                delta["role"] = "assistant"
-                first["sent"] = True
-            finish = ("length" if event.get("num_tokens", 0) >= max_tokens else "stop") if event.get("done") \
-                else None
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
-        if body.stream:
-            return await self._open_stream(native, messages, chunk)
-        result = await self._run(native, messages)
-        text, stopped = self._apply_stop(result["text"], body.stop)
-        finish = "stop" if stopped or len(result["token_ids"]) < max_tokens else "length"
-        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish}],
-                "usage": {"completion_tokens": len(result["token_ids"])}, "aiflow_trace": result["trace"]}
+def build_api(max_body_bytes: int, ingress: Callable[[], Ingress]) -> FastAPI:
+    """The FastAPI app; ``ingress()`` returns the instance that serves it (the replica's, or a test's)."""
+    api = FastAPI(title="aiflow-ray", version="0.1.0")
+    api.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes)
+    install_error_handlers(api)
 
-    @staticmethod
-    async def _sse(events: AsyncIterator[dict[str, Any]], shape: Any) -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(shape(event))}\n\n"
-        except ApiError as exc:
-            yield f"data: {json.dumps({'error': {'message': exc.message, 'code': exc.status}})}\n\n"
-        yield "data: [DONE]\n\n"
+    @api.post("/v1/generate")
+    async def generate(body: GenerateBody) -> Any:
+        return await ingress().generate(body)
+
+    @api.get("/v1/router")
+    async def router_state() -> Any:
+        return await ingress().router_state()
+
+    @api.put("/v1/admin/links/{link_id}")
+    async def set_link(link_id: str, update: LinkUpdate) -> Any:
+        return await ingress().set_link(link_id, update)
+
+    @api.post("/v1/kb/search")
+    async def kb_search(body: KbSearchBody) -> Any:
+        return await ingress().kb_search(body)
+
+    @api.get("/v1/kb")
+    async def kb_stats() -> Any:
+        return await ingress().kb_stats()
+
+    @api.post("/v1/admin/kb/documents")
+    async def kb_ingest(body: KbIngestBody) -> Any:
+        return await ingress().kb_ingest(body)
+
+    @api.get("/healthz")
+    @api.get("/health")  # where vLLM's servers answer, and where benchmark tools look
+    async def healthz() -> Any:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> Any:
+        return await ingress().readyz()
+
+    @api.get("/metrics")
+    async def metrics_endpoint() -> Any:
+        return PlainTextResponse(generate_latest(metrics.REGISTRY).decode(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/models")
+    async def models() -> Any:
+        return await ingress().models()
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionBody) -> Any:
+        return await ingress().openai(body)
+
+    @api.post("/v1/chat/completions")
+    async def chat(body: ChatBody) -> Any:
+        return await ingress().openai(body)
+
+    return api
 
 
 def make_ingress(max_body_bytes: int) -> type:
-    """A FastAPI app and the class Serve runs behind it, built together in one closure.
-
-    Serve turns the class's route methods into class-based views when it builds the replica; the
-    app travels with the class by value, so the replica sees exactly these routes and middleware.
-    """
+    """The class Serve runs as the ingress. Serve builds its FastAPI app in the replica, after the
+    constructor (``__serve_build_asgi_app__``), so the app's routes serve that very instance."""
     from ray import serve
 
-    api = FastAPI(title="aiflow-ray", version="0.1.0")
-    api.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes)
-    api.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
-    api.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    api.add_exception_handler(BackPressureError, _overloaded)
-
     class AiflowIngress(Ingress):
-        @api.post("/v1/generate")
-        async def generate_route(self, body: GenerateBody) -> Any:
-            return await self.generate(body)
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            return build_api(max_body_bytes, lambda: self)
 
-        @api.get("/v1/router")
-        async def router_route(self) -> Any:
-            return await self.router_state()
-
-        @api.put("/v1/admin/links/{link_id}")
-        async def set_link_route(self, link_id: str, update: LinkUpdate) -> Any:
-            return await self.set_link(link_id, update)
-
-        @api.post("/v1/kb/search")
-        async def kb_search_route(self, body: KbSearchBody) -> Any:
-            return await self.kb_search(body)
-
-        @api.get("/v1/kb")
-        async def kb_stats_route(self) -> Any:
-            return await self.kb_stats()
-
-        @api.post("/v1/admin/kb/documents")
-        async def kb_ingest_route(self, body: KbIngestBody) -> Any:
-            return await self.kb_ingest(body)
-
-        @api.get("/healthz")
-        async def healthz_route(self) -> Any:
-            return await self.healthz()
-
-        @api.get("/readyz")
-        async def readyz_route(self) -> Any:
-            return await self.readyz()
-
-        @api.get("/metrics")
-        async def metrics_route(self) -> Any:
-            return await self.metrics_endpoint()
-
-        @api.get("/v1/models")
-        async def models_route(self) -> Any:
-            return await self.models()
-
-        @api.post("/v1/completions")
-        async def completions_route(self, body: CompletionBody) -> Any:
-            return await self.completions(body)
-
-        @api.post("/v1/chat/completions")
-        async def chat_route(self, body: ChatBody) -> Any:
-            return await self.chat_completions(body)
-
-    return serve.ingress(api)(AiflowIngress)
+    return serve.ingress()(AiflowIngress)

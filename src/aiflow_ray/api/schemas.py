@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from aiflow_ray.config import MAX_DRAFT_LEN
+from aiflow_ray.config import MAX_DRAFT_LEN, PathChoice, Quality
+from aiflow_ray.network.wire import MAX_TOP_LOGPROBS
 
-PathChoice = Literal["auto", "on-device", "device-edge", "device-edge-cloud", "server-only"]
-QualityChoice = Literal["exact", "fast", "grounded"]
 MAX_PROMPT_CHARS = 100_000
 
 
@@ -26,8 +25,9 @@ def _not_blank(value: str) -> str:
 class GenerateBody(Body):
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="Input text.")
     path: PathChoice = Field("auto", description="auto lets the router choose.")
-    quality: QualityChoice = Field("exact", description="exact: the large model's output; fast: the small "
-                                   "model's is fine; grounded: answer from the knowledge base.")
+    quality: Quality | None = Field(None, description="exact: the large model's output; fast: the small "
+                                    "model's is fine; grounded: answer from the knowledge base. Unset: a forced "
+                                    "path just runs, auto means exact.")
     draft_len: int | Literal["auto"] | None = Field(None, description="k, 'auto' (adaptive), or None (router).")
     max_tokens: int = Field(64, ge=1, description="Tokens to generate.")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -45,6 +45,11 @@ class GenerateBody(Body):
     query_encoding: Literal["text", "embedding"] = Field(
         "text", description="Cloud path: send the query text, or its embedding computed on the device.")
     stream: bool = False
+    min_tokens: int = Field(0, ge=0, description="An end-of-sequence token does not end the output before this "
+                            "many tokens.")
+    ignore_eos: bool = Field(False, description="Generate exactly max_tokens tokens.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Return the verifier's logprob of "
+                                 "every output token with this many alternatives (device-edge, server-only).")
 
     _prompt = field_validator("prompt")(lambda cls, v: _not_blank(v))
 
@@ -56,17 +61,37 @@ class GenerateBody(Body):
         return value
 
 
-class CompletionBody(Body):
+class StreamOptions(Body):
+    include_usage: bool = Field(False, description="Send a last chunk with the request's token usage.")
+    continuous_usage_stats: bool = Field(False, description="Accepted for vLLM compatibility; usage comes last.")
+
+
+class OpenAIBody(Body):
+    """Fields the chat and completions endpoints share, with the extensions vLLM's servers accept
+    (min_tokens, ignore_eos), which benchmark tools send to fix output lengths."""
+
     model: str = Field(..., min_length=1)
-    prompt: str | list[str] = Field(..., description="One prompt (a list of exactly one is accepted).")
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="One completion per request.")
+    top_k: int = Field(0, ge=-1, description="vLLM extension; 0 or -1 = off.")
+    n: int = Field(1, ge=1, le=1, description="One choice per request.")
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Only 0 (no penalty) is supported.")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Only 0 (no penalty) is supported.")
+
+
+class CompletionBody(OpenAIBody):
+    prompt: str | list[str] = Field(..., description="One prompt (a list of exactly one is accepted).")
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5, description="Alternatives per token (legacy completions).")
+    echo: Literal[False] = Field(False, description="Echoing the prompt is not supported.")
 
     @field_validator("prompt")
     @classmethod
@@ -80,30 +105,55 @@ class CompletionBody(Body):
         return value
 
 
+class TextPart(Body):
+    """One part of a message's content: the openai SDK, LangChain and LiteLLM send text this way."""
+
+    type: Literal["text"] = Field(..., description="Only text parts: the served models read text.")
+    text: str = Field(..., max_length=MAX_PROMPT_CHARS)
+
+
 class ChatMessage(Body):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(..., description="Text, or a list of text parts (joined in order).")
+    name: str | None = Field(None, max_length=64)
+
+    @field_validator("content")
+    @classmethod
+    def _bounded(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        if isinstance(value, list) and len(value) > 256:
+            raise ValueError("at most 256 content parts")
+        return value
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def turn(self) -> dict[str, str]:
+        # 'developer' is the newer name of 'system' in OpenAI's API; the chat templates know 'system'.
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
-class ChatBody(Body):
-    model: str = Field(..., min_length=1)
+class ChatBody(OpenAIBody):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
+    max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of max_tokens.")
+    logprobs: bool = Field(False, description="Return the verifier's logprob of every output token.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token.")
 
     @field_validator("messages")
     @classmethod
     def _has_user(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if not any(m.role == "user" and m.content.strip() for m in value):
+        if not any(m.role == "user" and m.text().strip() for m in value):
             raise ValueError("needs at least one non-empty user message")
+        if sum(len(m.text()) for m in value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"longer than {MAX_PROMPT_CHARS} characters in all")
         return value
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatBody:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 class LinkUpdate(Body):

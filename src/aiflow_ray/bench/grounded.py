@@ -28,11 +28,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from aiflow_ray.bench.retrieval import load_eval
-from aiflow_ray.jobs.client import AiflowClient
+from aiflow_ray.client import AiflowClient
+from aiflow_ray.config.app import AppArgs
+from aiflow_ray.data import load_retrieval_eval
 from aiflow_ray.rag import corpora
 from aiflow_ray.rag.prompting import MAX_CONTEXT_CHARS, grounded_messages
-from aiflow_ray.serve.args import AppArgs
 from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     client = AiflowClient(args.url)
     documents = raw_documents()
     cloud_link = AppArgs().edge_cloud_link
-    evaluation = load_eval()
+    evaluation = load_retrieval_eval()
     step = max(len(evaluation) // args.questions, 1)
     questions = [item["query"] for item in evaluation[::step][: args.questions]]
     bandwidths = [parse_bandwidth_bps(b) for b in args.bandwidths.split(",")]

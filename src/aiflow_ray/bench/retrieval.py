@@ -3,7 +3,7 @@
     python -m aiflow_ray.bench.retrieval          # writes docs/benchmarks/retrieval.{json,md}
 
 Fetches and ingests the demo corpora (pydoc topics and FOLDOC) into the knowledge base if needed,
-then runs every query of ``bench/data/retrieval_eval.jsonl`` (written for these corpora, each with
+then runs every query of ``data/retrieval_eval.jsonl`` (written for these corpora, each with
 the source entries that answer it). A query counts as recalled at 5 when any expected source is
 among the top five hits; MRR uses the rank of the first expected source in the top ten. Latency is
 per query, embedding included (the part a client waits for), with the search alone reported too.
@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from aiflow_ray import envs
+from aiflow_ray.data import load_retrieval_eval
 from aiflow_ray.rag import corpora
 from aiflow_ray.rag.embedder import Embedder
 from aiflow_ray.rag.store import KnowledgeBase, Retriever, read_documents
-
-
-def load_eval() -> list[dict[str, Any]]:
-    text = resources.files("aiflow_ray.bench").joinpath("data/retrieval_eval.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -78,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     ingest = kb.ingest(documents, embedder, progress=True)
     ingest_s = time.perf_counter() - started
-    queries = load_eval()
+    queries = load_retrieval_eval()
     # End-to-end query latency: embedding plus exact hybrid search, one query at a time as a client sends them.
     retriever = Retriever(kb, embedder, "exact")
     e2e_ms = []
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         "# Retrieval on the demo corpora", "",
         "Reproduce: `python -m aiflow_ray.bench.retrieval` (fetches and ingests the corpora if needed).", "",
         f"{summary['num_documents']} documents, {summary['num_chunks']} chunks (Python documentation topics and "
-        f"FOLDOC), {embedder.name} embeddings, {len(queries)} queries from `bench/data/retrieval_eval.jsonl` "
+        f"FOLDOC), {embedder.name} embeddings, {len(queries)} queries from `data/retrieval_eval.jsonl` "
         "(written for these corpora; a query is recalled at 5 when one of its expected entries is in the top "
         "five hits; hits are one per source).", "",
         "| index | ranking | recall@5 | MRR@10 | search p50 | search p99 | index build |",

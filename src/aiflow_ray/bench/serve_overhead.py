@@ -17,9 +17,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from aiflow_ray.bench.tpot import load_prompts
+from aiflow_ray.client import AiflowClient
 from aiflow_ray.config import GenerateOptions, LinkConfig, ModelPairConfig
-from aiflow_ray.jobs.client import AiflowClient
+from aiflow_ray.data import load_prompts
 from aiflow_ray.network.link import PRESETS_BPS
 from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps
 

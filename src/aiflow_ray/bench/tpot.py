@@ -21,43 +21,24 @@ import json
 import statistics
 import time
 from collections import defaultdict
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from aiflow_ray.config import DraftPolicyConfig, GenerateOptions, LinkConfig, ModelPairConfig
+from aiflow_ray.data import load_prompts
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network.link import PRESETS_BPS, DuplexLink
 from aiflow_ray.network.wire import VERIFY_RESULT_SIZE, verify_request_size
-from aiflow_ray.routing.cost_model import ComputeCosts, LinkCosts, round_time_s, speculative_tpot_s
+from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts, round_time_s, speculative_tpot_s
 from aiflow_ray.speculative.policy import AdaptiveDraftLen
 from aiflow_ray.tiers.trace import Trace, decode_tpot_s
-from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps
+from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps, parse_int_ranges
 
 log = get_logger("bench.tpot")
 
 DEFAULT_DRAFT_LENS = "1-24"
-
-
-def load_prompts(limit: int | None = None) -> list[dict[str, str]]:
-    text = resources.files("aiflow_ray.bench").joinpath("data/prompts.jsonl").read_text()
-    prompts = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return prompts[:limit] if limit else prompts
-
-
-def parse_draft_lens(text: str) -> list[int]:
-    out: set[int] = set()
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            out.update(range(int(lo), int(hi) + 1))
-        elif part.strip():
-            out.add(int(part))
-    if not out or min(out) < 1:
-        raise ValueError("draft lengths must be >= 1")
-    return sorted(out)
 
 
 def retime_speculative(trace: Trace, from_bps: float, to_bps: float) -> list[float]:
@@ -107,14 +88,14 @@ def run(args: argparse.Namespace) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     raw_path = out_dir / "tpot_raw.jsonl"
     bandwidths = [parse_bandwidth_bps(b) for b in args.bandwidths.split(",")]
-    draft_lens = parse_draft_lens(args.draft_lens)
+    draft_lens = parse_int_ranges(args.draft_lens)
     prompts = load_prompts(args.prompts)
     done: set[str] = set()
     if args.resume and raw_path.exists():
         done = {json.loads(line)["prompt_id"] for line in raw_path.read_text().splitlines() if line}
     elif raw_path.exists():
         raw_path.unlink()
-    pipeline = Pipeline.load(ModelPairConfig.for_profile(args.models))
+    pipeline = Pipeline.load(ModelPairConfig.for_preset(args.models))
     rtt_s = args.rtt_ms / 1000.0
     adaptive = {bw: AdaptiveDraftLen(DraftPolicyConfig(policy="adaptive", max_draft_len=args.max_adaptive_len))
                 for bw in bandwidths}

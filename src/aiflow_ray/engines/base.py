@@ -7,7 +7,9 @@ Contract (all methods synchronous, one session used by one caller at a time):
 - ``draft(k)`` runs k incremental steps of the small model from the committed tokens.
 - ``score(draft)`` runs one forward over the committed-but-uncached tokens plus the draft and returns
   the target's next-token choice (greedy) or distribution (sampling) at each of the k+1 positions.
-  A vLLM adapter can implement it with ``prompt_logprobs`` over context+draft.
+  A vLLM adapter can implement it with ``prompt_logprobs`` over context+draft. With
+  ``with_logprobs`` it also returns the model's raw log-softmax at those positions (before
+  temperature, top-k or top-p), which the API reports as logprobs.
 - Errors: unknown sessions raise ``SessionNotFound``; the caller (the verifier tier) turns that into
   a "send the context again" reply, never into a different output.
 """
@@ -40,6 +42,7 @@ class ScoreOutput:
     greedy_ids: list[int] | None  # [k+1] target argmax at each draft position plus the bonus position
     probs: np.ndarray | None  # [k+1, V] target distribution (sampling only)
     compute_s: float
+    logprobs: np.ndarray | None = None  # [k+1, V] float32 raw log-softmax (with_logprobs only)
 
 
 class Engine(Protocol):
@@ -69,6 +72,7 @@ class Engine(Protocol):
         self, session_id: str, k: int, sampling: SamplingConfig, rng: np.random.Generator | None
     ) -> DraftOutput: ...
 
-    def score(self, session_id: str, draft_ids: Sequence[int], sampling: SamplingConfig) -> ScoreOutput: ...
+    def score(self, session_id: str, draft_ids: Sequence[int], sampling: SamplingConfig,
+              with_logprobs: bool = False) -> ScoreOutput: ...
 
     def release(self, session_id: str) -> None: ...

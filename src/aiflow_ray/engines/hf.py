@@ -233,7 +233,8 @@ class HFEngine:
         )
 
     @torch.inference_mode()
-    def score(self, session_id: str, draft_ids: Sequence[int], sampling: SamplingConfig) -> ScoreOutput:
+    def score(self, session_id: str, draft_ids: Sequence[int], sampling: SamplingConfig,
+              with_logprobs: bool = False) -> ScoreOutput:
         session = self._get(session_id)
         started = time.perf_counter()
         feed = self._pending(session)
@@ -241,11 +242,12 @@ class HFEngine:
         draft = [int(t) for t in draft_ids]
         logits = self._forward(session, feed + draft, keep=len(draft) + 1)  # [k+1, V]
         session.agree = committed
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu().numpy() if with_logprobs else None
         if sampling.greedy:
             greedy = [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
-            return ScoreOutput(greedy_ids=greedy, probs=None, compute_s=time.perf_counter() - started)
+            return ScoreOutput(greedy, None, time.perf_counter() - started, logprobs)
         probs = target_probs(logits.float().cpu().numpy(), sampling)
-        return ScoreOutput(greedy_ids=None, probs=probs, compute_s=time.perf_counter() - started)
+        return ScoreOutput(None, probs, time.perf_counter() - started, logprobs)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from aiflow_ray.jobs.client import AiflowClient
+from aiflow_ray.client import AiflowClient
 
 
 def run(input_path: Path, output_path: Path, url: str, defaults: dict[str, Any]) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from aiflow_ray.bench.tpot import load_prompts, parse_draft_lens
-from aiflow_ray.jobs.client import AiflowClient
-from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps
+from aiflow_ray.client import AiflowClient
+from aiflow_ray.data import load_prompts
+from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps, parse_int_ranges
 
 FIELDS = ["bandwidth_bps", "mode", "draft_len", "prompt_id", "tpot_s", "ttft_s", "num_tokens", "acceptance_rate",
           "bytes_up", "bytes_down"]
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link-id", default="sweep")
     args = parser.parse_args(argv)
     bandwidths = [parse_bandwidth_bps(b) for b in args.bandwidths.split(",") if b.strip()]
-    summary = run(AiflowClient(args.url), load_prompts(args.prompts), bandwidths, parse_draft_lens(args.draft_lens),
+    summary = run(AiflowClient(args.url), load_prompts(args.prompts), bandwidths, parse_int_ranges(args.draft_lens),
                   args.max_tokens, args.rtt_ms, args.link_id, args.output)
     print(json.dumps(summary, indent=2))
     return 0

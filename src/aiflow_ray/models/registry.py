@@ -33,7 +33,6 @@ class GGUFSource:
 class ModelEntry:
     name: str
     role: str  # "drafter" | "verifier": the role it plays in the default pair
-    tokenizer_family: str  # models of one family share a tokenizer and may be paired
     gguf: GGUFSource | None = None
     tiny: str | None = None  # key into models.tiny builders
 
@@ -51,7 +50,6 @@ REGISTRY: dict[str, ModelEntry] = {
     "qwen2.5-coder-0.5b-instruct": ModelEntry(
         name="qwen2.5-coder-0.5b-instruct",
         role="drafter",
-        tokenizer_family="qwen2.5",
         gguf=GGUFSource(
             filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             size_bytes=491_400_064,
@@ -62,7 +60,6 @@ REGISTRY: dict[str, ModelEntry] = {
     "qwen2.5-coder-1.5b-instruct": ModelEntry(
         name="qwen2.5-coder-1.5b-instruct",
         role="verifier",
-        tokenizer_family="qwen2.5",
         gguf=GGUFSource(
             filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             size_bytes=1_117_320_768,
@@ -71,9 +68,9 @@ REGISTRY: dict[str, ModelEntry] = {
         ),
     ),
     "tiny-verifier": ModelEntry(
-        name="tiny-verifier", role="verifier", tokenizer_family="tiny", tiny="verifier"
+        name="tiny-verifier", role="verifier", tiny="verifier"
     ),
-    "tiny-drafter": ModelEntry(name="tiny-drafter", role="drafter", tokenizer_family="tiny", tiny="drafter"),
+    "tiny-drafter": ModelEntry(name="tiny-drafter", role="drafter", tiny="drafter"),
 }
 
 DEFAULT_PAIR = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")

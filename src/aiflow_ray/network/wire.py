@@ -13,12 +13,31 @@ from __future__ import annotations
 import json
 import struct
 import uuid
-from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 
 from aiflow_ray.config import MAX_DRAFT_LEN, SamplingConfig
+from aiflow_ray.network.messages import (
+    ErrorMsg,
+    GenerateRequest,
+    Header,
+    Logprobs,
+    Message,
+    MsgType,
+    Ping,
+    Pong,
+    Release,
+    Tokens,
+    VerifyRequest,
+    VerifyResult,
+    VerifyStatus,
+    WireError,
+)
+
+__all__ = [  # the messages are part of this module's surface: callers use wire.Header, wire.Tokens, ...
+    "ErrorMsg", "GenerateRequest", "Header", "Logprobs", "Message", "MsgType", "Ping", "Pong", "Release", "Tokens",
+    "VerifyRequest", "VerifyResult", "VerifyStatus", "WireError",
+]
 
 MAGIC = b"AF"
 VERSION = 1
@@ -26,6 +45,7 @@ MAX_CONTEXT_TOKENS = 131_072
 MAX_DRAFT_TOP_K = 256
 MAX_PROMPT_BYTES = 1 << 20
 MAX_PROBE_PADDING_BYTES = 1 << 16
+MAX_TOP_LOGPROBS = 20
 
 _HEADER = struct.Struct("<2sBB16sI")
 _VERIFY_FIXED = struct.Struct("<BIH")  # flags, base_len, k
@@ -37,100 +57,13 @@ _GEN_FIXED = struct.Struct("<BII")  # flags, max_new_tokens, prompt byte length
 _TOKENS_FIXED = struct.Struct("<BH")  # done, count
 _ERROR_FIXED = struct.Struct("<H")
 _PING_FIXED = struct.Struct("<I")  # padding length
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+_LOGPROBS_FIXED = struct.Struct("<BH")  # alternatives per token, tokens
 
-_F_CONTEXT, _F_SAMPLED, _F_SEED, _F_CHAT, _F_MESSAGES = 1, 2, 4, 8, 16
+_F_CONTEXT, _F_SAMPLED, _F_SEED, _F_CHAT, _F_MESSAGES, _F_LOGPROBS, _F_MIN_TOKENS = 1, 2, 4, 8, 16, 32, 64
 _I32 = np.dtype("<i4")
 _F32 = np.dtype("<f4")
-
-
-class WireError(ValueError):
-    """A payload that is not a well-formed message of this protocol."""
-
-
-class MsgType(IntEnum):
-    VERIFY = 1
-    VERIFY_RESULT = 2
-    GENERATE = 3
-    TOKENS = 4
-    RELEASE = 5
-    ERROR = 6
-    PING = 7  # link probe: padding makes probes of different sizes, which separates RTT from bandwidth
-    PONG = 8
-
-
-class VerifyStatus(IntEnum):
-    OK = 0
-    NEED_CONTEXT = 1
-
-
-@dataclass(frozen=True)
-class Header:
-    type: MsgType
-    session_id: bytes  # 16 bytes
-    seq: int
-
-
-@dataclass
-class VerifyRequest:
-    header: Header
-    base_len: int  # committed tokens the device believes the verifier holds
-    draft_ids: np.ndarray  # [k] int32
-    context: np.ndarray | None = None  # [n] int32, the full committed sequence, when (re)starting
-    sampling: SamplingConfig | None = None  # sent with the context; None = greedy
-    q_ids: np.ndarray | None = None  # [k, K] int32 sparse draft distribution support
-    q_probs: np.ndarray | None = None  # [k, K] float32
-
-
-@dataclass
-class VerifyResult:
-    header: Header
-    status: VerifyStatus
-    num_accepted: int = 0
-    next_token: int = -1  # correction or bonus token
-    verify_us: int = 0  # verifier compute time, so the device can separate link from compute
-    committed_len: int = 0
-
-
-@dataclass
-class GenerateRequest:
-    header: Header
-    prompt: str | list[dict[str, str]]  # text, or chat turns (sent as JSON, never pickled)
-    max_new_tokens: int
-    chat: bool
-    sampling: SamplingConfig | None
-
-
-@dataclass
-class Tokens:
-    header: Header
-    token_ids: np.ndarray  # [n] int32
-    done: bool
-
-
-@dataclass
-class Release:
-    header: Header
-
-
-@dataclass
-class Ping:
-    header: Header
-    padding_bytes: int
-
-
-@dataclass
-class Pong:
-    header: Header
-
-
-@dataclass
-class ErrorMsg:
-    header: Header
-    code: int
-    message: str
-
-
-Message = VerifyRequest | VerifyResult | GenerateRequest | Tokens | Release | ErrorMsg | Ping | Pong
 
 
 def new_session_id() -> bytes:
@@ -164,6 +97,9 @@ def encode_verify(req: VerifyRequest) -> bytes:
         if req.sampling is not None and not req.sampling.greedy:
             flags |= _F_SAMPLED | (_F_SEED if req.sampling.seed is not None else 0)
             parts.append(_sampling_bytes(req.sampling))
+        if req.logprobs is not None:
+            flags |= _F_LOGPROBS
+            parts.append(_U8.pack(req.logprobs))
     parts.append(np.asarray(req.draft_ids, dtype=_I32).tobytes())
     if req.q_ids is not None and req.q_probs is not None:
         parts.append(_SPARSE_K.pack(req.q_ids.shape[1] if k else 0))
@@ -177,7 +113,15 @@ def encode_verify_result(res: VerifyResult) -> bytes:
     head = _header(MsgType.VERIFY_RESULT, res.header.session_id, res.header.seq)
     return head + _VERIFY_RESP.pack(
         int(res.status), res.num_accepted, res.next_token, min(res.verify_us, 2**32 - 1), res.committed_len
-    )
+    ) + _logprobs_bytes(res.logprobs)
+
+
+def _logprobs_bytes(lp: Logprobs | None) -> bytes:
+    if lp is None:
+        return b""
+    m, n = lp.top_ids.shape
+    return (_LOGPROBS_FIXED.pack(n, m) + np.asarray(lp.chosen, _F32).tobytes()
+            + np.asarray(lp.top_ids, _I32).tobytes() + np.asarray(lp.top_logprobs, _F32).tobytes())
 
 
 def encode_generate(req: GenerateRequest) -> bytes:
@@ -191,6 +135,12 @@ def encode_generate(req: GenerateRequest) -> bytes:
     if req.sampling is not None and not req.sampling.greedy:
         flags |= _F_SAMPLED | (_F_SEED if req.sampling.seed is not None else 0)
         tail = _sampling_bytes(req.sampling)
+    if req.min_tokens:
+        flags |= _F_MIN_TOKENS
+        tail += _U32.pack(req.min_tokens)
+    if req.logprobs is not None:
+        flags |= _F_LOGPROBS
+        tail += _U8.pack(req.logprobs)
     head = _header(MsgType.GENERATE, req.header.session_id, req.header.seq)
     return head + _GEN_FIXED.pack(flags, req.max_new_tokens, len(prompt)) + prompt + tail
 
@@ -198,7 +148,7 @@ def encode_generate(req: GenerateRequest) -> bytes:
 def encode_tokens(msg: Tokens) -> bytes:
     head = _header(MsgType.TOKENS, msg.header.session_id, msg.header.seq)
     ids = np.asarray(msg.token_ids, dtype=_I32)
-    return head + _TOKENS_FIXED.pack(int(msg.done), len(ids)) + ids.tobytes()
+    return head + _TOKENS_FIXED.pack(int(msg.done), len(ids)) + ids.tobytes() + _logprobs_bytes(msg.logprobs)
 
 
 def encode_release(msg: Release) -> bytes:
@@ -257,6 +207,26 @@ def _read_sampling(reader: _Reader, flags: int) -> SamplingConfig | None:
         raise WireError(f"bad sampling parameters: {exc}") from exc
 
 
+def _read_top_n(reader: _Reader) -> int:
+    (n,) = reader.unpack(_U8, "logprobs alternatives")
+    if n > MAX_TOP_LOGPROBS:
+        raise WireError(f"{n} logprob alternatives exceed {MAX_TOP_LOGPROBS}")
+    return int(n)
+
+
+def _read_logprobs(reader: _Reader, expected: int) -> Logprobs | None:
+    if reader.pos == len(reader.buf):
+        return None
+    n, m = reader.unpack(_LOGPROBS_FIXED, "logprobs header")
+    if n > MAX_TOP_LOGPROBS or m != expected:
+        raise WireError(f"logprobs for {m} tokens with {n} alternatives; expected {expected} tokens, "
+                        f"at most {MAX_TOP_LOGPROBS} alternatives")
+    chosen = reader.array(_F32, m, "logprobs")
+    top_ids = reader.array(_I32, m * n, "logprob ids").reshape(m, n)
+    top = reader.array(_F32, m * n, "logprob alternatives").reshape(m, n)
+    return Logprobs(chosen, top_ids, top)
+
+
 def _parse_turns(text: str) -> list[dict[str, str]]:
     try:
         turns = json.loads(text)
@@ -290,12 +260,15 @@ def decode(payload: bytes) -> Message:
         if k > MAX_DRAFT_LEN:
             raise WireError(f"draft of {k} tokens exceeds the limit of {MAX_DRAFT_LEN}")
         context = sampling = None
+        logprobs: int | None = None
         if flags & _F_CONTEXT:
             (n,) = reader.unpack(_CONTEXT_LEN, "context length")
             if not 1 <= n <= MAX_CONTEXT_TOKENS:
                 raise WireError(f"context of {n} tokens is outside 1..{MAX_CONTEXT_TOKENS}")
             context = reader.array(_I32, n, "context")
             sampling = _read_sampling(reader, flags)
+            if flags & _F_LOGPROBS:
+                logprobs = _read_top_n(reader)
         draft = reader.array(_I32, k, "draft")
         q_ids = q_probs = None
         if reader.pos < len(reader.buf):
@@ -306,14 +279,15 @@ def decode(payload: bytes) -> Message:
             q_probs = reader.array(_F32, k * top_k, "draft distribution probabilities").reshape(k, top_k)
             if not np.all(np.isfinite(q_probs)) or np.any(q_probs < 0):
                 raise WireError("draft probabilities must be finite and non-negative")
-        msg = VerifyRequest(header, base_len, draft, context, sampling, q_ids, q_probs)
+        msg = VerifyRequest(header, base_len, draft, context, sampling, q_ids, q_probs, logprobs)
     elif msg_type is MsgType.VERIFY_RESULT:
         status, accepted, next_token, verify_us, committed = reader.unpack(_VERIFY_RESP, "verify result")
         try:
             verify_status = VerifyStatus(status)
         except ValueError:
             raise WireError(f"unknown verify status {status}") from None
-        msg = VerifyResult(header, verify_status, accepted, next_token, verify_us, committed)
+        lp = _read_logprobs(reader, accepted + 1) if verify_status is VerifyStatus.OK else None
+        msg = VerifyResult(header, verify_status, accepted, next_token, verify_us, committed, lp)
     elif msg_type is MsgType.GENERATE:
         flags, max_new, nbytes = reader.unpack(_GEN_FIXED, "generate header")
         if nbytes > MAX_PROMPT_BYTES:
@@ -326,10 +300,13 @@ def decode(payload: bytes) -> Message:
         if flags & _F_MESSAGES:
             prompt = _parse_turns(text)
         sampling = _read_sampling(reader, flags)
-        msg = GenerateRequest(header, prompt, max_new, bool(flags & _F_CHAT), sampling)
+        min_tokens = reader.unpack(_U32, "min tokens")[0] if flags & _F_MIN_TOKENS else 0
+        top_n = _read_top_n(reader) if flags & _F_LOGPROBS else None
+        msg = GenerateRequest(header, prompt, max_new, bool(flags & _F_CHAT), sampling, min_tokens, top_n)
     elif msg_type is MsgType.TOKENS:
         done, count = reader.unpack(_TOKENS_FIXED, "tokens header")
-        msg = Tokens(header, reader.array(_I32, count, "tokens"), bool(done))
+        ids = reader.array(_I32, count, "tokens")
+        msg = Tokens(header, ids, bool(done), _read_logprobs(reader, count))
     elif msg_type is MsgType.RELEASE:
         msg = Release(header)
     elif msg_type is MsgType.PING:

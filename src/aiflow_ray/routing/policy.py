@@ -12,19 +12,22 @@ the request's n = max_new_tokens, not by TPOT alone: the raw input crosses the l
 first token on the edge paths (never on-device), and on a slow link that upload, not decoding,
 decides which path answers first.
 - ``grounded``: retrieval from the cloud is required: device-edge-cloud.
-An explicit path is honoured unless it cannot meet the quality or its tier is down.
+An explicit path is honoured unless the client also set a quality it cannot give (a 400 naming the
+field) or its tier is down (a 503). Refusals are values on the decision, never exceptions, so they
+cross Ray hops intact and reach the client as one sentence.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import cast
 
+from aiflow_ray.config import DEFAULT_MAX_DRAFT_LEN, LOGPROB_PATHS, PathName, Quality
+from aiflow_ray.errors import Refusal
 from aiflow_ray.network.wire import TOKENS_MESSAGE_SIZE, VERIFY_RESULT_SIZE, verify_request_size
-from aiflow_ray.routing.cost_model import ComputeCosts, LinkCosts, best_draft_len, round_time_s
+from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts, best_draft_len, round_time_s
 
-Path = Literal["on-device", "device-edge", "device-edge-cloud", "server-only"]
-Quality = Literal["exact", "fast", "grounded"]
+Path = PathName
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class RouteInputs:
     link: LinkCosts
     edge: TierLoad
     cloud: TierLoad
-    max_draft_len: int = 24
+    max_draft_len: int = DEFAULT_MAX_DRAFT_LEN
     fast_slo_s_per_token: float = 0.25
     shed_to_device: bool = True  # False: queue at the edge instead of answering from the device
     prompt_bytes: int = 0  # raw input that crosses the link before the first token (edge paths)
@@ -69,10 +72,7 @@ class Decision:
     predicted_tpot_s: dict[str, float] = field(default_factory=dict)
     predicted_ttft_s: dict[str, float] = field(default_factory=dict)
     predicted_s_per_token: dict[str, float] = field(default_factory=dict)  # (TTFT + (n-1) TPOT) / n
-
-
-class RouteError(Exception):
-    """The request asks for something no available tier can do."""
+    refusal: Refusal | None = None  # set exactly when path is None
 
 
 def _edge_factor(load: TierLoad) -> float:
@@ -123,14 +123,42 @@ def predict(inputs: RouteInputs) -> Prediction:
     return Prediction(k, tpot, ttft, per_token)
 
 
-def decide(requested: str, quality: Quality, inputs: RouteInputs, fixed_draft_len: int | None = None) -> Decision:
+# Which answers each path can give: a path contradicts a quality it cannot satisfy.
+_PATH_QUALITIES: dict[str, tuple[Quality, ...]] = {
+    "on-device": ("fast",),
+    "device-edge": ("exact", "fast"),
+    "server-only": ("exact", "fast"),
+    "device-edge-cloud": ("grounded",),
+}
+_QUALITY_MEANS = {"exact": "the large model's answer to the prompt", "fast": "the small or large model's answer "
+                  "to the prompt", "grounded": "an answer from the knowledge base"}
+
+
+def decide(requested: str, quality: Quality | None, inputs: RouteInputs, fixed_draft_len: int | None = None,
+           needs_logprobs: bool = False) -> Decision:
+    """The path and draft length for one request, or a refusal (never an exception).
+
+    ``quality`` None means the client did not say: a forced path just runs, ``auto`` means 'exact'.
+    A refusal is a 400 when the request contradicts itself and a 503 with Retry-After when the tier it
+    needs is down or saturated.
+    """
     pred = predict(inputs)
     k = fixed_draft_len if fixed_draft_len is not None else pred.draft_len
     lat = pred.s_per_token
 
-    def made(path: Path | None, draft_len: int, reason: str) -> Decision:
-        return Decision(path, draft_len, reason, pred.tpot_s, pred.ttft_s, lat)
+    def made(path: Path | None, draft_len: int, reason: str, refusal: Refusal | None = None) -> Decision:
+        if path is None and refusal is None:
+            refusal = Refusal(503, f"no tier can serve this request now: {reason}", None, 1)
+        return Decision(path, draft_len, reason, pred.tpot_s, pred.ttft_s, lat, refusal)
 
+    def bad(field: str, message: str) -> Decision:
+        return made(None, k, message, Refusal(400, message, field))
+
+    if requested != "auto" and quality is not None and quality not in _PATH_QUALITIES[requested]:
+        return bad("quality", f"path '{requested}' cannot give quality '{quality}' ({_QUALITY_MEANS[quality]})")
+    if needs_logprobs and (requested not in ("auto", *LOGPROB_PATHS) or quality == "grounded"):
+        return bad("logprobs", "logprobs need the verifier's distribution, which only paths "
+                   f"{' and '.join(LOGPROB_PATHS)} have")
     edge_ok = inputs.edge.available and not inputs.edge.saturated
     if quality == "grounded" or requested == "device-edge-cloud":
         if not inputs.cloud.available:
@@ -140,21 +168,21 @@ def decide(requested: str, quality: Quality, inputs: RouteInputs, fixed_draft_le
         return made("device-edge-cloud", k, "grounded answers need the cloud knowledge base (predicted "
                     f"{lat['device-edge-cloud'] * 1e3:.1f} ms per token)")
     if requested == "on-device":
-        if quality == "exact":
-            raise RouteError("path on-device cannot give quality 'exact' (the large model's output)")
         return made("on-device", 0, "requested on-device")
+    # With logprobs, a 'fast' request still needs the large model: the device cannot stand in for it.
+    may_shed = quality != "exact" and inputs.shed_to_device and not needs_logprobs
     if requested in ("device-edge", "server-only"):
         if edge_ok:
             return made(cast(Path, requested), k, f"requested {requested}")
-        if quality == "fast" and inputs.shed_to_device:
+        if quality == "fast" and may_shed:
             return made("on-device", 0, f"edge {'saturated' if inputs.edge.available else 'unreachable'}: "
                         "falling back to on-device")
         return made(None, k, "edge unavailable or saturated")
     # auto
     large_path: Path = "device-edge" if lat["device-edge"] <= lat["server-only"] else "server-only"
-    # (auto never picks the cloud for exact or fast requests: it answers the same question, slower.)
+    # (auto never picks the cloud for exact or fast requests: it answers another question, slower.)
     large_ms = lat[large_path] * 1e3
-    if quality == "exact":
+    if quality != "fast" or needs_logprobs:
         if not inputs.edge.available:
             return made(None, k, "edge unreachable; exact answers need the large model")
         if inputs.edge.saturated and inputs.shed_to_device:
@@ -162,7 +190,7 @@ def decide(requested: str, quality: Quality, inputs: RouteInputs, fixed_draft_le
         return made(large_path, k, f"{large_path} has the lowest predicted latency ({large_ms:.1f} ms per token)")
     if not edge_ok:
         state = "saturated" if inputs.edge.available else "unreachable"
-        if inputs.shed_to_device or not inputs.edge.available:
+        if may_shed or not inputs.edge.available:
             return made("on-device", 0, f"edge {state}: on-device")
         return made(large_path, k, f"edge {state}: queueing for the large model")
     slo_ms = inputs.fast_slo_s_per_token * 1e3

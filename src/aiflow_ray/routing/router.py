@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydantic import Field
+
+from aiflow_ray.config import MAX_DRAFT_LEN, LinkConfig, PathChoice, Quality, RouterArgs, StrictModel, TierName
 from aiflow_ray.network.estimators import Ewma, ForgettingLinearFit, LinkEstimator
-from aiflow_ray.routing.cost_model import ComputeCosts, LinkCosts
-from aiflow_ray.routing.policy import Decision, Quality, RouteInputs, TierLoad, decide
+from aiflow_ray.routing.policy import Decision, RouteInputs, TierLoad, decide
+from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
 
 LOAD_STALE_S = 15.0  # a tier that has not reported for this long is treated as unreachable
 
 
-@dataclass
-class GenerationReport:
-    """What a drafter replica learned from one request (sums over its rounds)."""
+Sample = tuple[int, float]  # (bytes, seconds)
 
-    link_id: str
+
+class GenerationReport(StrictModel):
+    """What a drafter replica learned from one request (sums over its rounds), or from a probe."""
+
+    link_id: str = Field(..., description="The device's link; empty for reports that measured no link.")
     path: str
     rounds: int = 0
     drafted: int = 0
@@ -32,28 +37,48 @@ class GenerationReport:
     rejections: int = 0
     draft_s: float = 0.0
     draft_tokens: int = 0
-    link_samples: list[tuple[int, float]] = field(default_factory=list)  # (bytes, link seconds)
-    probe_pairs: list[tuple[tuple[int, float], tuple[int, float]]] = field(default_factory=list)
-    cloud_link_samples: list[tuple[int, float]] = field(default_factory=list)  # edge-cloud (bytes, seconds)
+    link_samples: tuple[Sample, ...] = ()  # (bytes, link seconds) per round
+    probe_pairs: tuple[tuple[Sample, Sample], ...] = ()
+    cloud_link_samples: tuple[Sample, ...] = ()  # edge-cloud (bytes, seconds)
     on_device_s_per_token: float | None = None
 
 
-@dataclass
-class RouterConfig:
-    fast_slo_s_per_token: float = 0.25
-    shed_to_device: bool = True
-    max_draft_len: int = 24
-    prior_alpha: float = 0.7
-    prior_draft_s_per_token: float = 0.09
-    prior_verify_s: float = 0.23
-    prior_bandwidth_bps: float = 1e6
-    prior_rtt_s: float = 0.02
-    decisions_kept: int = 200
+class LoadReport(StrictModel):
+    """A replica's load, pushed every ``load_report_period_s``, with its recent (tokens fed, seconds)."""
+
+    tier: TierName
+    replica: str
+    ongoing: int = Field(..., ge=0, description="Requests being computed now.")
+    queued: int = Field(..., ge=0, description="Requests admitted to the replica and waiting for its engine.")
+    capacity: int = Field(..., ge=0, description="Requests the replica admits at once.")
+    service_samples: tuple[tuple[int, float], ...] = ()
+
+
+class RouteRequest(StrictModel):
+    """One request as the router sees it: keywords, typed, validated at the router."""
+
+    request_id: str
+    link_id: str
+    path: PathChoice = "auto"
+    quality: Quality | None = None
+    draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_LEN, description="A fixed k the client asked for.")
+    prompt_bytes: int = Field(0, ge=0, description="Raw input that crosses the link before the first token.")
+    max_new_tokens: int = Field(64, ge=1)
+    needs_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class Routed:
+    """The decision, and the link conditions the device emulates for this request (emulation only:
+    the decision never reads them)."""
+
+    decision: Decision
+    link: LinkConfig
 
 
 class RouterState:
-    def __init__(self, cfg: RouterConfig | None = None) -> None:
-        self.cfg = cfg or RouterConfig()
+    def __init__(self, cfg: RouterArgs | None = None) -> None:
+        self.cfg = cfg or RouterArgs()
         self.links: dict[str, LinkEstimator] = {}
         self.accepted = self.cfg.prior_alpha * 8.0
         self.rejected = (1 - self.cfg.prior_alpha) * 8.0
@@ -90,11 +115,12 @@ class RouterState:
         if report.on_device_s_per_token is not None:
             self.draft_s.update(report.on_device_s_per_token)
 
-    def report_load(self, tier: str, replica: str, ongoing: int, queued: int, capacity: int,
-                    service_samples: list[tuple[int, float]] | None = None) -> None:
+    def report_load(self, report: LoadReport) -> None:
         """A replica's load and its recent (tokens fed, seconds) forwards, measured where they ran."""
-        self.loads.setdefault(tier, {})[replica] = (time.monotonic(), TierLoad(True, ongoing, queued, capacity))
-        for fed, seconds in service_samples or []:
+        tier = report.tier
+        self.loads.setdefault(tier, {})[report.replica] = (
+            time.monotonic(), TierLoad(True, report.ongoing, report.queued, report.capacity))
+        for fed, seconds in report.service_samples:
             if tier == "edge":
                 self.verify_fit.observe(float(fed), seconds)
             elif tier == "cloud" and fed > 0:  # (tokens generated, seconds) of a beam search
@@ -137,13 +163,13 @@ class RouterState:
             cloud_s_per_token=self.cloud_s_per_token.value or self.cfg.prior_verify_s,
         )
 
-    def decide(self, request_id: str, link_id: str, path: str, quality: Quality,
-               draft_len: int | None, prompt_bytes: int = 0, max_new_tokens: int = 64) -> Decision:
-        inputs = self.inputs(link_id, prompt_bytes, max_new_tokens)
-        decision = decide(path, quality, inputs, draft_len)
+    def decide(self, req: RouteRequest) -> Decision:
+        inputs = self.inputs(req.link_id, req.prompt_bytes, req.max_new_tokens)
+        decision = decide(req.path, req.quality, inputs, req.draft_len, req.needs_logprobs)
+        prompt_bytes, max_new_tokens = req.prompt_bytes, req.max_new_tokens
         record = {
-            "request_id": request_id, "at": time.time(), "link_id": link_id, "requested_path": path,
-            "quality": quality, "path": decision.path, "draft_len": decision.draft_len,
+            "request_id": req.request_id, "at": time.time(), "link_id": req.link_id, "requested_path": req.path,
+            "quality": req.quality, "path": decision.path, "draft_len": decision.draft_len,
             "reason": decision.reason, "predicted_tpot_s": decision.predicted_tpot_s,
             "predicted_s_per_token": decision.predicted_s_per_token,
             "inputs": {

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiflow_ray.config import TIERS, AppArgs, TierArgs
 from aiflow_ray.logging_utils import get_logger
-from aiflow_ray.serve.args import AppArgs, TierArgs
 
 log = get_logger(__name__)
 
@@ -54,8 +54,8 @@ def check_placement(args: AppArgs) -> None:
     if not args.check_labels or not ray.is_initialized():
         return
     labels = [node.get("Labels", {}) or {} for node in ray.nodes() if node.get("Alive")]
-    for tier_name in ("device", "edge", "cloud", "ingress"):
-        selector = getattr(args, tier_name).label_selector
+    for tier_name in (*TIERS, "ingress"):
+        selector = args.tier(tier_name).label_selector
         if selector and not any(all(lab.get(k) == v for k, v in selector.items()) for lab in labels):
             seen = sorted({f"{k}={v}" for lab in labels for k, v in lab.items() if not k.startswith("ray.io/")})
             raise PlacementError(

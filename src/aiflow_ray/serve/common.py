@@ -1,4 +1,4 @@
-"""Pieces shared by the tier servers: the router handle, load reporting, engine loading."""
+"""Pieces shared by the tier servers: engine loading, torch threads, the router handle, load reports."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
+from aiflow_ray.config import AppArgs, TierName
+from aiflow_ray.engines.base import Engine
 from aiflow_ray.logging_utils import get_logger
-from aiflow_ray.serve.args import AppArgs
+from aiflow_ray.routing.router import LoadReport
 
 log = get_logger(__name__)
 
@@ -31,6 +34,17 @@ def configure_torch_threads(threads: int | None) -> int:
     return count
 
 
+def tier_engine(args: AppArgs, tier: TierName, role: Literal["drafter", "verifier"], engine: Engine | None) -> Engine:
+    """The tier's engine: the injected one (tests), else the configured model loaded with the tier's threads."""
+    configure_torch_threads(args.tier(tier).torch_threads)
+    if engine is not None:
+        return engine
+    from aiflow_ray.engines.loader import load_engine
+
+    pair = args.model_pair()
+    return load_engine(pair.drafter if role == "drafter" else pair.verifier, pair.dtype, pair.device)
+
+
 def router_handle(args: AppArgs) -> Any:
     """The app's Router: a single-replica deployment, so its lifetime is the application's."""
     from ray import serve
@@ -39,23 +53,27 @@ def router_handle(args: AppArgs) -> Any:
 
 
 class LoadTracker:
-    """Counts a replica's ongoing/queued work and pushes it, with recent service times, to the router.
+    """Counts a replica's queued and ongoing work and pushes it, with recent service times, to the router.
 
-    ``service_samples`` is the replica's own record of (tokens fed, seconds) per forward; each report
-    drains it, so the router learns compute costs from every path, including server-only and the
-    start-up calibration, without a per-request call.
+    A request is *queued* from the moment the replica admits it (``admitted``) until it holds the
+    engine (``busy``), then *ongoing*: the router sees a queue forming behind the engine lock, not only
+    how many requests the replica holds. ``service_samples`` is the replica's own record of (tokens
+    fed, seconds) per forward; each report drains it, so the router learns compute costs from every
+    path, including server-only and the start-up calibration, without a per-request call.
     """
 
     MAX_SAMPLES_PER_REPORT = 64
 
-    def __init__(self, tier: str, args: AppArgs, capacity: int,
-                 service_samples: deque[tuple[int, float]] | None = None) -> None:
+    def __init__(self, tier: TierName, args: AppArgs, service_samples: deque[tuple[int, float]] | None = None,
+                 router: Any = None, replica_id: Callable[[], str] | None = None) -> None:
         self.tier = tier
         self.args = args
-        self.capacity = capacity
+        self.capacity = args.tier(tier).max_ongoing_requests
         self.service_samples = service_samples
-        self.ongoing = 0
-        self.waiting = 0
+        self.admitted_count = 0
+        self.busy_count = 0
+        self._router = router
+        self._replica_id = replica_id
         self._task: asyncio.Task[None] | None = None
         self._lock = threading.Lock()
 
@@ -63,31 +81,53 @@ class LoadTracker:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._report_forever())
 
+    @property
+    def ongoing(self) -> int:
+        return self.busy_count
+
+    @property
+    def queued(self) -> int:
+        return self.admitted_count - self.busy_count
+
     @contextlib.contextmanager
-    def track(self) -> Any:
+    def _counted(self, attr: str) -> Iterator[None]:
         with self._lock:
-            self.ongoing += 1
+            setattr(self, attr, getattr(self, attr) + 1)
         try:
             yield
         finally:
             with self._lock:
-                self.ongoing -= 1
+                setattr(self, attr, getattr(self, attr) - 1)
+
+    def admitted(self) -> contextlib.AbstractContextManager[None]:
+        return self._counted("admitted_count")
+
+    def busy(self) -> contextlib.AbstractContextManager[None]:
+        """Inside ``admitted``: the request holds the engine now."""
+        return self._counted("busy_count")
+
+    def report(self, pending: list[tuple[int, float]]) -> LoadReport:
+        replica = self._replica_id() if self._replica_id else _serve_replica_id()
+        return LoadReport(tier=self.tier, replica=replica, ongoing=self.ongoing, queued=max(self.queued, 0),
+                          capacity=self.capacity, service_samples=tuple(pending))
 
     async def _report_forever(self) -> None:
-        from ray import serve
-
-        replica = serve.get_replica_context().replica_id.unique_id
-        router = None
+        router = self._router
         pending: list[tuple[int, float]] = []
         while True:
             while self.service_samples and len(pending) < self.MAX_SAMPLES_PER_REPORT:
                 pending.append(self.service_samples.popleft())
             try:
                 router = router or router_handle(self.args)
-                await router.report_load.remote(self.tier, replica, self.ongoing, self.waiting, self.capacity,
-                                                pending)
+                await router.report_load.remote(self.report(pending))
                 pending = []
             except Exception as exc:  # the router may not exist yet during start-up
-                router = None
+                router = self._router
                 log.debug("load report failed: %s", exc)
             await asyncio.sleep(self.args.router.load_report_period_s)
+
+
+def _serve_replica_id() -> str:
+    from ray import serve
+
+    return str(serve.get_replica_context().replica_id.unique_id)

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from aiflow_ray.serve.args import AppArgs
+from aiflow_ray.config.app import AppArgs
 
 IMPORT_PATH = "aiflow_ray.serve:build_app"
 RAY_VERSION = "2.60.0"
@@ -27,7 +27,7 @@ def profile_args(profile: str) -> dict[str, Any]:
         raw: dict[str, Any] = {}
     elif profile == "tiny":
         raw = {
-            "profile": "tiny",
+            "model_preset": "tiny",
             "device": {"label_selector": {"tier": "device"}, **tier_defaults},
             "edge": {"label_selector": {"tier": "edge"}, **tier_defaults},
             "cloud": {"label_selector": {"tier": "cloud"}, **tier_defaults},

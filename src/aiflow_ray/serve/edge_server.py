@@ -15,9 +15,10 @@ from typing import Any
 
 from ray import serve
 
+from aiflow_ray.config import AppArgs
+from aiflow_ray.engines.base import Engine
 from aiflow_ray.logging_utils import get_logger
-from aiflow_ray.serve.args import AppArgs
-from aiflow_ray.serve.common import LoadTracker, configure_torch_threads
+from aiflow_ray.serve.common import LoadTracker, tier_engine
 from aiflow_ray.tiers.edge import EdgeVerifier, answer_ping
 
 log = get_logger(__name__)
@@ -38,19 +39,16 @@ class _SessionMarker:
 
 
 class EdgeVerifierServer:
-    def __init__(self, args: dict[str, Any], engine: Any = None) -> None:
+    def __init__(self, args: dict[str, Any], engine: Engine | None = None, router: Any = None,
+                 replica_id: Any = None) -> None:
+        """``engine``, ``router`` and ``replica_id`` are injected by unit tests; Serve passes only ``args``."""
         self.args = AppArgs.model_validate(args)
-        configure_torch_threads(self.args.edge.torch_threads)
-        if engine is None:
-            from aiflow_ray.models.loader import load_engine
-
-            pair = self.args.model_pair()
-            engine = load_engine(pair.verifier, pair.dtype, pair.device)
-        self.edge = EdgeVerifier(engine, max_sessions=self.args.edge_sessions_per_replica)
+        self.edge = EdgeVerifier(tier_engine(self.args, "edge", "verifier", engine),
+                                 max_sessions=self.args.edge_sessions_per_replica)
         self._engine_lock = threading.Lock()  # one forward at a time: the engine is not thread-safe
         samples = self.edge.calibrate()
         log.info("edge calibrated: %s", ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples))
-        self.load = LoadTracker("edge", self.args, self.args.edge.max_ongoing_requests, self.edge.service_samples)
+        self.load = LoadTracker("edge", self.args, self.edge.service_samples, router, replica_id)
 
     # Serve detects multiplexing on the class, so the bound is a constant here; the KV memory bound is
     # EdgeVerifier's own max_sessions (edge_sessions_per_replica), which evicts independently.
@@ -65,12 +63,12 @@ class EdgeVerifierServer:
             await self._touch_session(session_hex)
 
     def _verify_locked(self, payload: bytes) -> bytes:
-        with self._engine_lock:
+        with self._engine_lock, self.load.busy():
             return self.edge.handle(payload)
 
     async def verify(self, payload: bytes) -> bytes:
         await self._affinity()
-        with self.load.track():
+        with self.load.admitted():
             return await asyncio.to_thread(self._verify_locked, payload)
 
     async def ping(self, payload: bytes) -> bytes:
@@ -80,14 +78,18 @@ class EdgeVerifierServer:
     async def release(self, payload: bytes) -> None:
         await asyncio.to_thread(self._verify_locked, payload)
 
+    async def vocab_fingerprint(self) -> str:
+        """The verifier's token->id map digest: the device refuses to speculate against another tokenizer."""
+        return self.edge.engine.vocab_fingerprint()
+
     async def generate_stream(self, payload: bytes) -> AsyncIterator[bytes]:
         """Server-only path: tokens stream back as they are produced."""
         await self._affinity()
-        with self.load.track():
+        with self.load.admitted():
             stream = self.edge.generate_stream(payload)
 
             def step() -> bytes | None:
-                with self._engine_lock:
+                with self._engine_lock, self.load.busy():
                     return next(stream, None)
 
             while (message := await asyncio.to_thread(step)) is not None:
@@ -97,7 +99,8 @@ class EdgeVerifierServer:
         import torch
 
         return {"torch_threads": torch.get_num_threads(), "sessions": getattr(self.edge.engine, "num_sessions", None),
-                "context_requests": self.edge.context_requests, "ongoing": self.load.ongoing}
+                "context_requests": self.edge.context_requests, "ongoing": self.load.ongoing,
+                "queued": self.load.queued}
 
     async def check_health(self) -> None:
         self.load.start()  # report load from the start, not only after the first request

@@ -1,6 +1,6 @@
 """Draft-length policies behind one interface, chosen by name from a registry.
 
-The device loop asks ``next_draft_len(remaining)`` before each round and reports each round back
+The device loop asks ``next_draft_len(remaining, draft_top_k)`` before each round and reports each round back
 through ``update(feedback)`` (the hook transformers calls ``update_candidate_strategy``). The adaptive
 policy keeps its own measurements (acceptance, draft and verify compute, link RTT and bandwidth from
 observed round trips) and picks the k that minimises the cost model's TPOT. It is never told the
@@ -16,7 +16,7 @@ from typing import Protocol
 from aiflow_ray.config import DraftPolicyConfig
 from aiflow_ray.network.estimators import Ewma, ForgettingLinearFit, LinkEstimator
 from aiflow_ray.network.wire import VERIFY_RESULT_SIZE, verify_request_size
-from aiflow_ray.routing.cost_model import ComputeCosts, LinkCosts, best_draft_len
+from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts, best_draft_len
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,10 @@ class RoundFeedback:
 
 
 class DraftLenPolicy(Protocol):
-    def next_draft_len(self, remaining_tokens: int) -> int: ...
+    def next_draft_len(self, remaining_tokens: int, draft_top_k: int = 0) -> int:
+        """k for the next round; ``draft_top_k`` is the request's sparse draft distribution size (0 when
+        greedy), which sets how many bytes each draft token costs on the uplink."""
+        ...
 
     def update(self, feedback: RoundFeedback) -> None: ...
 
@@ -44,7 +47,7 @@ class FixedDraftLen:
     def __init__(self, cfg: DraftPolicyConfig) -> None:
         self.k = cfg.draft_len
 
-    def next_draft_len(self, remaining_tokens: int) -> int:
+    def next_draft_len(self, remaining_tokens: int, draft_top_k: int = 0) -> int:
         # The round always emits one token of its own (correction or bonus), so drafting more than
         # remaining - 1 tokens is wasted work.
         return max(0, min(self.k, remaining_tokens - 1))
@@ -102,9 +105,8 @@ class AcceptanceEstimator:
 class AdaptiveDraftLen:
     """Pick k maximising expected tokens per second under the measured cost model."""
 
-    def __init__(self, cfg: DraftPolicyConfig, draft_top_k: int = 0) -> None:
+    def __init__(self, cfg: DraftPolicyConfig) -> None:
         self.cfg = cfg
-        self.draft_top_k = draft_top_k
         self.acceptance = AcceptanceEstimator(
             cfg.prior_acceptance, cfg.prior_weight_tokens, forget=1.0 - 1.0 / cfg.acceptance_memory_rounds
         )
@@ -115,9 +117,6 @@ class AdaptiveDraftLen:
         self.link = LinkEstimator()
         self.last_k = min(cfg.draft_len, cfg.max_draft_len)
 
-    def _up_bytes(self) -> Callable[[int], int]:
-        top_k = self.draft_top_k
-        return lambda k: verify_request_size(k, top_k)
 
     def compute_costs(self) -> ComputeCosts | None:
         if self.draft_s_per_token.value is None or self.verify_fit.count_weight == 0:
@@ -131,7 +130,7 @@ class AdaptiveDraftLen:
             round_overhead_s=self.other_s.value or 0.0,
         )
 
-    def next_draft_len(self, remaining_tokens: int) -> int:
+    def next_draft_len(self, remaining_tokens: int, draft_top_k: int = 0) -> int:
         cap = max(0, min(self.cfg.max_draft_len, remaining_tokens - 1))
         if cap == 0:
             return 0
@@ -141,7 +140,8 @@ class AdaptiveDraftLen:
         est = self.link.estimate()
         link = LinkCosts(est.rtt_s, est.bandwidth_bps, est.bandwidth_bps)
         k, _ = best_draft_len(
-            self.acceptance.positional(self.cfg.max_draft_len), compute, link, self._up_bytes(), VERIFY_RESULT_SIZE,
+            self.acceptance.positional(self.cfg.max_draft_len), compute, link,
+            lambda n: verify_request_size(n, draft_top_k), VERIFY_RESULT_SIZE,
             self.cfg.max_draft_len,
         )
         self.last_k = k
@@ -175,17 +175,12 @@ class AdaptiveDraftLen:
         return out
 
 
-PolicyFactory = Callable[[DraftPolicyConfig, int], DraftLenPolicy]
-
-POLICIES: dict[str, PolicyFactory] = {
-    "fixed": lambda cfg, _top_k: FixedDraftLen(cfg),
-    "adaptive": lambda cfg, top_k: AdaptiveDraftLen(cfg, top_k),
+POLICIES: dict[str, Callable[[DraftPolicyConfig], DraftLenPolicy]] = {
+    "fixed": FixedDraftLen,
+    "adaptive": AdaptiveDraftLen,
 }
 
 
-def make_policy(cfg: DraftPolicyConfig, draft_top_k: int = 0) -> DraftLenPolicy:
-    try:
-        factory = POLICIES[cfg.policy]
-    except KeyError:
-        raise ValueError(f"unknown draft policy {cfg.policy!r}; known: {sorted(POLICIES)}") from None
-    return factory(cfg, draft_top_k)
+def make_policy(cfg: DraftPolicyConfig) -> DraftLenPolicy:
+    """The policy ``cfg.policy`` names (the config's Literal admits only registered names)."""
+    return POLICIES[cfg.policy](cfg)

@@ -51,3 +51,21 @@ def draft_sparse_probs(logits: np.ndarray, sampling: SamplingConfig) -> tuple[np
 
 def sample_sparse(ids: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(ids[rng.choice(len(ids), p=probs)])
+
+
+def pick_logprobs(logprobs: np.ndarray, chosen: list[int], top_n: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Log-probabilities of the chosen tokens and of the ``top_n`` most likely at each position.
+
+    ``logprobs`` is [m, V] (m >= len(chosen)); returns ([m'] chosen, [m', n] ids, [m', n] logprobs) for
+    m' = len(chosen), alternatives sorted by decreasing probability (ties by id, so both ends agree).
+    """
+    rows = logprobs[: len(chosen)]  # [m', V]
+    picked = rows[np.arange(len(chosen)), chosen].astype(np.float32)
+    if top_n == 0:
+        return picked, np.zeros((len(chosen), 0), np.int32), np.zeros((len(chosen), 0), np.float32)
+    part = np.argpartition(-rows, top_n - 1, axis=-1)[:, :top_n]  # [m', n] unordered
+    vals = np.take_along_axis(rows, part, axis=-1)
+    order = np.lexsort((part, -vals), axis=-1)
+    ids = np.take_along_axis(part, order, axis=-1).astype(np.int32)
+    return picked, ids, np.take_along_axis(vals, order, axis=-1).astype(np.float32)

@@ -33,8 +33,15 @@ class EdgeError(RuntimeError):
     """The edge answered with an error or kept losing the session."""
 
 
+# Called with the tokens a round (or step) emitted and their logprobs when asked for; may raise to stop.
+OnRound = Callable[[list[int], "wire.Logprobs | None"], None]
+
+
 class Transport(Protocol):
+    """Device <-> edge: every payload crosses ``link`` (emulated here, the real network elsewhere)."""
+
     clock: Clock
+    link: DuplexLink
 
     def exchange(self, payload: bytes) -> bytes: ...
 
@@ -75,11 +82,15 @@ class GenerationResult:
     text: str
     trace: Trace
     stats: SpecStats | None = None
+    prompt_tokens: int = 0
+    logprobs: wire.Logprobs | None = None  # [len(token_ids)] when asked for, from the verifier
 
 
-def _truncate_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]:
+def _truncate_at_eos(tokens: list[int], eos: frozenset[int], emitted_before: int, min_tokens: int
+                     ) -> tuple[list[int], bool]:
+    """Cut after the first end-of-sequence token that may end the output (see ``min_tokens``)."""
     for i, token in enumerate(tokens):
-        if token in eos:
+        if token in eos and emitted_before + i + 1 >= min_tokens:
             return tokens[: i + 1], True
     return tokens, False
 
@@ -99,7 +110,8 @@ class DeviceDrafter:
         max_new_tokens: int,
         sampling: SamplingConfig,
         clock: Clock | None = None,
-        on_token: Callable[[int, list[int]], None] | None = None,
+        on_token: OnRound | None = None,
+        min_tokens: int = 0,
     ) -> GenerationResult:
         """The small model alone, no link."""
         clock = clock or RealClock()
@@ -118,13 +130,13 @@ class DeviceDrafter:
                 out.append(token)
                 trace.token_times_s.append(clock.now() - started)
                 if on_token is not None:
-                    on_token(len(out), [token])
-                if token in self.engine.eos_token_ids:
+                    on_token([token], None)
+                if token in self.engine.eos_token_ids and len(out) >= min_tokens:
                     break
         finally:
             self.engine.release(sid)
-        trace.finish(started)
-        return GenerationResult(out, self.engine.decode(out), trace)
+        trace.finish()
+        return GenerationResult(out, self.engine.decode(out), trace, prompt_tokens=len(prompt_ids))
 
     # -- device-edge ----------------------------------------------------------------------------
     def generate_speculative(
@@ -134,9 +146,15 @@ class DeviceDrafter:
         sampling: SamplingConfig,
         policy: DraftLenPolicy,
         transport: Transport,
-        on_round: Callable[[int, list[int]], None] | None = None,
+        on_round: OnRound | None = None,
+        min_tokens: int = 0,
+        logprobs: int | None = None,
+        draft_top_k: int = 0,
     ) -> GenerationResult:
+        """The speculative loop; ``draft_top_k`` is the sparse draft distribution's size when sampling (the
+        policy prices the uplink with it), ``logprobs`` asks the verifier for its log-probabilities."""
         clock = transport.clock
+        logprob_parts: list[wire.Logprobs] = []
         trace = Trace(path="device-edge")
         stats = SpecStats()
         rng = self._rng_for(sampling)
@@ -151,7 +169,7 @@ class DeviceDrafter:
         try:
             while len(out) < max_new_tokens:
                 round_start = clock.now()
-                k = policy.next_draft_len(max_new_tokens - len(out))
+                k = policy.next_draft_len(max_new_tokens - len(out), draft_top_k)
                 draft = self.engine.draft(sid, k, sampling, rng) if k > 0 else None
                 draft_ids = draft.token_ids if draft else []
                 draft_s = draft.compute_s if draft else 0.0
@@ -168,6 +186,7 @@ class DeviceDrafter:
                         draft_ids=np.asarray(draft_ids, np.int32),
                         context=context,
                         sampling=sampling if context is not None else None,
+                        logprobs=logprobs if context is not None else None,
                         q_ids=draft.q_ids if sampled and draft else None,
                         q_probs=(draft.q_probs.astype(np.float32)
                                  if sampled and draft and draft.q_probs is not None else None),
@@ -203,8 +222,14 @@ class DeviceDrafter:
                 self.engine.append(sid, emitted)
                 committed += len(emitted)
                 stats.observe(len(draft_ids), accepted)
-                emitted, hit_eos = _truncate_at_eos(emitted, self.engine.eos_token_ids)
+                emitted, hit_eos = _truncate_at_eos(emitted, self.engine.eos_token_ids, len(out), min_tokens)
                 emitted = emitted[: max_new_tokens - len(out)]
+                round_logprobs = None
+                if logprobs is not None:
+                    if reply.logprobs is None:
+                        raise EdgeError("the edge sent no logprobs")
+                    round_logprobs = reply.logprobs.head(len(emitted))
+                    logprob_parts.append(round_logprobs)
                 out.extend(emitted)
                 now = clock.now()
                 trace.token_times_s.extend([now - started] * len(emitted))
@@ -226,7 +251,7 @@ class DeviceDrafter:
                     other_s=(now - round_start) - draft_s - (received - sent), prefill=prefill,
                 ))
                 if on_round is not None:
-                    on_round(trace.rounds, emitted)
+                    on_round(emitted, round_logprobs)
                 if hit_eos:
                     break
         finally:
@@ -238,13 +263,15 @@ class DeviceDrafter:
         trace.acceptance_rate = stats.acceptance_rate
         trace.alpha = stats.alpha
         trace.policy = policy.describe()
-        trace.finish(started)
-        return GenerationResult(out, self.engine.decode(out), trace, stats)
+        trace.finish()
+        return GenerationResult(out, self.engine.decode(out), trace, stats, len(prompt_ids),
+                                wire.Logprobs.concat(logprob_parts))
 
 
 def generate_server_only(
     prompt: str | list[dict[str, str]], chat: bool, max_new_tokens: int, sampling: SamplingConfig, transport: Transport,
-    decode: Callable[[list[int]], str], on_token: Callable[[int, list[int]], None] | None = None,
+    decode: Callable[[list[int]], str], on_token: OnRound | None = None, min_tokens: int = 0,
+    logprobs: int | None = None,
 ) -> GenerationResult:
     """Baseline: the raw prompt crosses once; the large model decodes alone and streams tokens down."""
     clock = transport.clock
@@ -252,9 +279,10 @@ def generate_server_only(
     session = wire.new_session_id()
     req = wire.GenerateRequest(
         wire.Header(wire.MsgType.GENERATE, session, 0), prompt, max_new_tokens, chat,
-        None if sampling.greedy else sampling,
+        None if sampling.greedy else sampling, min_tokens, logprobs,
     )
     payload = wire.encode_generate(req)
+    logprob_parts: list[wire.Logprobs] = []
     trace.bytes_up += len(payload)
     started = clock.now()
     out: list[int] = []
@@ -267,11 +295,13 @@ def generate_server_only(
         assert isinstance(tokens, wire.Tokens)
         ids = tokens.token_ids.tolist()
         out.extend(ids)
+        if tokens.logprobs is not None:
+            logprob_parts.append(tokens.logprobs)
         trace.token_times_s.extend([arrival - started] * len(ids))
         last_arrival = arrival
         if on_token is not None:
-            on_token(len(out), ids)
+            on_token(ids, tokens.logprobs)
     clock.sleep_until(last_arrival)
     trace.rounds = len(out)
-    trace.finish(started)
-    return GenerationResult(out, decode(out), trace)
+    trace.finish()
+    return GenerationResult(out, decode(out), trace, logprobs=wire.Logprobs.concat(logprob_parts))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from aiflow_ray.config import SamplingConfig
 from aiflow_ray.engines.base import Engine, SessionNotFound
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
+from aiflow_ray.speculative.sampling import pick_logprobs
 from aiflow_ray.speculative.verify import verify_greedy, verify_sampled
 
 log = get_logger(__name__)
@@ -25,11 +27,24 @@ log = get_logger(__name__)
 GREEDY = SamplingConfig()
 
 
+@dataclass
+class _SessionState:
+    sampling: SamplingConfig
+    rng: np.random.Generator
+    logprobs: int | None  # alternatives per token to report, None = no logprobs
+
+
+def _logprobs(scores_logprobs: np.ndarray | None, chosen: list[int], top_n: int | None) -> wire.Logprobs | None:
+    if top_n is None or scores_logprobs is None:
+        return None
+    return wire.Logprobs(*pick_logprobs(scores_logprobs, chosen, top_n))
+
+
 class EdgeVerifier:
     def __init__(self, engine: Engine, max_sessions: int = 256, seed: int | None = None) -> None:
         self.engine = engine
         self.max_sessions = max_sessions
-        self._sampling: OrderedDict[bytes, tuple[SamplingConfig, np.random.Generator]] = OrderedDict()
+        self._sessions: OrderedDict[bytes, _SessionState] = OrderedDict()
         self._seed_rng = np.random.default_rng(seed)
         self.context_requests = 0
         # (tokens fed, seconds) of recent forwards, drained by whoever reports service times.
@@ -62,25 +77,27 @@ class EdgeVerifier:
     def _sid(self, session_id: bytes) -> str:
         return session_id.hex()
 
-    def _start(self, session_id: bytes, context: np.ndarray, sampling: SamplingConfig | None) -> None:
+    def _start(self, session_id: bytes, context: np.ndarray, sampling: SamplingConfig | None,
+               logprobs: int | None = None) -> _SessionState:
         self._check_ids(context, "context")
         sampling = sampling or GREEDY
         rng = np.random.default_rng(sampling.seed if sampling.seed is not None else self._seed_rng.integers(2**63))
         self.engine.open_session(self._sid(session_id), context.tolist())
-        self._sampling[session_id] = (sampling, rng)
-        self._sampling.move_to_end(session_id)
-        while len(self._sampling) > self.max_sessions:
+        state = self._sessions[session_id] = _SessionState(sampling, rng, logprobs)
+        self._sessions.move_to_end(session_id)
+        while len(self._sessions) > self.max_sessions:
             # Evicting is safe: the device will be asked for the context again.
-            evicted, _ = self._sampling.popitem(last=False)
+            evicted, _ = self._sessions.popitem(last=False)
             self.engine.release(self._sid(evicted))
             log.info("evicted session %s (limit %d)", evicted.hex()[:8], self.max_sessions)
+        return state
 
     def drop_session(self, session_id: bytes) -> None:
-        self._sampling.pop(session_id, None)
+        self._sessions.pop(session_id, None)
         self.engine.release(self._sid(session_id))
 
     def drop_all_sessions(self) -> None:
-        for session_id in list(self._sampling):
+        for session_id in list(self._sessions):
             self.drop_session(session_id)
 
     def _check_ids(self, ids: np.ndarray, what: str) -> None:
@@ -108,19 +125,20 @@ class EdgeVerifier:
         sid = req.header.session_id
         header = wire.Header(wire.MsgType.VERIFY_RESULT, sid, req.header.seq)
         if req.context is not None:
-            self._start(sid, req.context, req.sampling)
-        elif sid not in self._sampling or not self.engine.has_session(self._sid(sid)) or (
+            self._start(sid, req.context, req.sampling, req.logprobs)
+        elif sid not in self._sessions or not self.engine.has_session(self._sid(sid)) or (
             self.engine.session_length(self._sid(sid)) != req.base_len
         ):
             self.context_requests += 1
             return wire.VerifyResult(header, wire.VerifyStatus.NEED_CONTEXT)
-        self._sampling.move_to_end(sid)
-        sampling, rng = self._sampling[sid]
+        self._sessions.move_to_end(sid)
+        state = self._sessions[sid]
+        sampling, rng = state.sampling, state.rng
         self._check_ids(req.draft_ids, "draft")
         draft = req.draft_ids.tolist()
         started = time.perf_counter()
         try:
-            scores = self.engine.score(self._sid(sid), draft, sampling)
+            scores = self.engine.score(self._sid(sid), draft, sampling, with_logprobs=state.logprobs is not None)
         except SessionNotFound:
             self.context_requests += 1
             return wire.VerifyResult(header, wire.VerifyStatus.NEED_CONTEXT)
@@ -134,13 +152,14 @@ class EdgeVerifier:
             q_ids = req.q_ids if req.q_ids is not None else np.zeros((0, 1), np.int32)
             q_probs = wire.normalize_q(req.q_probs) if req.q_probs is not None else np.zeros((0, 1))
             accepted, next_token = verify_sampled(draft, q_ids, q_probs, scores.probs, rng)
-        self.engine.append(self._sid(sid), [*draft[:accepted], next_token])
+        emitted = [*draft[:accepted], next_token]
+        self.engine.append(self._sid(sid), emitted)
         elapsed_s = time.perf_counter() - started
         self.service_samples.append((len(draft) + 1, elapsed_s))
         verify_us = int(elapsed_s * 1e6)
         return wire.VerifyResult(
             header, wire.VerifyStatus.OK, accepted, next_token, verify_us,
-            self.engine.session_length(self._sid(sid)),
+            self.engine.session_length(self._sid(sid)), _logprobs(scores.logprobs, emitted, state.logprobs),
         )
 
     def generate_stream(self, payload: bytes) -> Iterator[bytes]:
@@ -150,12 +169,12 @@ class EdgeVerifier:
             raise wire.WireError("expected a GENERATE message")
         sid = msg.header.session_id
         context = np.asarray(self.engine.encode_prompt(msg.prompt, msg.chat), dtype=np.int32)
-        self._start(sid, context, msg.sampling)
-        sampling, rng = self._sampling[sid]
+        state = self._start(sid, context, msg.sampling, msg.logprobs)
+        sampling, rng = state.sampling, state.rng
         try:
             for i in range(msg.max_new_tokens):
                 started = time.perf_counter()
-                scores = self.engine.score(self._sid(sid), [], sampling)
+                scores = self.engine.score(self._sid(sid), [], sampling, with_logprobs=msg.logprobs is not None)
                 if sampling.greedy:
                     assert scores.greedy_ids is not None
                     token = scores.greedy_ids[0]
@@ -165,9 +184,10 @@ class EdgeVerifier:
                 self.engine.append(self._sid(sid), [token])
                 if i:  # the first step includes the prompt's prefill
                     self.service_samples.append((1, time.perf_counter() - started))
-                done = token in self.engine.eos_token_ids or i == msg.max_new_tokens - 1
+                done = (token in self.engine.eos_token_ids and i + 1 >= msg.min_tokens) or i == msg.max_new_tokens - 1
                 header = wire.Header(wire.MsgType.TOKENS, sid, i)
-                yield wire.encode_tokens(wire.Tokens(header, np.asarray([token], np.int32), done))
+                yield wire.encode_tokens(wire.Tokens(header, np.asarray([token], np.int32), done,
+                                                     _logprobs(scores.logprobs, [token], msg.logprobs)))
                 if done:
                     break
         finally:

@@ -1,34 +1,42 @@
-"""In-process cooperative pipeline: the three paths of the paper over an emulated link.
+"""In-process cooperative pipeline: every path of the paper over emulated links, in one process.
 
-``Pipeline`` holds a drafter engine (device) and a verifier engine (edge) and runs one
-``GenerateOptions`` on the path it names. The Ray Serve deployments run the same tier classes in
-separate replicas; this module is what the CLI and the benchmarks use.
+``Pipeline`` holds a drafter engine (device), a verifier engine (edge) and, optionally, a cloud
+service (knowledge base + beam search), and runs one ``GenerateOptions`` through ``run_path``, the
+same switch the Serve device tier uses. The CLI, the benchmarks and the exactness tests use it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aiflow_ray.config import GenerateOptions, ModelPairConfig
+from aiflow_ray.config import GenerateOptions, LinkConfig, ModelPairConfig, SamplingConfig
 from aiflow_ray.engines.base import Engine
 from aiflow_ray.network.link import DuplexLink
-from aiflow_ray.speculative.policy import DraftLenPolicy, make_policy
-from aiflow_ray.tiers.device import DeviceDrafter, GenerationResult, InProcessTransport, generate_server_only
+from aiflow_ray.speculative.policy import DraftLenPolicy
+from aiflow_ray.tiers.cloud import CloudService
+from aiflow_ray.tiers.device import DeviceDrafter, GenerationResult, InProcessTransport
 from aiflow_ray.tiers.edge import EdgeVerifier
+from aiflow_ray.tiers.paths import DeviceSide, check_tokenizers, run_path
+
+# The edge's backhaul to the cloud, as the serving application's default.
+DEFAULT_CLOUD_LINK = LinkConfig(bandwidth_bps=10e6, rtt_s=0.04)
 
 
 @dataclass
 class Pipeline:
     drafter_engine: Engine
     verifier_engine: Engine
+    cloud: CloudService | None = None
 
     def __post_init__(self) -> None:
+        check_tokenizers(self.drafter_engine.vocab_fingerprint(), self.verifier_engine.vocab_fingerprint(),
+                         self.drafter_engine.name, self.verifier_engine.name)
         self.device = DeviceDrafter(self.drafter_engine)
         self.edge = EdgeVerifier(self.verifier_engine)
 
     @classmethod
     def load(cls, models: ModelPairConfig) -> Pipeline:
-        from aiflow_ray.models.loader import load_pair
+        from aiflow_ray.engines.loader import load_pair
 
         drafter, verifier = load_pair(models)
         return cls(drafter, verifier)
@@ -38,26 +46,17 @@ class Pipeline:
         opts: GenerateOptions,
         policy: DraftLenPolicy | None = None,
         link: DuplexLink | None = None,
+        cloud_link: DuplexLink | None = None,
     ) -> GenerationResult:
         """Run one request; pass ``policy`` to keep draft-length estimates across requests."""
-        if opts.path == "on-device":
-            ids = self.drafter_engine.encode_prompt(opts.prompt_input(), opts.chat)
-            return self.device.generate_local(ids, opts.max_new_tokens, opts.sampling)
         link = link or DuplexLink.from_config(opts.link)
-        transport = InProcessTransport(self.edge, link)
-        if opts.path == "server-only":
-            return generate_server_only(
-                opts.prompt_input(), opts.chat, opts.max_new_tokens, opts.sampling, transport,
-                self.verifier_engine.decode,
-            )
-        ids = self.drafter_engine.encode_prompt(opts.prompt_input(), opts.chat)
-        policy = policy or make_policy(opts.draft_policy(), 0 if opts.sampling.greedy else opts.sampling.draft_top_k)
-        return self.device.generate_speculative(ids, opts.max_new_tokens, opts.sampling, policy, transport)
+        if self.cloud is not None and cloud_link is None:
+            cloud_link = DuplexLink.from_config(DEFAULT_CLOUD_LINK, link.clock)
+        return run_path(opts, DeviceSide(self.device), InProcessTransport(self.edge, link), policy=policy,
+                        cloud=self.cloud, cloud_link=cloud_link)
 
     def target_greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Reference: the verifier alone, one token per forward (no link, no drafting)."""
-        from aiflow_ray.config import SamplingConfig
-
         greedy = SamplingConfig()
         sid = "reference"
         self.verifier_engine.open_session(sid, prompt_ids)

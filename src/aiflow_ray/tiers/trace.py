@@ -36,7 +36,8 @@ class Trace:
     # Time at which each output token reached the device, relative to the request start.
     token_times_s: list[float] = field(default_factory=list)
 
-    def finish(self, started: float) -> None:
+    def finish(self) -> None:
+        """Derive the per-request figures from the token times."""
         self.num_tokens = len(self.token_times_s)
         if not self.token_times_s:
             return

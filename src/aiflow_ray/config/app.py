@@ -7,9 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from aiflow_ray.config import LinkConfig, ModelPairConfig, StrictModel
-
-TIERS = ("device", "edge", "cloud", "ingress")
+from aiflow_ray.config.generation import DEFAULT_MAX_DRAFT_LEN, LinkConfig, ModelPairConfig, ModelPreset, StrictModel
 
 
 class AutoscalingArgs(StrictModel):
@@ -73,15 +71,22 @@ class RouterArgs(StrictModel):
         "token (end to end, time to first token included) meets this.",
     )
     shed_to_device: bool = Field(True, description="Saturated edge: answer 'fast' requests on the device.")
-    max_draft_len: int = Field(24, ge=1, le=64, description="Largest k the router may pick.")
+    max_draft_len: int = Field(DEFAULT_MAX_DRAFT_LEN, ge=1, le=64, description="Largest k the router may pick.")
     load_report_period_s: float = Field(1.0, gt=0, description="How often replicas push their load.")
+    # Priors: used only until the first measurement of each quantity replaces them.
+    prior_alpha: float = Field(0.7, gt=0, lt=1, description="Acceptance assumed before any round was seen.")
+    prior_draft_s_per_token: float = Field(0.09, gt=0, description="Drafter seconds per token before calibration.")
+    prior_verify_s: float = Field(0.23, gt=0, description="Verifier seconds per forward before calibration.")
+    prior_bandwidth_bps: float = Field(1e6, gt=0, description="Link bandwidth assumed for a link never measured.")
+    prior_rtt_s: float = Field(0.02, ge=0, description="Link RTT assumed for a link never measured.")
+    decisions_kept: int = Field(200, ge=1, le=10_000, description="Recent decisions kept for /v1/router.")
 
 
 class AppArgs(StrictModel):
     """Arguments of ``aiflow_ray.serve:build_app``."""
 
     name: str = Field("aiflow", pattern=r"^[a-z0-9-]{1,40}$", description="Application name (router actor name).")
-    profile: Literal["default", "tiny"] = Field("default", description="default = Qwen pair; tiny = test models.")
+    model_preset: ModelPreset = Field("default", description="default = Qwen pair; tiny = test models.")
     models: ModelPairConfig | None = Field(None, description="Explicit model pair (overrides the profile).")
     device: TierArgs = Field(default_factory=lambda: _tier("device"))
     edge: TierArgs = Field(default_factory=lambda: _tier("edge"))
@@ -98,8 +103,9 @@ class AppArgs(StrictModel):
     check_labels: bool = Field(True, description="Refuse to build when no node carries a tier's labels.")
 
     def model_pair(self) -> ModelPairConfig:
-        return self.models or ModelPairConfig.for_profile(self.profile)
+        return self.models or ModelPairConfig.for_preset(self.model_preset)
 
-    @property
-    def router_actor_name(self) -> str:
-        return f"{self.name}-router"
+    def tier(self, name: str) -> TierArgs:
+        """The settings of one deployment: a tier (device, edge, cloud) or the ingress."""
+        tier: TierArgs = getattr(self, name)
+        return tier

@@ -1,16 +1,30 @@
-"""Pydantic models for every setting; ``extra="forbid"`` everywhere so typos fail loudly."""
+"""What one generation is: sampling, the emulated link, draft length, model pair, request options.
+
+Also the project's vocabulary, each word defined once here: path names, quality levels, tier names.
+``extra="forbid"`` everywhere so typos fail loudly."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aiflow_ray.units import parse_bandwidth_bps
 
 MAX_DRAFT_LEN = 64
+DEFAULT_MAX_DRAFT_LEN = 24  # the largest k an adaptive policy or the router picks unless configured
 MAX_NEW_TOKENS = 4096
+
+PathName = Literal["on-device", "device-edge", "device-edge-cloud", "server-only"]
+PATHS: tuple[PathName, ...] = get_args(PathName)
+PathChoice = Literal["auto"] | PathName  # what a client may ask for: a path, or the router's choice
+Quality = Literal["exact", "fast", "grounded"]
+TierName = Literal["device", "edge", "cloud"]
+TIERS: tuple[TierName, ...] = get_args(TierName)
+# Paths whose output tokens all come from the verifier's distribution, which logprobs report.
+LOGPROB_PATHS: tuple[PathName, ...] = ("device-edge", "server-only")
+ModelPreset = Literal["default", "tiny"]  # which model pair; not to be confused with a deployment profile
 
 
 class StrictModel(BaseModel):
@@ -73,7 +87,8 @@ class DraftPolicyConfig(StrictModel):
 
     policy: Literal["fixed", "adaptive"] = Field("fixed", description="Registered policy name.")
     draft_len: int = Field(4, ge=1, le=MAX_DRAFT_LEN, description="k for the fixed policy.")
-    max_draft_len: int = Field(24, ge=1, le=MAX_DRAFT_LEN, description="Largest k adaptive may pick.")
+    max_draft_len: int = Field(DEFAULT_MAX_DRAFT_LEN, ge=1, le=MAX_DRAFT_LEN,
+                               description="Largest k adaptive may pick.")
     prior_acceptance: float = Field(
         0.7, gt=0.0, lt=1.0, description="Acceptance assumed before any round was observed."
     )
@@ -84,10 +99,6 @@ class DraftPolicyConfig(StrictModel):
         10.0, ge=1.0, description="Rounds over which acceptance evidence fades (1/e): short enough to "
         "follow a request from code to prose, long enough to average out single rounds."
     )
-
-
-ModelsProfile = Literal["default", "tiny"]
-PathName = Literal["on-device", "device-edge", "server-only", "device-edge-cloud"]
 
 
 class ModelPairConfig(StrictModel):
@@ -101,8 +112,8 @@ class ModelPairConfig(StrictModel):
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N.")
 
     @classmethod
-    def for_profile(cls, profile: ModelsProfile, dtype: str = "auto", device: str = "auto") -> ModelPairConfig:
-        if profile == "tiny":
+    def for_preset(cls, preset: ModelPreset, dtype: str = "auto", device: str = "auto") -> ModelPairConfig:
+        if preset == "tiny":
             # Tiny models are exactness fixtures: fp32 unless asked otherwise.
             return cls(drafter="tiny-drafter", verifier="tiny-verifier",
                        dtype="float32" if dtype == "auto" else dtype, device=device)
@@ -131,7 +142,8 @@ class GroundingOptions(StrictModel):
 
 
 class GenerateOptions(StrictModel):
-    """One generation request as the CLI (and later the HTTP API) sees it."""
+    """One generation request, as every tier sees it: what the ingress sends the device tier, and what the
+    CLI and the benchmarks run in process. The emulated link's settings travel here and only here."""
 
     prompt: Annotated[str, Field(min_length=1, max_length=200_000, description="Input text.")]
     messages: tuple[ChatTurn, ...] | None = Field(
@@ -143,7 +155,14 @@ class GenerateOptions(StrictModel):
     chat: bool = Field(True, description="Wrap the prompt in the model's chat template.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     link: LinkConfig = Field(default_factory=LinkConfig)
+    link_id: str = Field("device-0", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Which device's link.")
     grounding: GroundingOptions | None = Field(None, description="Set for the device-edge-cloud path.")
+    min_tokens: int = Field(
+        0, ge=0, le=MAX_NEW_TOKENS, description="An end-of-sequence token does not end the generation before this "
+        "many tokens (it is emitted and decoding goes on); max_new_tokens here means 'ignore EOS'.")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Return the verifier's log-probability of every output token and of its n "
+        "most likely alternatives (paths with the verifier's distribution only); None = off.")
 
     @field_validator("prompt")
     @classmethod
@@ -158,6 +177,17 @@ class GenerateOptions(StrictModel):
         if isinstance(value, int) and not 1 <= value <= MAX_DRAFT_LEN:
             raise ValueError(f"draft_len must be between 1 and {MAX_DRAFT_LEN} or 'auto', got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _path_fields(self) -> GenerateOptions:
+        if self.logprobs is not None and self.path not in LOGPROB_PATHS:
+            raise ValueError(f"logprobs need the verifier's distribution: path {self.path!r} has none "
+                             f"(use one of {', '.join(LOGPROB_PATHS)})")
+        return self
+
+    def stops_at(self, emitted: int) -> bool:
+        """Whether an end-of-sequence token that would be output token number ``emitted`` ends the output."""
+        return emitted >= self.min_tokens
 
     def prompt_input(self) -> str | list[dict[str, str]]:
         """What the engine encodes: the conversation when there is one, else the prompt."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiflow_ray.config import ModelPairConfig
+from aiflow_ray.engines.base import Engine
 from aiflow_ray.models.fetch import fetch_model
 from aiflow_ray.models.registry import UnknownModelError, get_entry, known_names
 from aiflow_ray.models.tiny import build_tiny_pair
@@ -36,19 +37,13 @@ def resolve_model_path(name: str, fetch: bool = True) -> Path | str:
     )
 
 
-def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: bool = True):
+def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: bool = True) -> Engine:
     from aiflow_ray.engines.hf import HFEngine
 
     return HFEngine.from_pretrained(resolve_model_path(name, fetch), name=name, dtype=dtype, device=device)
 
 
-def load_pair(cfg: ModelPairConfig, fetch: bool = True):
-    """Load (drafter, verifier) and refuse a pair whose tokenizers differ."""
-    drafter = load_engine(cfg.drafter, cfg.dtype, cfg.device, fetch)
-    verifier = load_engine(cfg.verifier, cfg.dtype, cfg.device, fetch)
-    if drafter.vocab_fingerprint() != verifier.vocab_fingerprint():
-        raise ValueError(
-            f"drafter {cfg.drafter} and verifier {cfg.verifier} do not share a tokenizer; "
-            "speculative decoding needs identical token ids"
-        )
-    return drafter, verifier
+def load_pair(cfg: ModelPairConfig, fetch: bool = True) -> tuple[Engine, Engine]:
+    """Load (drafter, verifier); the pipeline refuses a pair whose tokenizers differ."""
+    return load_engine(cfg.drafter, cfg.dtype, cfg.device, fetch), load_engine(cfg.verifier, cfg.dtype, cfg.device,
+                                                                                fetch)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import httpx
 
+from aiflow_ray import envs
+
 
 class AiflowClient:
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout_s: float = 600.0):
-        key = api_key if api_key is not None else os.environ.get("AIFLOW_API_KEY")
+        key = api_key if api_key is not None else envs.api_key()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout_s)
 

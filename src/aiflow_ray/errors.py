@@ -1,0 +1,29 @@
+"""Refusals: how a tier says no, as a value that crosses Ray hops intact.
+
+A refusal is data, never an exception whose message someone parses: the router puts one on its
+decision, the device tier returns one instead of a result, and the ingress turns it into an HTTP
+error of one sentence (no traceback, no file path, no class name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An HTTP status, one sentence for the client, the request field at fault (None when nothing the
+    client sent is wrong), and when to retry (for 503s)."""
+
+    status: int
+    message: str
+    field: str | None = None
+    retry_after_s: int | None = None
+
+
+class RefusedError(Exception):
+    """Raised inside a tier to end a request with ``refusal``; caught at the tier's boundary."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal

@@ -1,0 +1,98 @@
+"""The one path switch: which tiers run a request. The CLI, the benchmarks, the exactness tests and
+the Serve device tier all call ``run_path``, so they cannot drift apart.
+
+The caller supplies the transports (in process, or Serve handles), the draft-length policy it keeps
+for the device (adaptive requests), and a lock for the drafter's model when several threads share
+it; server-only requests never take that lock, since the drafter's model is not involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from aiflow_ray.config import GenerateOptions
+from aiflow_ray.speculative.policy import DraftLenPolicy, FixedDraftLen, make_policy
+from aiflow_ray.tiers.device import DeviceDrafter, GenerationResult, OnRound, Transport, generate_server_only
+from aiflow_ray.tiers.grounded import CloudTransport, run_grounded
+
+
+class PathUnavailable(RuntimeError):
+    """The request names a path this deployment cannot run (e.g. no cloud tier)."""
+
+
+class TokenizerMismatch(RuntimeError):
+    """Drafter and verifier map text to different token ids: speculation would not be exact."""
+
+
+def check_tokenizers(drafter_fingerprint: str, verifier_fingerprint: str, drafter: str = "drafter",
+                     verifier: str = "verifier") -> None:
+    if drafter_fingerprint != verifier_fingerprint:
+        raise TokenizerMismatch(f"{drafter} and {verifier} do not share a tokenizer; speculative decoding needs "
+                                "identical token ids")
+
+
+@dataclass
+class DeviceSide:
+    """What the device contributes to any path: its drafter, how it tokenizes, and its model's lock."""
+
+    drafter: DeviceDrafter
+    lock: contextlib.AbstractContextManager[Any] | None = None
+    embed: Callable[[str], np.ndarray] | None = None  # device-side query embedding (grounded path)
+    # Tokenizing never waits for the model: a server-only request counts its prompt tokens while the
+    # drafter generates for someone else.
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def locked(self) -> contextlib.AbstractContextManager[Any]:
+        return self.lock if self.lock is not None else contextlib.nullcontext()
+
+    def encode(self, opts: GenerateOptions, prompt: Any = None) -> list[int]:
+        with self._tokenizer_lock:
+            return self.drafter.engine.encode_prompt(prompt if prompt is not None else opts.prompt_input(),
+                                                     True if prompt is not None else opts.chat)
+
+
+def draft_policy_for(opts: GenerateOptions, adaptive: DraftLenPolicy | None) -> DraftLenPolicy:
+    """The device's own adaptive policy for 'auto' (it keeps its estimates across requests), else fixed k."""
+    if opts.draft_len == "auto":
+        return adaptive if adaptive is not None else make_policy(opts.draft_policy())
+    return FixedDraftLen(opts.draft_policy())
+
+
+def run_path(opts: GenerateOptions, device: DeviceSide, edge: Transport, *, policy: DraftLenPolicy | None = None,
+             cloud: CloudTransport | None = None, cloud_link: Any = None,
+             on_round: OnRound | None = None) -> GenerationResult:
+    """Run ``opts`` on ``opts.path``; ``edge.link`` is the device's link (emulated, or measured)."""
+    drafter = device.drafter
+    sampled_top_k = 0 if opts.sampling.greedy else opts.sampling.draft_top_k
+
+    def speculate(prompt: Any = None) -> GenerationResult:
+        ids = device.encode(opts, prompt)
+        with device.locked():
+            result = drafter.generate_speculative(
+                ids, opts.max_new_tokens, opts.sampling, draft_policy_for(opts, policy), edge, on_round=on_round,
+                min_tokens=opts.min_tokens, logprobs=opts.logprobs, draft_top_k=sampled_top_k)
+        return result
+
+    if opts.path == "on-device":
+        ids = device.encode(opts)
+        with device.locked():
+            return drafter.generate_local(ids, opts.max_new_tokens, opts.sampling, on_token=on_round,
+                                          min_tokens=opts.min_tokens)
+    if opts.path == "server-only":
+        result = generate_server_only(opts.prompt_input(), opts.chat, opts.max_new_tokens, opts.sampling, edge,
+                                      drafter.engine.decode, on_token=on_round, min_tokens=opts.min_tokens,
+                                      logprobs=opts.logprobs)
+        result.prompt_tokens = len(device.encode(opts))
+        return result
+    if opts.path == "device-edge":
+        return speculate()
+    if cloud is None or cloud_link is None:
+        raise PathUnavailable("path 'device-edge-cloud' needs a cloud tier, and this deployment has none")
+    return run_grounded(opts, edge.link, cloud_link, cloud, speculate=speculate, embed=device.embed,
+                        on_round=on_round)

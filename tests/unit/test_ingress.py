@@ -1,0 +1,171 @@
+"""The ingress over fake tier handles (no Ray): readiness, refusals as values, error bodies, OpenAI shapes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from ray.exceptions import RayActorError
+
+from aiflow_ray.api.app import Ingress, build_api
+from aiflow_ray.config import AppArgs, GenerateOptions, LinkConfig
+from aiflow_ray.errors import Refusal
+from aiflow_ray.routing.policy import Decision
+from aiflow_ray.routing.router import Routed, RouteRequest
+from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult, TokenLogprob
+from tests.unit.fakes import FakeHandle
+
+ARGS = AppArgs(model_preset="tiny").model_dump(mode="json")
+READY = {"loads": {"edge": {"available": True}, "cloud": {"available": True}}, "draft_s_per_token": 0.01}
+LEAKS = ("Traceback", "ray::", 'File "', ".py", "RayActorError", "Exception", "ServeReplica")
+
+
+class Router:
+    def __init__(self, ready: bool = True, refusal: Refusal | None = None) -> None:
+        self.ready, self.refusal = ready, refusal
+        self.requests: list[RouteRequest] = []
+
+    async def snapshot(self) -> dict[str, Any]:
+        return READY if self.ready else {"loads": {"edge": {"available": True}}, "draft_s_per_token": None}
+
+    async def decide(self, req: RouteRequest) -> Routed:
+        self.requests.append(req)
+        path = None if self.refusal else ("on-device" if req.path == "on-device" else "device-edge")
+        return Routed(Decision(path, 3, "because", refusal=self.refusal), LinkConfig())
+
+
+class Device:
+    def __init__(self, failure: Refusal | Exception | None = None) -> None:
+        self.failure = failure
+        self.options: list[GenerateOptions] = []
+
+    def _trace(self, opts: GenerateOptions, n: int) -> dict[str, Any]:
+        return {"path": opts.path, "num_tokens": n, "ttft_s": 0.1, "tpot_s": 0.01, "draft_lens": [3],
+                "accepted": [2], "bytes_up": 40, "bytes_down": 30}
+
+    async def generate(self, opts: GenerateOptions) -> TierResult | Refusal:
+        self.options.append(opts)
+        if isinstance(self.failure, Exception):
+            raise self.failure
+        if self.failure is not None:
+            return self.failure
+        lp = [TokenLogprob("a", -0.1, [97], [{"token": "a", "logprob": -0.1, "bytes": [97]}])] * 3 \
+            if opts.logprobs is not None else None
+        return TierResult("abc", [1, 2, 3], 7, self._trace(opts, 3), lp)
+
+    async def generate_stream(self, opts: GenerateOptions) -> AsyncIterator[StreamDelta | StreamDone | Refusal]:
+        self.options.append(opts)
+        if isinstance(self.failure, Exception):
+            raise self.failure
+        if isinstance(self.failure, Refusal):
+            yield self.failure
+            return
+        yield StreamDelta([1, 2], "ab")
+        yield StreamDone("c", 3, 7, self._trace(opts, 3))
+
+
+def _client(router: Router, device: Device) -> TestClient:
+    ingress = Ingress(ARGS, FakeHandle(device), FakeHandle(object()), FakeHandle(router))
+    return TestClient(build_api(1 << 20, lambda: ingress), raise_server_exceptions=False)
+
+
+def test_requests_while_the_tiers_load_get_503_with_retry_after() -> None:
+    client = _client(Router(ready=False), Device())
+    for route, body in (("/v1/generate", {"prompt": "x"}),
+                        ("/v1/chat/completions", {"model": "tiny-verifier", "messages": [{"role": "user",
+                                                                                          "content": "x"}]})):
+        response = client.post(route, json=body)
+        assert response.status_code == 503 and response.headers["Retry-After"] == "2"
+        assert "still starting (waiting for: device, cloud)" in response.json()["error"]["message"]
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/health").status_code == client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("refusal", [Refusal(400, "path 'on-device' cannot give quality 'exact'", "quality"),
+                                     Refusal(503, "no tier can serve this request now: edge saturated", None, 1)])
+def test_router_refusals_reach_the_client_as_one_sentence(refusal: Refusal) -> None:
+    response = _client(Router(refusal=refusal), Device()).post("/v1/generate", json={"prompt": "x"})
+    assert response.status_code == refusal.status
+    assert response.json()["error"] == {"message": refusal.message, "param": refusal.field, "code": refusal.status,
+                                        "type": "invalid_request_error" if refusal.status < 500 else "unavailable"}
+    assert (response.headers.get("Retry-After") == "1") == (refusal.status == 503)
+
+
+@pytest.mark.parametrize("failure", [Refusal(503, "the edge or cloud tier failed during this request", None, 1),
+                                     RayActorError()])
+def test_tier_failures_are_503_without_internals(failure: Any) -> None:
+    client = _client(Router(), Device(failure))
+    response = client.post("/v1/generate", json={"prompt": "x"})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert not any(leak in response.text for leak in LEAKS), response.text
+    streamed = client.post("/v1/generate", json={"prompt": "x", "stream": True})
+    assert streamed.status_code == 503  # refused before the stream started: the status says so
+
+
+def test_a_forced_path_carries_no_quality_and_options_are_typed() -> None:
+    router, device = Router(), Device()
+    body = _client(router, device).post("/v1/generate", json={"prompt": "x", "path": "on-device", "ignore_eos": True,
+                                                              "max_tokens": 9}).json()
+    assert router.requests[-1].path == "on-device" and router.requests[-1].quality is None
+    assert body["route"] == {"path": "on-device", "reason": "because", "draft_len": 3}
+    assert body["trace"]["path"] == "on-device" and "reason" not in body["trace"]  # the tier's trace, untouched
+    opts = device.options[-1]
+    assert opts.min_tokens == 9 and opts.link == LinkConfig() and opts.path == "on-device"
+
+
+def test_chat_content_parts_usage_and_logprobs() -> None:
+    router, device = Router(), Device()
+    client = _client(router, device)
+    response = client.post("/v1/chat/completions", json={
+        "model": "tiny-verifier", "max_completion_tokens": 3, "logprobs": True, "top_logprobs": 1,
+        "messages": [{"role": "developer", "content": "be brief"},
+                     {"role": "user", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "llo"}]}]})
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert [e["token"] for e in out["choices"][0]["logprobs"]["content"]] == ["a"] * 3
+    opts = device.options[-1]
+    assert opts.messages is not None and [t.model_dump() for t in opts.messages] == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    assert opts.logprobs == 1 and router.requests[-1].needs_logprobs
+    assert router.requests[-1].prompt_bytes == len("be brief") + len("hello")
+
+
+def test_stream_include_usage_sends_a_last_usage_chunk() -> None:
+    client = _client(Router(), Device())
+    response = client.post("/v1/completions", json={"model": "tiny-verifier", "prompt": "x", "max_tokens": 3,
+                                                    "stream": True, "ignore_eos": True,
+                                                    "stream_options": {"include_usage": True,
+                                                                       "continuous_usage_stats": True}})
+    events = [json.loads(line[6:]) for line in response.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert response.text.rstrip().endswith("data: [DONE]")
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == "abc"
+    assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-2]["usage"] is None
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 3,
+                                                                   "total_tokens": 10}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("/v1/generate", {"prompt": "x", "surprise": 1}, "surprise"),
+        ("/v1/generate", {"prompt": "x", "path": "teleport"}, "path"),
+        ("/v1/generate", {"prompt": "x", "draft_len": "many"}, "draft_len"),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         "messages.0.content.0.type"),
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+         "body"),
+        ("/v1/completions", {"model": "m", "prompt": "x", "echo": True}, "echo"),
+        ("/v1/completions", {"model": "m", "prompt": "x", "stream_options": {"bogus": 1}}, "stream_options.bogus"),
+    ],
+)
+def test_bad_input_names_the_field(route: str, body: dict[str, Any], field: str) -> None:
+    response = _client(Router(), Device()).post(route, json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["param"] == field, response.text
+    assert not any(leak in response.text for leak in LEAKS), response.text

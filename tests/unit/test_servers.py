@@ -1,0 +1,188 @@
+"""The tier servers' glue with injected engines and fake handles (no Ray): paths, exactness, logprobs,
+streams, refusals as values, the start-up tokenizer check, queue accounting and the cloud's answers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aiflow_ray.config import AppArgs, GenerateOptions, GroundingOptions, LinkConfig
+from aiflow_ray.errors import Refusal
+from aiflow_ray.network import wire
+from aiflow_ray.serve.cloud_server import CloudServer
+from aiflow_ray.serve.device_server import DeviceDrafterServer
+from aiflow_ray.serve.edge_server import EdgeVerifierServer
+from aiflow_ray.tiers.pipeline import Pipeline
+from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
+from tests.conftest import PROMPTS
+from tests.unit.fakes import FakeHandle
+
+FAST_LINK = LinkConfig(bandwidth_bps=1e9, rtt_s=0.0)
+
+
+class RecordingRouter:
+    def __init__(self) -> None:
+        self.reports: list[Any] = []
+        self.loads: list[Any] = []
+
+    def report_generation(self, report: Any) -> None:
+        self.reports.append(report)
+
+    def report_load(self, report: Any) -> None:
+        self.loads.append(report)
+
+    def emulated_link(self, _link_id: str) -> None:
+        return None
+
+
+def _args(tmp_path: Path) -> dict[str, Any]:
+    return AppArgs(model_preset="tiny", link_probe={"enabled": False}, link=FAST_LINK,
+                   kb={"path": str(tmp_path / "kb.sqlite"), "refresh_interval_s": 0.05}).model_dump(mode="json")
+
+
+@pytest.fixture()
+def servers(tiny_pipeline: Pipeline, tmp_path: Path) -> Any:
+    router = RecordingRouter()
+    edge = EdgeVerifierServer(_args(tmp_path), engine=tiny_pipeline.verifier_engine, router=FakeHandle(router),
+                              replica_id=lambda: "edge-1")
+    device = DeviceDrafterServer(_args(tmp_path), FakeHandle(edge), None, engine=tiny_pipeline.drafter_engine,
+                                 router=FakeHandle(router))
+    yield device, edge, router
+    device.prober.stop()
+    # Every path released what it held at the edge, through the glue's fire-and-forget release.
+    assert tiny_pipeline.verifier_engine.num_sessions == 0  # type: ignore[attr-defined]
+
+
+def _opts(path: str, **kw: Any) -> GenerateOptions:
+    return GenerateOptions(prompt=PROMPTS[0], path=path, draft_len=3, max_new_tokens=16, link=FAST_LINK, **kw)
+
+
+def test_every_path_through_the_device_server_and_the_exactness_of_speculation(
+        servers: Any, tiny_pipeline: Pipeline) -> None:
+    device, _edge, router = servers
+    out = {path: asyncio.run(device.generate(_opts(path))) for path in ("on-device", "device-edge", "server-only")}
+    assert all(isinstance(r, TierResult) and r.trace["path"] == p for p, r in out.items())
+    ids = tiny_pipeline.drafter_engine.encode_prompt(PROMPTS[0], chat=True)
+    assert out["device-edge"].token_ids == out["server-only"].token_ids == tiny_pipeline.target_greedy(ids, 16)
+    assert {r.prompt_tokens for r in out.values()} == {len(ids)}
+    spec = next(r for r in router.reports if r.path == "device-edge")
+    assert spec.drafted == sum(out["device-edge"].trace["draft_lens"]) and spec.link_id == "device-0"
+
+
+def test_logprobs_agree_between_verified_drafts_and_the_verifier_alone(servers: Any) -> None:
+    device, _edge, _router = servers
+    spec, alone = (asyncio.run(device.generate(_opts(p, logprobs=2))) for p in ("device-edge", "server-only"))
+    assert spec.token_ids == alone.token_ids and spec.logprobs and alone.logprobs
+    assert len(spec.logprobs) == len(spec.token_ids)
+    for a, b in zip(spec.logprobs, alone.logprobs, strict=True):
+        assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-4) and len(a.top_logprobs) == 2
+
+
+def test_stream_events_add_up_to_the_whole_answer(servers: Any) -> None:
+    device, _edge, _router = servers
+
+    async def collect() -> list[Any]:
+        return [event async for event in device.generate_stream(_opts("device-edge"))]
+
+    events = asyncio.run(collect())
+    *deltas, done = events
+    assert all(isinstance(e, StreamDelta) for e in deltas) and isinstance(done, StreamDone)
+    whole = asyncio.run(device.generate(_opts("device-edge")))
+    assert "".join(e.text for e in deltas) + done.text == whole.text
+    assert [t for e in deltas for t in e.token_ids] == whole.token_ids and done.num_tokens == len(whole.token_ids)
+
+
+def test_a_path_this_deployment_lacks_is_a_refusal_naming_the_field(servers: Any) -> None:
+    device, _edge, _router = servers
+    refused = asyncio.run(device.generate(_opts("device-edge-cloud", grounding=GroundingOptions())))
+    assert isinstance(refused, Refusal) and refused.status == 400 and refused.field == "path"
+
+
+def test_start_up_refuses_speculation_against_another_tokenizer(tiny_pipeline: Pipeline, tmp_path: Path) -> None:
+    class OtherEdge:
+        async def vocab_fingerprint(self) -> str:
+            return "another tokenizer"
+
+    router = RecordingRouter()
+    device = DeviceDrafterServer(_args(tmp_path), FakeHandle(OtherEdge()), None, engine=tiny_pipeline.drafter_engine,
+                                 router=FakeHandle(router))
+    try:
+        device.startup_chores()
+        assert device.tokenizer_checked and "tokenizer" in (device.tokenizer_error or "")
+        refused = asyncio.run(device.generate(_opts("device-edge")))
+        assert isinstance(refused, Refusal) and refused.status == 503 and "tokenizer" in refused.message
+        assert isinstance(asyncio.run(device.generate(_opts("on-device"))), TierResult)
+        assert not any(r.path == "calibration" for r in router.reports)  # never reported ready
+    finally:
+        device.prober.stop()
+
+
+def test_the_device_reports_its_calibration_once_the_tokenizers_agree(servers: Any) -> None:
+    device, _edge, router = servers
+    device.startup_chores()
+    assert device.tokenizer_error is None
+    assert [r.path for r in router.reports].count("calibration") == 1
+    assert router.reports[0].on_device_s_per_token > 0
+
+
+def test_the_edge_reports_requests_waiting_for_its_engine_as_queued(servers: Any, tiny_pipeline: Pipeline) -> None:
+    _device, edge, router = servers
+    session = wire.new_session_id()
+    ids = tiny_pipeline.verifier_engine.encode_prompt(PROMPTS[1], chat=False)
+    payload = wire.encode_verify(wire.VerifyRequest(wire.Header(wire.MsgType.VERIFY, session, 0), len(ids),
+                                                    np.asarray([5, 6], np.int32),
+                                                    np.asarray(ids, np.int32)))
+    replies: list[bytes] = []
+    with edge._engine_lock:  # a forward in progress
+        worker = threading.Thread(target=lambda: replies.append(asyncio.run(edge.verify(payload))))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while edge.load.queued < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (edge.load.queued, edge.load.ongoing) == (1, 0)
+        report = edge.load.report([])
+        assert report.queued == 1 and report.replica == "edge-1" and report.capacity == 4
+    worker.join(timeout=30)
+    assert isinstance(wire.decode(replies[0]), wire.VerifyResult) and edge.load.queued == edge.load.ongoing == 0
+    asyncio.run(edge.release(wire.encode_release(wire.Release(wire.Header(wire.MsgType.RELEASE, session, 1)))))
+    assert not edge.edge.engine.has_session(session.hex())
+    assert router.loads and router.loads[0].tier == "edge"
+
+
+def test_grounded_answers_through_the_cloud_server(tiny_pipeline: Pipeline, tmp_path: Path) -> None:
+    router = RecordingRouter()
+    cloud = CloudServer(_args(tmp_path), engine=tiny_pipeline.verifier_engine, router=FakeHandle(router),
+                        replica_id=lambda: "cloud-1")
+    docs = [{"source": "notes:raft", "title": "Raft", "text": "Raft elects a leader with randomized timeouts."},
+            {"source": "notes:tcp", "title": "TCP", "text": "TCP retransmits lost segments after a timeout."}]
+    assert asyncio.run(cloud.ingest({"documents": docs}))["added"] == 2
+    edge = EdgeVerifierServer(_args(tmp_path), engine=tiny_pipeline.verifier_engine, router=FakeHandle(router),
+                              replica_id=lambda: "edge-1")
+    device = DeviceDrafterServer(_args(tmp_path), FakeHandle(edge), FakeHandle(cloud),
+                                 engine=tiny_pipeline.drafter_engine, router=FakeHandle(router))
+    try:
+        deadline = time.monotonic() + 10
+        while cloud.cloud.retriever.num_chunks < 2 and time.monotonic() < deadline:
+            cloud.cloud.retriever.maybe_refresh()
+            time.sleep(0.05)
+
+        def grounded(**kw: Any) -> TierResult:
+            opts = GenerateOptions(prompt="How does Raft pick a leader?", path="device-edge-cloud", draft_len=2,
+                                   max_new_tokens=8, link=FAST_LINK, grounding=GroundingOptions(top_k=1, **kw))
+            result = asyncio.run(device.generate(opts))
+            assert isinstance(result, TierResult), result
+            return result
+
+        beam = grounded(beam_width=1)
+        speculative = grounded(generation="speculative")
+        assert beam.sources and beam.sources[0]["source"] == "notes:raft"
+        assert speculative.token_ids == beam.token_ids  # greedy beam = exact speculative answer
+        assert beam.trace["links"]["device-edge"]["bytes_up"] == len("How does Raft pick a leader?") + 8
+    finally:
+        device.prober.stop()
