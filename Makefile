@@ -32,8 +32,10 @@ install: $(STAMP) ## create .venv and install pinned dependencies (CPU torch)
 models: install ## fetch, verify and cache the default model pair and build the tiny pair
 	$(AIFLOW) models fetch
 
+KB_INGEST = $(AIFLOW) kb ingest $$($(AIFLOW) kb fetch)
+
 kb: install ## fetch the demo corpora (pydoc topics, FOLDOC) and ingest them into the knowledge base
-	$(AIFLOW) kb ingest $$($(AIFLOW) kb fetch)
+	$(KB_INGEST)
 
 run: install ## start the local cluster (head + device/edge/cloud nodes) and serve the API (PROFILE=tiny: test models)
 # One shell, so that a running application ends the recipe before the model and knowledge-base steps.
@@ -43,7 +45,7 @@ run: install ## start the local cluster (head + device/edge/cloud nodes) and ser
 		echo "aiflow is already running at $$url (make stop to shut it down)"; exit 0; \
 	fi; \
 	set -e; \
-	if [ "$(PROFILE)" != "tiny" ]; then $(AIFLOW) models fetch; $(AIFLOW) kb ingest $$($(AIFLOW) kb fetch); \
+	if [ "$(PROFILE)" != "tiny" ]; then $(AIFLOW) models fetch; $(KB_INGEST); \
 	else $(AIFLOW) models fetch tiny-verifier; fi; \
 	$(AIFLOW) cluster up; \
 	$(AIFLOW) deploy --profile $(PROFILE) --http-port $(HTTP_PORT); \
