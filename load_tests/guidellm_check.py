@@ -41,9 +41,9 @@ def main() -> int:
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory (default: the tiny verifier's under AIFLOW_HOME)")
     parser.add_argument("--requests", type=int, default=8, help="requests per format")
-    parser.add_argument("--profile", default="kind=synchronous", help="guidellm --profile, e.g. kind=concurrent,streams=4")
+    parser.add_argument("--profile", default="kind=synchronous",
+                        help="guidellm --profile, e.g. kind=concurrent,streams=4")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
     from aiflow_ray import envs
 
     tokenizer = args.tokenizer or envs.aiflow_home() / "models" / "tiny-v2" / "verifier"

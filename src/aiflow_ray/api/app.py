@@ -235,8 +235,8 @@ class Ingress:
 
             return await self.open_stream(req.native, req.messages, shape)
         result, routed, _ = await self.run(req.native, req.messages)
-        trace = {**result.trace, "route": self._route_info(routed)}
-        return req.response(result.text, len(result.token_ids), result.prompt_tokens, result.logprobs, trace)
+        return req.response(result.text, len(result.token_ids), result.prompt_tokens, result.logprobs, result.trace,
+                            self._route_info(routed))
 
 
 def build_api(max_body_bytes: int, ingress: Callable[[], Ingress]) -> FastAPI:

@@ -62,7 +62,7 @@ class OpenAIRequest:
             prompt = next(m.text() for m in reversed(body.messages) if m.role == "user" and m.text().strip())
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         else:
-            max_tokens = body.max_tokens or 16
+            max_tokens = body.max_completion_tokens or body.max_tokens or 16
             messages = None
             prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
             logprobs = body.logprobs
@@ -91,7 +91,7 @@ class OpenAIRequest:
         return out
 
     def response(self, text: str, num_tokens: int, prompt_tokens: int, logprobs: list[TokenLogprob] | None,
-                 trace: dict[str, Any]) -> dict[str, Any]:
+                 trace: dict[str, Any], route: dict[str, Any]) -> dict[str, Any]:
         text, stopped = apply_stop(text, self.body.stop)
         choice: dict[str, Any] = {"index": 0, "finish_reason": self._finish(num_tokens, stopped),
                                   "logprobs": self._logprobs(logprobs)}
@@ -101,7 +101,7 @@ class OpenAIRequest:
             choice["text"] = text
         return {"id": self._id(), "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.body.model, "choices": [choice],
-                "usage": usage(prompt_tokens, num_tokens), "aiflow_trace": trace}
+                "usage": usage(prompt_tokens, num_tokens), "aiflow_trace": trace, "aiflow_route": route}
 
     def chunk(self, text: str, logprobs: list[TokenLogprob] | None, finish_num_tokens: int | None = None
               ) -> dict[str, Any]:

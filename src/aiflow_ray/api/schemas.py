@@ -72,6 +72,7 @@ class OpenAIBody(Body):
 
     model: str = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of max_tokens.")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="vLLM extension; 0 or -1 = off.")
@@ -136,7 +137,6 @@ class ChatMessage(Body):
 
 class ChatBody(OpenAIBody):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
-    max_completion_tokens: int | None = Field(None, ge=1, description="The newer name of max_tokens.")
     logprobs: bool = Field(False, description="Return the verifier's logprob of every output token.")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token.")
 
