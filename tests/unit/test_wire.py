@@ -102,3 +102,40 @@ def test_edge_answers_garbage_with_an_error_message(tiny_pipeline) -> None:
         _header(wire.MsgType.VERIFY), 0, np.array([10**6], np.int32), context=np.array([1], np.int32)))
     reply = wire.decode(tiny_pipeline.edge.handle(out_of_vocab))
     assert isinstance(reply, wire.ErrorMsg) and "outside the vocabulary" in reply.message
+
+
+def _logprobs(m: int, n: int) -> wire.Logprobs:
+    rng = np.random.default_rng(m * 10 + n)
+    return wire.Logprobs(-rng.random(m).astype(np.float32), rng.integers(0, 100, (m, n)).astype(np.int32),
+                         -rng.random((m, n)).astype(np.float32))
+
+
+def test_logprobs_and_min_tokens_roundtrip() -> None:
+    req = wire.VerifyRequest(_header(wire.MsgType.VERIFY), 0, np.array([1, 2], np.int32),
+                             context=np.array([5, 6], np.int32), logprobs=3)
+    out = wire.decode(wire.encode_verify(req))
+    assert isinstance(out, wire.VerifyRequest) and out.logprobs == 3 and out.draft_ids.tolist() == [1, 2]
+    lp = _logprobs(3, 2)  # accepted 2 + the correction or bonus token
+    res = wire.VerifyResult(_header(wire.MsgType.VERIFY_RESULT), wire.VerifyStatus.OK, 2, 9, 10, 4, lp)
+    payload = wire.encode_verify_result(res)
+    assert len(payload) == wire.VERIFY_RESULT_SIZE + 3 + 3 * (4 + 2 * 8)  # only what was asked for
+    back = wire.decode(payload)
+    assert isinstance(back, wire.VerifyResult) and back.logprobs is not None
+    np.testing.assert_array_equal(back.logprobs.top_ids, lp.top_ids)
+    np.testing.assert_array_equal(back.logprobs.chosen, lp.chosen)
+    gen = wire.GenerateRequest(_header(wire.MsgType.GENERATE), "hi", 64, True, None, min_tokens=64, logprobs=0)
+    assert wire.decode(wire.encode_generate(gen)) == gen
+    toks = wire.Tokens(_header(wire.MsgType.TOKENS), np.array([4], np.int32), False, _logprobs(1, 0))
+    decoded = wire.decode(wire.encode_tokens(toks))
+    assert isinstance(decoded, wire.Tokens) and decoded.logprobs is not None and len(decoded.logprobs) == 1
+
+
+def test_logprobs_blocks_are_bounded() -> None:
+    too_many = wire.VerifyRequest(_header(wire.MsgType.VERIFY), 0, np.array([1], np.int32),
+                                  context=np.array([5], np.int32), logprobs=wire.MAX_TOP_LOGPROBS + 1)
+    with pytest.raises(wire.WireError, match="alternatives"):
+        wire.decode(wire.encode_verify(too_many))
+    # A result whose logprobs cover another number of tokens than it emits is malformed.
+    res = wire.VerifyResult(_header(wire.MsgType.VERIFY_RESULT), wire.VerifyStatus.OK, 2, 9, 10, 4, _logprobs(2, 1))
+    with pytest.raises(wire.WireError, match="expected 3 tokens"):
+        wire.decode(wire.encode_verify_result(res))
