@@ -182,11 +182,11 @@ class Ingress:
 
     async def set_link(self, link_id: str, update: LinkUpdate) -> Any:
         if update.bandwidth_bps is None and update.bandwidth is None:
-            raise ApiError(422, "give bandwidth_bps or bandwidth", "bandwidth_bps")
+            raise ApiError(400, "give bandwidth_bps or bandwidth", "bandwidth_bps")
         try:
             bps = update.bandwidth_bps or parse_bandwidth_bps(update.bandwidth or "")
         except ValueError as exc:
-            raise ApiError(422, str(exc), "bandwidth") from None
+            raise ApiError(400, str(exc), "bandwidth") from None
         link = await self.router.set_emulated_link.remote(link_id, bps, update.rtt_ms / 1000.0)
         return {"link_id": link_id, "bandwidth_bps": link.bandwidth_bps, "rtt_s": link.rtt_s}
 

@@ -64,7 +64,8 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     first = max(errors, key=lambda e: len(_field_of(tuple(e.get("loc", ()))).split(".")))
     field = _field_of(tuple(first.get("loc", ())))
     message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    return error_response(422 if field else 400, f"{field or 'body'}: {message}", field or "body")
+    # 400, not FastAPI's 422: what OpenAI's API and vLLM's servers answer, and what their clients expect.
+    return error_response(400, f"{field or 'body'}: {message}", field or "body")
 
 
 async def _tier_failed(_request: Request, exc: Exception) -> JSONResponse:
