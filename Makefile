@@ -14,16 +14,29 @@ PROFILE ?= local
 HTTP_PORT ?= 8000
 AIFLOW := $(VENV)/bin/aiflow
 
+# llama.cpp is built once from its PyPI source (about 4-6 minutes on 2 cores) and the wheel kept under
+# AIFLOW_HOME, keyed by version and CPU flags, so a re-install takes seconds. AVX-512 (with VNNI and
+# BF16) but not AMX: a -march=native build on these machines emits AMX tile instructions, and the
+# virtual machines do not grant AMX state, so the first decode dies with a general protection fault.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF
+LLAMA_WHEELS := $(or $(AIFLOW_HOME),$(HOME)/.cache/aiflow)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-avx512-noamx
+
 .PHONY: help install models kb run stop test lint typecheck unit bench-tpot configs clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
+$(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	@ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || { echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (once, a few minutes)"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip wheel --quiet --no-deps \
+		--no-cache-dir llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(LLAMA_WHEELS); }
+	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 

@@ -21,6 +21,7 @@ from aiflow_ray.config.generation import (
     TIERS,
     ChatTurn,
     DraftPolicyConfig,
+    EngineName,
     GenerateOptions,
     GroundingOptions,
     LinkConfig,
@@ -37,7 +38,7 @@ from aiflow_ray.config.generation import (
 
 __all__ = [
     "DEFAULT_MAX_DRAFT_LEN", "LOGPROB_PATHS", "MAX_DRAFT_LEN", "MAX_NEW_TOKENS", "PATHS", "TIERS", "AppArgs",
-    "AutoscalingArgs", "ChatTurn", "DraftPolicyConfig", "GenerateOptions", "GroundingOptions", "KbArgs",
+    "AutoscalingArgs", "ChatTurn", "DraftPolicyConfig", "EngineName", "GenerateOptions", "GroundingOptions", "KbArgs",
     "LinkConfig", "LinkProbeArgs", "ModelPairConfig", "ModelPreset", "PathChoice", "PathName", "Quality",
     "RouterArgs", "SamplingConfig", "StrictModel", "TierArgs", "TierName", "TraceStep",
 ]

@@ -7,7 +7,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from aiflow_ray.config.generation import DEFAULT_MAX_DRAFT_LEN, LinkConfig, ModelPairConfig, ModelPreset, StrictModel
+from aiflow_ray.config.generation import (
+    DEFAULT_MAX_DRAFT_LEN,
+    EngineName,
+    LinkConfig,
+    ModelPairConfig,
+    ModelPreset,
+    StrictModel,
+)
 
 
 class AutoscalingArgs(StrictModel):
@@ -31,6 +38,8 @@ class TierArgs(StrictModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (GPU clusters).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
+    engine: EngineName = Field("hf", description="Runtime of the tier's model: hf (torch/transformers, the exact "
+                               "reference) or llama_cpp (the quantized GGUF as released).")
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads for the tier's model (default: all cores of the node; Ray would "
         "otherwise cap them at num_cpus, and the tiers of one request take turns rather than compete).")

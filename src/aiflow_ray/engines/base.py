@@ -10,13 +10,17 @@ Contract (all methods synchronous, one session used by one caller at a time):
   A vLLM adapter can implement it with ``prompt_logprobs`` over context+draft. With
   ``with_logprobs`` it also returns the model's raw log-softmax at those positions (before
   temperature, top-k or top-p), which the API reports as logprobs.
+- ``vocab_fingerprint()`` digests how the engine encodes a fixed probe set (code, Unicode, special
+  tokens, a chat): two engines agree on it exactly when a request tokenized by one means the same
+  ids to the other, whatever runtime each uses (an HF tokenizer or a GGUF's own).
 - Errors: unknown sessions raise ``SessionNotFound``; the caller (the verifier tier) turns that into
   a "send the context again" reply, never into a different output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,3 +80,24 @@ class Engine(Protocol):
               with_logprobs: bool = False) -> ScoreOutput: ...
 
     def release(self, session_id: str) -> None: ...
+
+
+# What two tokenizers must encode identically before one's ids may be handed to the other.
+PROBE_TEXTS = (
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; }  // dot product\n\t\tx = {'k': [1, 2.5e-3]}",
+    "Grüße aus Köln! Ça coûte 5 €. Привет, мир. 你好，世界。 こんにちは 🙂🚀 naïve café",
+    "<|im_start|>user\nHello<|im_end|>\n<|endoftext|> spaces:    and\r\nnewlines\n\n",
+    "   leading spaces, trailing spaces   ",
+)
+PROBE_CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Sum 1..10 in Python?"}]
+
+
+def tokenizer_fingerprint(encode: Callable[[str | list[dict[str, str]], bool], list[int]]) -> str:
+    """sha256 over the encodings of the probe set (raw texts, and a chat). Not the vocabulary size:
+    runtimes pad the embedding table differently, and ids out of range are refused where they arrive."""
+    digest = hashlib.sha256()
+    for text in PROBE_TEXTS:
+        digest.update((",".join(map(str, encode(text, False))) + "\n").encode())
+    digest.update(",".join(map(str, encode(PROBE_CHAT, True))).encode())
+    return digest.hexdigest()

@@ -8,7 +8,6 @@ committed token uncached so that the forward yields the next-token logits withou
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import torch
 
 from aiflow_ray import envs
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionNotFound
+from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionNotFound, tokenizer_fingerprint
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
 
@@ -55,6 +54,21 @@ def configure_threads() -> None:
     threads = envs.torch_threads()
     if threads:
         torch.set_num_threads(threads)
+
+
+def encode_with_tokenizer(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
+    """A string, or a conversation of {role, content} turns (always chat-formatted), with an HF tokenizer."""
+    if isinstance(prompt, list) and not getattr(tokenizer, "chat_template", None):
+        # Models without a template get the turns as plain text, one per line.
+        prompt = "\n".join(f"{turn['role']}: {turn['content']}" for turn in prompt) + "\nassistant:"
+        chat = False
+    if chat and getattr(tokenizer, "chat_template", None):
+        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        encoded = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+        return [int(i) for i in ids]
+    assert isinstance(prompt, str)
+    return [int(i) for i in tokenizer.encode(prompt, add_special_tokens=False)]
 
 
 @dataclass
@@ -105,30 +119,15 @@ class HFEngine:
 
     # -- text -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
-        """A string, or a conversation of {role, content} turns (always chat-formatted)."""
-        if isinstance(prompt, list) and not getattr(self.tokenizer, "chat_template", None):
-            # Models without a template get the turns as plain text, one per line.
-            prompt = "\n".join(f"{turn['role']}: {turn['content']}" for turn in prompt) + "\nassistant:"
-            chat = False
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            encoded = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
-            ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-            return [int(i) for i in ids]
-        assert isinstance(prompt, str)
-        return [int(i) for i in self.tokenizer.encode(prompt, add_special_tokens=False)]
+        return encode_with_tokenizer(self.tokenizer, prompt, chat)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
     def vocab_fingerprint(self) -> str:
-        """Digest of the token->id map: drafter and verifier must agree on it exactly."""
+        """How this tokenizer encodes the probe set (see ``engines.base.tokenizer_fingerprint``)."""
         if self._fingerprint is None:
-            items = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-            digest = hashlib.sha256()
-            for token, idx in items:
-                digest.update(f"{idx}\t{token}\n".encode())
-            self._fingerprint = digest.hexdigest()
+            self._fingerprint = tokenizer_fingerprint(self.encode_prompt)
         return self._fingerprint
 
     # -- sessions -------------------------------------------------------------------------------

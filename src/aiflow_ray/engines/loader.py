@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aiflow_ray.config import ModelPairConfig
+from aiflow_ray.config import EngineName, ModelPairConfig
 from aiflow_ray.engines.base import Engine
 from aiflow_ray.models.fetch import fetch_model
 from aiflow_ray.models.registry import UnknownModelError, get_entry, known_names
@@ -37,7 +37,28 @@ def resolve_model_path(name: str, fetch: bool = True) -> Path | str:
     )
 
 
-def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: bool = True) -> Engine:
+def resolve_gguf(name: str, fetch: bool = True) -> Path:
+    """The verified GGUF file of a registered model, or a .gguf path."""
+    from aiflow_ray.models.fetch import fetch_gguf, gguf_path
+
+    entry = get_entry(name)
+    if entry is not None and entry.gguf is not None:
+        return fetch_gguf(entry.gguf) if fetch else gguf_path(entry.gguf)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    raise UnknownModelError(f"{name!r} has no GGUF file: the llama.cpp engine needs a registered GGUF model "
+                            "or a path to a .gguf file")
+
+
+def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: bool = True,
+                engine: EngineName = "hf", threads: int | None = None) -> Engine:
+    """``engine`` picks the runtime: ``hf`` (torch/transformers, the reference) or ``llama_cpp`` (the GGUF
+    as released, quantized; ``dtype`` and ``device`` do not apply)."""
+    if engine == "llama_cpp":
+        from aiflow_ray.engines.llama_cpp import LlamaCppEngine
+
+        return LlamaCppEngine(resolve_gguf(name, fetch), name=name, threads=threads)
     from aiflow_ray.engines.hf import HFEngine
 
     return HFEngine.from_pretrained(resolve_model_path(name, fetch), name=name, dtype=dtype, device=device)

@@ -35,14 +35,17 @@ def configure_torch_threads(threads: int | None) -> int:
 
 
 def tier_engine(args: AppArgs, tier: TierName, role: Literal["drafter", "verifier"], engine: Engine | None) -> Engine:
-    """The tier's engine: the injected one (tests), else the configured model loaded with the tier's threads."""
-    configure_torch_threads(args.tier(tier).torch_threads)
+    """The tier's engine: the injected one (tests), else the configured model, on the tier's runtime, with
+    the tier's threads."""
+    settings = args.tier(tier)
+    threads = configure_torch_threads(settings.torch_threads)
     if engine is not None:
         return engine
     from aiflow_ray.engines.loader import load_engine
 
     pair = args.model_pair()
-    return load_engine(pair.drafter if role == "drafter" else pair.verifier, pair.dtype, pair.device)
+    return load_engine(pair.drafter if role == "drafter" else pair.verifier, pair.dtype, pair.device,
+                       engine=settings.engine, threads=threads)
 
 
 def router_handle(args: AppArgs) -> Any:

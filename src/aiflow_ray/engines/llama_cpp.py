@@ -1,0 +1,295 @@
+"""llama.cpp engine (llama-cpp-python's C API): the quantized GGUF as released, at this CPU's speed.
+
+Sessions are llama.cpp *sequences* of one context with a unified KV cache: one model in memory, one
+KV pool of ``max_sequences x n_ctx_per_sequence`` cells (28 KiB a token for the 1.5B at f16, 12 KiB
+for the 0.5B), shared by whichever sessions are live. Why sequences rather than a context per
+session: contexts each allocate their whole KV cache and compute buffers up front, so the memory
+bound would be per session instead of per token; with one pool, a verifier holding many short
+sessions costs what their tokens cost. A session keeps its committed ids and the ids its sequence
+holds in the cache; before a forward the sequence is cut back to their longest common prefix
+(``llama_memory_seq_rm``), which is how drafts that were not accepted roll back. When the pool
+runs out of sequences or cells, the least recently used other session loses its KV (not its ids)
+and is recomputed when it comes back.
+
+The high-level ``Llama`` class knows one sequence only, and its tokenizer helpers truncate long
+pieces, so this module calls the C functions directly. Not thread-safe: the tier serialises calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aiflow_ray.config import SamplingConfig
+from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionNotFound, tokenizer_fingerprint
+from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
+
+log = get_logger(__name__)
+
+N_BATCH = 512  # tokens per llama_decode call; longer prefills go in chunks
+
+
+class KvCacheFull(RuntimeError):
+    """The context has no room for this session's tokens even with every other session evicted."""
+
+
+@dataclass
+class _Session:
+    tokens: list[int]  # committed ids
+    seq: int | None = None  # llama.cpp sequence holding KV for `cached`, None when evicted
+    cached: list[int] = field(default_factory=list)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+class LlamaCppEngine:
+    """Engine over a GGUF file; see ``aiflow_ray.engines.base`` for the contract."""
+
+    def __init__(self, gguf: str | Path, name: str, threads: int | None = None, max_sequences: int = 8,
+                 n_ctx_per_sequence: int = 4096) -> None:
+        import llama_cpp
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # every C log line would otherwise reach stderr
+        self._ll = llama_cpp
+        self.name = name
+        started = time.perf_counter()
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self._model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), mparams)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.max_sequences = max_sequences
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = max_sequences * n_ctx_per_sequence
+        cparams.n_batch = cparams.n_ubatch = N_BATCH
+        cparams.n_seq_max = max_sequences
+        cparams.kv_unified = True  # any mix of sequences in one pass; one pool of cells for all
+        cparams.n_outputs_max = 0  # up to n_batch logit rows per decode
+        cparams.n_outputs_max_per_seq = 0
+        cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {gguf}")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        self.eos_token_ids = frozenset(t for t in range(self.vocab_size)
+                                       if llama_cpp.llama_vocab_is_eog(self._vocab, t))
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        self._chat: Any = None
+        if template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            eos = self._piece(llama_cpp.llama_vocab_eos(self._vocab), special=True).decode("utf-8", "replace")
+            self._chat = Jinja2ChatFormatter(template=template.decode(), eos_token=eos, bos_token="",
+                                             add_generation_prompt=True)
+        self._sessions: dict[str, _Session] = {}
+        self._seq_owner: OrderedDict[int, str] = OrderedDict()  # LRU order: oldest first
+        self._fingerprint: str | None = None
+        log.info("loaded %s (llama.cpp, %d threads, %d sequences x %d tokens) in %.1f s", name, cparams.n_threads,
+                 max_sequences, n_ctx_per_sequence, time.perf_counter() - started)
+
+    def __del__(self) -> None:
+        ll = getattr(self, "_ll", None)
+        if ll is not None and getattr(self, "_ctx", None):
+            ll.llama_batch_free(self._batch)
+            ll.llama_free(self._ctx)
+            ll.llama_model_free(self._model)
+            self._ctx = None
+
+    # -- text -----------------------------------------------------------------------------------
+    def _tokenize(self, text: str) -> list[int]:
+        data = text.encode()
+        cap = len(data) + 16
+        while True:
+            out = (self._ll.llama_token * cap)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), out, cap, False, True)
+            if n >= 0:
+                return list(out[:n])
+            cap = -n
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
+        """A string, or a conversation of {role, content} turns, with the GGUF's own chat template."""
+        if isinstance(prompt, list) and self._chat is None:
+            prompt = "\n".join(f"{turn['role']}: {turn['content']}" for turn in prompt) + "\nassistant:"
+            chat = False
+        if chat and self._chat is not None:
+            turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            return self._tokenize(self._chat(messages=turns).prompt)
+        assert isinstance(prompt, str)
+        return self._tokenize(prompt)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        data = b"".join(self._piece(int(t)) for t in token_ids if int(t) not in self.eos_token_ids)
+        return data.decode("utf-8", "replace")
+
+    def vocab_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = tokenizer_fingerprint(self.encode_prompt)
+        return self._fingerprint
+
+    # -- sessions -------------------------------------------------------------------------------
+    def open_session(self, session_id: str, token_ids: Sequence[int]) -> None:
+        if not token_ids:
+            raise ValueError("a session needs at least one token")
+        self.release(session_id)
+        self._sessions[session_id] = _Session([int(t) for t in token_ids])
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def _get(self, session_id: str) -> _Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionNotFound(session_id) from None
+
+    def session_length(self, session_id: str) -> int:
+        return len(self._get(session_id).tokens)
+
+    def session_tokens(self, session_id: str) -> list[int]:
+        return list(self._get(session_id).tokens)
+
+    def append(self, session_id: str, token_ids: Sequence[int]) -> None:
+        self._get(session_id).tokens.extend(int(t) for t in token_ids)
+
+    def rollback(self, session_id: str, length: int) -> None:
+        session = self._get(session_id)
+        if not 1 <= length <= len(session.tokens):
+            raise ValueError(f"cannot roll back to {length}: session has {len(session.tokens)} tokens")
+        del session.tokens[length:]
+
+    def release(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is not None and session.seq is not None:
+            self._drop_kv(session)
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)
+
+    # -- KV sequences ---------------------------------------------------------------------------
+    def _drop_kv(self, session: _Session) -> None:
+        assert session.seq is not None
+        self._ll.llama_memory_seq_rm(self._mem, session.seq, -1, -1)
+        self._seq_owner.pop(session.seq, None)
+        session.seq, session.cached = None, []
+
+    def _evict_one(self, keep: str) -> bool:
+        for seq, owner in self._seq_owner.items():  # oldest first
+            if owner != keep:
+                log.info("evicting the KV of session %s (sequence %d)", owner[:8], seq)
+                self._drop_kv(self._sessions[owner])
+                return True
+        return False
+
+    def _sequence_for(self, session_id: str, session: _Session) -> int:
+        if session.seq is None:
+            free = next((s for s in range(self.max_sequences) if s not in self._seq_owner), None)
+            if free is None:
+                self._evict_one(keep=session_id)
+                free = next(s for s in range(self.max_sequences) if s not in self._seq_owner)
+            session.seq = free
+        self._seq_owner[session.seq] = session_id
+        self._seq_owner.move_to_end(session.seq)
+        return session.seq
+
+    def _forward(self, session_id: str, extra: list[int], outputs: int) -> np.ndarray:
+        """Logits [outputs, V] of the last ``outputs`` tokens of committed + ``extra``, feeding only what
+        the session's sequence does not already hold (and at least those ``outputs`` tokens)."""
+        session = self._get(session_id)
+        seq = self._sequence_for(session_id, session)
+        target = session.tokens + extra
+        limit = min(len(session.cached), len(target) - outputs)
+        agree = 0
+        while agree < limit and session.cached[agree] == target[agree]:
+            agree += 1
+        if agree < len(session.cached):
+            self._ll.llama_memory_seq_rm(self._mem, seq, agree, -1)
+            del session.cached[agree:]
+        feed = target[agree:]
+        start = 0
+        while start < len(feed):
+            # Every output row must come from the last decode: the last chunk holds the last `outputs`.
+            end = len(feed) if len(feed) - start <= N_BATCH else min(start + N_BATCH, len(feed) - outputs)
+            self._decode(session_id, seq, feed[start:end], agree + start, outputs if end == len(feed) else 0)
+            start = end
+        session.cached.extend(feed)
+        rows = np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
+        return rows.copy()  # the buffer is reused by the next decode
+
+    def _decode(self, session_id: str, seq: int, tokens: list[int], pos0: int, outputs: int) -> None:
+        batch = self._batch
+        n = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = pos0 + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = i >= n - outputs
+        batch.n_tokens = n
+        while True:
+            rc = self._ll.llama_decode(self._ctx, batch)
+            if rc == 0:
+                return
+            if rc == 1 and self._evict_one(keep=session_id):  # no free KV cells: make room, retry
+                continue
+            raise KvCacheFull(f"llama_decode failed ({rc}) for {n} tokens at position {pos0}")
+
+    # -- compute --------------------------------------------------------------------------------
+    def draft(self, session_id: str, k: int, sampling: SamplingConfig, rng: np.random.Generator | None = None
+              ) -> DraftOutput:
+        started = time.perf_counter()
+        drafted: list[int] = []
+        q_ids: list[np.ndarray] = []
+        q_probs: list[np.ndarray] = []
+        for _ in range(k):
+            # The drafted tokens ride in the sequence beyond the committed ones until the verifier rules;
+            # the next forward cuts back whatever was not accepted.
+            logits = self._forward(session_id, drafted, 1)[0]  # [V]
+            if sampling.greedy:
+                token = int(np.argmax(logits))
+            else:
+                if rng is None:
+                    raise ValueError("sampled drafting needs an rng")
+                ids, probs = draft_sparse_probs(logits, sampling)
+                token = sample_sparse(ids, probs, rng)
+                q_ids.append(ids)
+                q_probs.append(probs)
+            drafted.append(token)
+        return DraftOutput(drafted, np.stack(q_ids) if q_ids else None, np.stack(q_probs) if q_probs else None,
+                           time.perf_counter() - started)
+
+    def score(self, session_id: str, draft_ids: Sequence[int], sampling: SamplingConfig,
+              with_logprobs: bool = False) -> ScoreOutput:
+        started = time.perf_counter()
+        draft = [int(t) for t in draft_ids]
+        logits = self._forward(session_id, draft, len(draft) + 1)  # [k+1, V]
+        logprobs = _log_softmax(logits) if with_logprobs else None
+        if sampling.greedy:
+            greedy = [int(t) for t in np.argmax(logits, axis=-1)]
+            return ScoreOutput(greedy, None, time.perf_counter() - started, logprobs)
+        return ScoreOutput(None, target_probs(logits, sampling), time.perf_counter() - started, logprobs)
