@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -101,3 +101,57 @@ def tokenizer_fingerprint(encode: Callable[[str | list[dict[str, str]], bool], l
         digest.update((",".join(map(str, encode(text, False))) + "\n").encode())
     digest.update(",".join(map(str, encode(PROBE_CHAT, True))).encode())
     return digest.hexdigest()
+
+
+class SessionTable:
+    """The bookkeeping every engine shares: sessions by id, their committed ids, append and rollback.
+
+    An engine subclasses it, keeps ``self._sessions`` (id -> its session object, which has a
+    ``tokens`` list), makes sessions in ``_new_session`` and hears of rollbacks in ``_rolled_back``.
+    """
+
+    _sessions: dict[str, Any]
+
+    def _new_session(self, tokens: list[int]) -> Any:
+        raise NotImplementedError
+
+    def _rolled_back(self, session: Any, length: int) -> None:
+        """Called after a session's committed ids were cut to ``length``."""
+
+    def open_session(self, session_id: str, token_ids: Sequence[int]) -> None:
+        if not token_ids:
+            raise ValueError("a session needs at least one token")
+        self.release(session_id)
+        self._sessions[session_id] = self._new_session([int(t) for t in token_ids])
+
+    def release(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def _get(self, session_id: str) -> Any:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise SessionNotFound(session_id) from None
+
+    def session_length(self, session_id: str) -> int:
+        return len(self._get(session_id).tokens)
+
+    def session_tokens(self, session_id: str) -> list[int]:
+        return list(self._get(session_id).tokens)
+
+    def append(self, session_id: str, token_ids: Sequence[int]) -> None:
+        self._get(session_id).tokens.extend(int(t) for t in token_ids)
+
+    def rollback(self, session_id: str, length: int) -> None:
+        session = self._get(session_id)
+        if not 1 <= length <= len(session.tokens):
+            raise ValueError(f"cannot roll back to {length}: session has {len(session.tokens)} tokens")
+        del session.tokens[length:]
+        self._rolled_back(session, length)
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)

@@ -19,7 +19,7 @@ import torch
 
 from aiflow_ray import envs
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionNotFound, tokenizer_fingerprint
+from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionTable, tokenizer_fingerprint
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
 
@@ -79,7 +79,7 @@ class _Session:
     agree: int = 0  # cached[:agree] == tokens[:agree] is known to hold
 
 
-class HFEngine:
+class HFEngine(SessionTable):
     """Engine over a transformers causal LM; see ``aiflow_ray.engines.base`` for the contract."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, device: torch.device) -> None:
@@ -130,43 +130,12 @@ class HFEngine:
             self._fingerprint = tokenizer_fingerprint(self.encode_prompt)
         return self._fingerprint
 
-    # -- sessions -------------------------------------------------------------------------------
-    def open_session(self, session_id: str, token_ids: Sequence[int]) -> None:
-        if not token_ids:
-            raise ValueError("a session needs at least one token")
-        self._sessions[session_id] = _Session(tokens=[int(t) for t in token_ids])
+    # -- sessions (the rest is SessionTable's) ------------------------------------------------
+    def _new_session(self, tokens: list[int]) -> _Session:
+        return _Session(tokens=tokens)
 
-    def has_session(self, session_id: str) -> bool:
-        return session_id in self._sessions
-
-    def _get(self, session_id: str) -> _Session:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise SessionNotFound(session_id) from None
-
-    def session_length(self, session_id: str) -> int:
-        return len(self._get(session_id).tokens)
-
-    def session_tokens(self, session_id: str) -> list[int]:
-        return list(self._get(session_id).tokens)
-
-    def append(self, session_id: str, token_ids: Sequence[int]) -> None:
-        self._get(session_id).tokens.extend(int(t) for t in token_ids)
-
-    def rollback(self, session_id: str, length: int) -> None:
-        session = self._get(session_id)
-        if not 1 <= length <= len(session.tokens):
-            raise ValueError(f"cannot roll back to {length}: session has {len(session.tokens)} tokens")
-        del session.tokens[length:]
+    def _rolled_back(self, session: _Session, length: int) -> None:
         session.agree = min(session.agree, length)
-
-    def release(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
-
-    @property
-    def num_sessions(self) -> int:
-        return len(self._sessions)
 
     # -- compute --------------------------------------------------------------------------------
     def _pending(self, session: _Session) -> list[int]:

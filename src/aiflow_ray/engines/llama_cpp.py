@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionNotFound, tokenizer_fingerprint
+from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionTable, tokenizer_fingerprint
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
 
@@ -54,7 +54,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(SessionTable):
     """Engine over a GGUF file; see ``aiflow_ray.engines.base`` for the contract."""
 
     def __init__(self, gguf: str | Path, name: str, threads: int | None = None, max_sequences: int = 8,
@@ -151,45 +151,14 @@ class LlamaCppEngine:
             self._fingerprint = tokenizer_fingerprint(self.encode_prompt)
         return self._fingerprint
 
-    # -- sessions -------------------------------------------------------------------------------
-    def open_session(self, session_id: str, token_ids: Sequence[int]) -> None:
-        if not token_ids:
-            raise ValueError("a session needs at least one token")
-        self.release(session_id)
-        self._sessions[session_id] = _Session([int(t) for t in token_ids])
-
-    def has_session(self, session_id: str) -> bool:
-        return session_id in self._sessions
-
-    def _get(self, session_id: str) -> _Session:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise SessionNotFound(session_id) from None
-
-    def session_length(self, session_id: str) -> int:
-        return len(self._get(session_id).tokens)
-
-    def session_tokens(self, session_id: str) -> list[int]:
-        return list(self._get(session_id).tokens)
-
-    def append(self, session_id: str, token_ids: Sequence[int]) -> None:
-        self._get(session_id).tokens.extend(int(t) for t in token_ids)
-
-    def rollback(self, session_id: str, length: int) -> None:
-        session = self._get(session_id)
-        if not 1 <= length <= len(session.tokens):
-            raise ValueError(f"cannot roll back to {length}: session has {len(session.tokens)} tokens")
-        del session.tokens[length:]
+    # -- sessions (the rest is SessionTable's) ------------------------------------------------
+    def _new_session(self, tokens: list[int]) -> _Session:
+        return _Session(tokens)
 
     def release(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
         if session is not None and session.seq is not None:
             self._drop_kv(session)
-
-    @property
-    def num_sessions(self) -> int:
-        return len(self._sessions)
 
     # -- KV sequences ---------------------------------------------------------------------------
     def _drop_kv(self, session: _Session) -> None:
