@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--profile", choices=["local", "tiny"], default="local")
     deploy.add_argument("--http-port", type=int, default=8000)
     deploy.add_argument("--timeout-s", type=float, default=900.0)
+    deploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one application argument, e.g. --set edge.engine=hf (repeatable)")
 
     configs = sub.add_parser("configs", help="render deployments/*.yaml and k8s/ from the builder's profiles")
     configs.add_argument("action", choices=["render"])
@@ -219,12 +221,12 @@ def _deploy(args: argparse.Namespace) -> int:
     import yaml
 
     from aiflow_ray import cluster
-    from aiflow_ray.serve.configs import serve_config
+    from aiflow_ray.serve.configs import parse_overrides, serve_config
 
     info = cluster.load(STATE_DIR)
     if info is None or not cluster.supervisor_alive(info):
         raise RuntimeError("no local cluster is running: run `aiflow cluster up` first")
-    config = serve_config(args.profile, args.http_port)
+    config = serve_config(args.profile, args.http_port, parse_overrides(args.overrides))
     app = config["applications"][0]["name"]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
@@ -239,8 +241,9 @@ def _deploy(args: argparse.Namespace) -> int:
     print(f"waiting for {url}/readyz (models load in the tier replicas) ", end="", flush=True, file=sys.stderr)
     while time.monotonic() < deadline:
         try:
+            # RUNNING too: while a changed application rolls out, the old replicas still answer ready.
             with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-                if response.status == 200:
+                if response.status == 200 and cluster.app_status(info, app)[0] == "RUNNING":
                     print(" ready", file=sys.stderr)
                     print(url)
                     return 0

@@ -19,9 +19,10 @@ def aiflow_home() -> Path:
     return Path(os.environ.get("AIFLOW_HOME", Path.home() / ".cache" / "aiflow")).expanduser()
 
 
-def torch_threads() -> int | None:
-    """Intra-op threads for torch; unset means "all cores" (Ray sets OMP threads to num_cpus)."""
-    raw = os.environ.get("AIFLOW_TORCH_THREADS")
+def threads() -> int | None:
+    """Compute threads of an engine (torch intra-op, llama.cpp); unset means "all cores" (Ray sets OMP
+    threads to num_cpus)."""
+    raw = os.environ.get("AIFLOW_THREADS")
     return int(raw) if raw else None
 
 

@@ -48,3 +48,19 @@ def test_app_args_reject_unknown_fields_and_bad_autoscaling() -> None:
         AppArgs.model_validate({"edgee": {}})
     with pytest.raises(ValueError, match="min_replicas"):
         AppArgs.model_validate({"edge": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}})
+
+
+def test_deploy_overrides_change_one_argument_and_refuse_misspelt_ones() -> None:
+    from pydantic import ValidationError
+
+    from aiflow_ray.serve.configs import parse_overrides, serve_config
+
+    overrides = parse_overrides(["edge.engine=hf", "router.max_draft_len=8"])
+    assert overrides == {"edge": {"engine": "hf"}, "router": {"max_draft_len": 8}}
+    args = AppArgs.model_validate(serve_config("local", overrides=overrides)["applications"][0]["args"])
+    assert (args.edge.engine, args.device.engine, args.router.max_draft_len) == ("hf", "llama_cpp", 8)
+    assert args.edge.label_selector == {"tier": "edge"}  # the rest of the profile's tier stays
+    with pytest.raises(ValidationError, match="engnie"):
+        serve_config("local", overrides=parse_overrides(["edge.engnie=hf"]))
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["edge.engine"])

@@ -127,3 +127,30 @@ def test_router_state_learns_from_reports_and_records_decisions() -> None:
     assert snap["recent_decisions"][-1]["request_id"] == "req-1"
     assert snap["recent_decisions"][-1]["reason"] == decision.reason
     assert snap["decision_counts"][str(decision.path)] == 1
+
+
+@pytest.mark.parametrize(
+    ("verify_curve", "expected"),
+    [
+        # llama.cpp verifier on CPU: a block of k costs almost k decodes, and the 0.5B drafts at 0.6 of the
+        # 1.5B's decode (docs/benchmarks/engines.md): speculation cannot pay, server-only wins.
+        (((1, 0.064), (2, 0.10), (5, 0.14), (9, 0.21)), "server-only"),
+        # HF verifier: flat in k, so the same drafter at 0.2 of its cost pays off.
+        (((1, 0.22), (2, 0.22), (5, 0.22), (9, 0.23)), "device-edge"),
+    ],
+)
+def test_the_router_picks_the_path_from_the_measured_verify_curve(
+        verify_curve: tuple[tuple[int, float], ...], expected: str) -> None:
+    state = RouterState()
+    state.report_load(LoadReport(tier="edge", replica="r1", ongoing=0, queued=0, capacity=4,
+                                 service_samples=verify_curve * 10))
+    state.report_generation(GenerationReport(link_id="", path="calibration", on_device_s_per_token=0.04))
+    state.report_generation(GenerationReport(link_id="phone", path="probe", link_samples=((90, 0.02),) * 5))
+    assert state.decide(RouteRequest(request_id="r", link_id="phone", quality="exact")).path == expected
+
+
+def test_a_calibration_replaces_a_contended_start_up_timing() -> None:
+    state = RouterState()
+    state.report_generation(GenerationReport(link_id="", path="calibration", on_device_s_per_token=0.34))
+    state.report_generation(GenerationReport(link_id="", path="calibration", on_device_s_per_token=0.04))
+    assert state.inputs("phone").compute.draft_s_per_token == pytest.approx(0.04)

@@ -43,8 +43,12 @@ def test_other_messages_roundtrip() -> None:
     res = wire.VerifyResult(_header(wire.MsgType.VERIFY_RESULT), wire.VerifyStatus.OK, 2, 99, 1234, 50)
     assert wire.decode(wire.encode_verify_result(res)) == res
     assert len(wire.encode_verify_result(res)) == wire.VERIFY_RESULT_SIZE
-    gen = wire.GenerateRequest(_header(wire.MsgType.GENERATE), "héllo", 64, True, None)
-    assert wire.decode(wire.encode_generate(gen)) == gen
+    gen = wire.GenerateRequest(_header(wire.MsgType.GENERATE), np.array([9, 151_643, 0], np.int32), 64, None)
+    back = wire.decode(wire.encode_generate(gen))
+    assert isinstance(back, wire.GenerateRequest) and back.prompt_ids.tolist() == [9, 151_643, 0]
+    assert (back.header, back.max_new_tokens, back.sampling) == (gen.header, 64, None)
+    with pytest.raises(wire.WireError, match="prompt of 0 tokens"):
+        wire.decode(wire.encode_generate(wire.GenerateRequest(gen.header, np.zeros(0, np.int32), 64, None)))
     toks = wire.decode(wire.encode_tokens(wire.Tokens(_header(wire.MsgType.TOKENS), np.array([4], np.int32), True)))
     assert isinstance(toks, wire.Tokens) and toks.token_ids.tolist() == [4] and toks.done
     err = wire.decode(wire.encode_error(wire.ErrorMsg(_header(wire.MsgType.ERROR), 400, "bad")))
@@ -75,7 +79,7 @@ def test_probes_are_bounded_and_answered_only_as_probes() -> None:
         (b"", "shorter than the header"),
         (b"XX" + bytes(22), "bad magic"),
         (b"AF\x09\x01" + bytes(20), "unsupported protocol version"),
-        (b"AF\x01\x63" + bytes(20), "unknown message type"),
+        (b"AF" + bytes([wire.VERSION, 0x63]) + bytes(20), "unknown message type"),
     ],
 )
 def test_malformed_headers_are_rejected(payload: bytes, message: str) -> None:
@@ -123,8 +127,10 @@ def test_logprobs_and_min_tokens_roundtrip() -> None:
     assert isinstance(back, wire.VerifyResult) and back.logprobs is not None
     np.testing.assert_array_equal(back.logprobs.top_ids, lp.top_ids)
     np.testing.assert_array_equal(back.logprobs.chosen, lp.chosen)
-    gen = wire.GenerateRequest(_header(wire.MsgType.GENERATE), "hi", 64, True, None, min_tokens=64, logprobs=0)
-    assert wire.decode(wire.encode_generate(gen)) == gen
+    gen = wire.GenerateRequest(_header(wire.MsgType.GENERATE), np.array([5], np.int32), 64, None, min_tokens=64,
+                               logprobs=0)
+    back = wire.decode(wire.encode_generate(gen))
+    assert isinstance(back, wire.GenerateRequest) and (back.min_tokens, back.logprobs) == (64, 0)
     toks = wire.Tokens(_header(wire.MsgType.TOKENS), np.array([4], np.int32), False, _logprobs(1, 0))
     decoded = wire.decode(wire.encode_tokens(toks))
     assert isinstance(decoded, wire.Tokens) and decoded.logprobs is not None and len(decoded.logprobs) == 1

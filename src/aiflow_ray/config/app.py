@@ -40,8 +40,9 @@ class TierArgs(StrictModel):
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
     engine: EngineName = Field("hf", description="Runtime of the tier's model: hf (torch/transformers, the exact "
                                "reference) or llama_cpp (the quantized GGUF as released).")
-    torch_threads: int | None = Field(
-        None, ge=1, description="Intra-op threads for the tier's model (default: all cores of the node; Ray would "
+    threads: int | None = Field(
+        None, ge=1, description="Compute threads of the tier's engine, torch or llama.cpp (default: all cores of "
+        "the node; Ray would "
         "otherwise cap them at num_cpus, and the tiers of one request take turns rather than compete).")
     max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica serves at once.")
     max_queued_requests: int = Field(32, ge=-1, description="Queued requests before 503 (-1 = unbounded).")

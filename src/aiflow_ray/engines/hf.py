@@ -51,7 +51,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def configure_threads() -> None:
-    threads = envs.torch_threads()
+    threads = envs.threads()
     if threads:
         torch.set_num_threads(threads)
 

@@ -89,9 +89,8 @@ class VerifyResult:
 @dataclass
 class GenerateRequest:
     header: Header
-    prompt: str | list[dict[str, str]]  # text, or chat turns (sent as JSON, never pickled)
+    prompt_ids: np.ndarray  # [n] int32: the request as the device tokenized it (text never crosses)
     max_new_tokens: int
-    chat: bool
     sampling: SamplingConfig | None
     min_tokens: int = 0  # an end-of-sequence token before this many tokens does not end the stream
     logprobs: int | None = None

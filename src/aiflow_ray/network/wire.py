@@ -10,7 +10,6 @@ before it touches a model.
 
 from __future__ import annotations
 
-import json
 import struct
 import uuid
 
@@ -40,10 +39,9 @@ __all__ = [  # the messages are part of this module's surface: callers use wire.
 ]
 
 MAGIC = b"AF"
-VERSION = 1
+VERSION = 2  # 2: GENERATE carries token ids, not text
 MAX_CONTEXT_TOKENS = 131_072
 MAX_DRAFT_TOP_K = 256
-MAX_PROMPT_BYTES = 1 << 20
 MAX_PROBE_PADDING_BYTES = 1 << 16
 MAX_TOP_LOGPROBS = 20
 
@@ -53,7 +51,7 @@ _CONTEXT_LEN = struct.Struct("<I")
 _SAMPLING = struct.Struct("<ffIQ")  # temperature, top_p, top_k, seed
 _SPARSE_K = struct.Struct("<H")
 _VERIFY_RESP = struct.Struct("<BHiII")  # status, accepted, next token, verify_us, committed_len
-_GEN_FIXED = struct.Struct("<BII")  # flags, max_new_tokens, prompt byte length
+_GEN_FIXED = struct.Struct("<BII")  # flags, max_new_tokens, prompt tokens
 _TOKENS_FIXED = struct.Struct("<BH")  # done, count
 _ERROR_FIXED = struct.Struct("<H")
 _PING_FIXED = struct.Struct("<I")  # padding length
@@ -61,7 +59,7 @@ _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
 _LOGPROBS_FIXED = struct.Struct("<BH")  # alternatives per token, tokens
 
-_F_CONTEXT, _F_SAMPLED, _F_SEED, _F_CHAT, _F_MESSAGES, _F_LOGPROBS, _F_MIN_TOKENS = 1, 2, 4, 8, 16, 32, 64
+_F_CONTEXT, _F_SAMPLED, _F_SEED, _F_LOGPROBS, _F_MIN_TOKENS = 1, 2, 4, 32, 64
 _I32 = np.dtype("<i4")
 _F32 = np.dtype("<f4")
 
@@ -125,12 +123,8 @@ def _logprobs_bytes(lp: Logprobs | None) -> bytes:
 
 
 def encode_generate(req: GenerateRequest) -> bytes:
-    if isinstance(req.prompt, list):
-        prompt = json.dumps(req.prompt).encode("utf-8")
-        flags = _F_CHAT | _F_MESSAGES
-    else:
-        prompt = req.prompt.encode("utf-8")
-        flags = _F_CHAT if req.chat else 0
+    ids = np.asarray(req.prompt_ids, dtype=_I32)
+    flags = 0
     tail = b""
     if req.sampling is not None and not req.sampling.greedy:
         flags |= _F_SAMPLED | (_F_SEED if req.sampling.seed is not None else 0)
@@ -142,7 +136,7 @@ def encode_generate(req: GenerateRequest) -> bytes:
         flags |= _F_LOGPROBS
         tail += _U8.pack(req.logprobs)
     head = _header(MsgType.GENERATE, req.header.session_id, req.header.seq)
-    return head + _GEN_FIXED.pack(flags, req.max_new_tokens, len(prompt)) + prompt + tail
+    return head + _GEN_FIXED.pack(flags, req.max_new_tokens, len(ids)) + ids.tobytes() + tail
 
 
 def encode_tokens(msg: Tokens) -> bytes:
@@ -227,19 +221,6 @@ def _read_logprobs(reader: _Reader, expected: int) -> Logprobs | None:
     return Logprobs(chosen, top_ids, top)
 
 
-def _parse_turns(text: str) -> list[dict[str, str]]:
-    try:
-        turns = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise WireError(f"chat turns are not valid JSON: {exc}") from exc
-    if not isinstance(turns, list) or not all(
-        isinstance(t, dict) and set(t) == {"role", "content"} and all(isinstance(v, str) for v in t.values())
-        for t in turns
-    ):
-        raise WireError("chat turns must be a list of {role, content} strings")
-    return turns
-
-
 def decode(payload: bytes) -> Message:
     if len(payload) < _HEADER.size:
         raise WireError(f"message of {len(payload)} bytes is shorter than the header")
@@ -289,20 +270,14 @@ def decode(payload: bytes) -> Message:
         lp = _read_logprobs(reader, accepted + 1) if verify_status is VerifyStatus.OK else None
         msg = VerifyResult(header, verify_status, accepted, next_token, verify_us, committed, lp)
     elif msg_type is MsgType.GENERATE:
-        flags, max_new, nbytes = reader.unpack(_GEN_FIXED, "generate header")
-        if nbytes > MAX_PROMPT_BYTES:
-            raise WireError(f"prompt of {nbytes} bytes exceeds {MAX_PROMPT_BYTES}")
-        try:
-            text = bytes(reader.take(nbytes, "prompt")).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise WireError("prompt is not valid UTF-8") from exc
-        prompt: str | list[dict[str, str]] = text
-        if flags & _F_MESSAGES:
-            prompt = _parse_turns(text)
+        flags, max_new, n = reader.unpack(_GEN_FIXED, "generate header")
+        if not 1 <= n <= MAX_CONTEXT_TOKENS:
+            raise WireError(f"prompt of {n} tokens is outside 1..{MAX_CONTEXT_TOKENS}")
+        prompt_ids = reader.array(_I32, n, "prompt")
         sampling = _read_sampling(reader, flags)
         min_tokens = reader.unpack(_U32, "min tokens")[0] if flags & _F_MIN_TOKENS else 0
         top_n = _read_top_n(reader) if flags & _F_LOGPROBS else None
-        msg = GenerateRequest(header, prompt, max_new, bool(flags & _F_CHAT), sampling, min_tokens, top_n)
+        msg = GenerateRequest(header, prompt_ids, max_new, sampling, min_tokens, top_n)
     elif msg_type is MsgType.TOKENS:
         done, count = reader.unpack(_TOKENS_FIXED, "tokens header")
         ids = reader.array(_I32, count, "tokens")

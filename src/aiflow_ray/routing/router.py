@@ -112,7 +112,11 @@ class RouterState:
             self.rejected = 0.9 * self.rejected + report.rejections
         if report.draft_tokens:
             self.draft_s.update(report.draft_s / report.draft_tokens)
-        if report.on_device_s_per_token is not None:
+        if report.path == "calibration" and report.on_device_s_per_token is not None:
+            # A calibration is a deliberate measurement on an idle drafter: it replaces whatever came before
+            # (a contended start-up timing would otherwise linger for many requests).
+            self.draft_s.value = report.on_device_s_per_token
+        elif report.on_device_s_per_token is not None:
             self.draft_s.update(report.on_device_s_per_token)
 
     def report_load(self, report: LoadReport) -> None:

@@ -17,8 +17,9 @@ from aiflow_ray.routing.router import LoadReport
 log = get_logger(__name__)
 
 
-def configure_torch_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads for a replica: the tier's setting, else AIFLOW_TORCH_THREADS, else all cores.
+def configure_threads(threads: int | None) -> int:
+    """A replica's compute threads: the tier's setting, else AIFLOW_THREADS, else all cores. Torch's are set
+    here; llama.cpp's are passed to its context.
 
     Ray sets OMP_NUM_THREADS to a replica's num_cpus (1 by default), which torch obeys; a verifier on
     one thread of a multi-core node is several times slower than it needs to be.
@@ -29,7 +30,7 @@ def configure_torch_threads(threads: int | None) -> int:
 
     from aiflow_ray import envs
 
-    count = threads or envs.torch_threads() or os.cpu_count() or 1
+    count = threads or envs.threads() or os.cpu_count() or 1
     torch.set_num_threads(count)
     return count
 
@@ -38,7 +39,7 @@ def tier_engine(args: AppArgs, tier: TierName, role: Literal["drafter", "verifie
     """The tier's engine: the injected one (tests), else the configured model, on the tier's runtime, with
     the tier's threads."""
     settings = args.tier(tier)
-    threads = configure_torch_threads(settings.torch_threads)
+    threads = configure_threads(settings.threads)
     if engine is not None:
         return engine
     from aiflow_ray.engines.loader import load_engine

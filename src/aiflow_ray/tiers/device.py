@@ -269,16 +269,16 @@ class DeviceDrafter:
 
 
 def generate_server_only(
-    prompt: str | list[dict[str, str]], chat: bool, max_new_tokens: int, sampling: SamplingConfig, transport: Transport,
+    prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, transport: Transport,
     decode: Callable[[list[int]], str], on_token: OnRound | None = None, min_tokens: int = 0,
     logprobs: int | None = None,
 ) -> GenerationResult:
-    """Baseline: the raw prompt crosses once; the large model decodes alone and streams tokens down."""
+    """Baseline: the prompt's ids cross once; the large model decodes alone and streams tokens down."""
     clock = transport.clock
     trace = Trace(path="server-only")
     session = wire.new_session_id()
     req = wire.GenerateRequest(
-        wire.Header(wire.MsgType.GENERATE, session, 0), prompt, max_new_tokens, chat,
+        wire.Header(wire.MsgType.GENERATE, session, 0), np.asarray(prompt_ids, np.int32), max_new_tokens,
         None if sampling.greedy else sampling, min_tokens, logprobs,
     )
     payload = wire.encode_generate(req)
@@ -304,4 +304,5 @@ def generate_server_only(
     clock.sleep_until(last_arrival)
     trace.rounds = len(out)
     trace.finish()
-    return GenerationResult(out, decode(out), trace, logprobs=wire.Logprobs.concat(logprob_parts))
+    return GenerationResult(out, decode(out), trace, prompt_tokens=len(prompt_ids),
+                            logprobs=wire.Logprobs.concat(logprob_parts))

@@ -163,13 +163,12 @@ class EdgeVerifier:
         )
 
     def generate_stream(self, payload: bytes) -> Iterator[bytes]:
-        """Server-only baseline: the raw prompt arrives once; tokens stream back one message each."""
+        """Server-only: the prompt's ids arrive once; tokens stream back one message each."""
         msg = wire.decode(payload)
         if not isinstance(msg, wire.GenerateRequest):
             raise wire.WireError("expected a GENERATE message")
         sid = msg.header.session_id
-        context = np.asarray(self.engine.encode_prompt(msg.prompt, msg.chat), dtype=np.int32)
-        state = self._start(sid, context, msg.sampling, msg.logprobs)
+        state = self._start(sid, msg.prompt_ids, msg.sampling, msg.logprobs)
         sampling, rng = state.sampling, state.rng
         try:
             for i in range(msg.max_new_tokens):

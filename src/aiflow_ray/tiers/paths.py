@@ -85,11 +85,10 @@ def run_path(opts: GenerateOptions, device: DeviceSide, edge: Transport, *, poli
             return drafter.generate_local(ids, opts.max_new_tokens, opts.sampling, on_token=on_round,
                                           min_tokens=opts.min_tokens)
     if opts.path == "server-only":
-        result = generate_server_only(opts.prompt_input(), opts.chat, opts.max_new_tokens, opts.sampling, edge,
-                                      drafter.engine.decode, on_token=on_round, min_tokens=opts.min_tokens,
-                                      logprobs=opts.logprobs)
-        result.prompt_tokens = len(device.encode(opts))
-        return result
+        # Tokenized once, here: only ids cross the link (the edge's tokenizer was checked to agree).
+        return generate_server_only(device.encode(opts), opts.max_new_tokens, opts.sampling, edge,
+                                    drafter.engine.decode, on_token=on_round, min_tokens=opts.min_tokens,
+                                    logprobs=opts.logprobs)
     if opts.path == "device-edge":
         return speculate()
     if cloud is None or cloud_link is None:
