@@ -16,8 +16,9 @@ AIFLOW := $(VENV)/bin/aiflow
 
 # llama.cpp is built once from its PyPI source (about 4-6 minutes on 2 cores) and the wheel kept under
 # AIFLOW_HOME, keyed by version and CPU flags, so a re-install takes seconds. AVX-512 (with VNNI and
-# BF16) but not AMX: a -march=native build on these machines emits AMX tile instructions, and the
-# virtual machines do not grant AMX state, so the first decode dies with a general protection fault.
+# BF16) but not AMX: a -march=native build adds ggml's AMX backend, whose weight repack dies at model load
+# with a general protection fault on `ldtilecfg` on these virtual machines, even after the process was
+# granted AMX state (arch_prctl ARCH_REQ_XCOMP_PERM), while a plain ldtilecfg/tileloadd test passes.
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, get_args
@@ -231,7 +232,10 @@ def _deploy(args: argparse.Namespace) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
     serve_bin = str(Path(sys.executable).with_name("serve"))
-    deployed = subprocess.run([serve_bin, "deploy", handle.name, "--address", info.dashboard_url])
+    # The cluster wants its token from every client: set the mode here, not only in the Makefile, so that
+    # `aiflow deploy` works from any shell.
+    deployed = subprocess.run([serve_bin, "deploy", handle.name, "--address", info.dashboard_url],
+                              env={**os.environ, **cluster.AUTH_ENV})
     Path(handle.name).unlink()
     if deployed.returncode != 0:
         raise RuntimeError(f"`serve deploy` to {info.dashboard_url} failed (its error is above)")
