@@ -36,7 +36,7 @@ def llama_api(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     from aiflow_ray.serve import build_app
 
     args = profile_args("local")
-    assert (args["device"]["engine"], args["edge"]["engine"]) == ("llama_cpp", "llama_cpp")
+    assert {args[tier]["engine"] for tier in ("device", "edge", "cloud")} == {"llama_cpp"}
     args["name"] = APP
     args["kb"] = {"path": str(tmp_path_factory.mktemp("llama-kb") / "kb.sqlite")}
     serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
@@ -91,6 +91,11 @@ def test_every_local_path_answers_on_llama_cpp(llama_api: httpx.Client) -> None:
         "messages": [{"role": "user", "content": "Say hello."}]})
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"]
+    # The cloud's beam search on llama.cpp sequences (its knowledge base is empty: the model says so).
+    grounded = llama_api.post("/v1/generate", json={"prompt": "What is a monad?", "quality": "grounded",
+                                                     "max_tokens": 8, "beam_width": 3})
+    assert grounded.status_code == 200, grounded.text
+    assert grounded.json()["trace"]["path"] == "device-edge-cloud" and grounded.json()["token_ids"]
 
 
 def test_the_profile_under_test_is_the_committed_one() -> None:

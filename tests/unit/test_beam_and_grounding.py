@@ -36,3 +36,52 @@ def test_grounded_prompt_numbers_passages_and_bounds_the_context() -> None:
     assert 1 <= used < 10 and f"[{used + 1}]" not in user and len(user) < MAX_CONTEXT_CHARS + 500
     empty, none_used = grounded_messages("Q?", [])
     assert none_used == 0 and "no passages" in empty[1]["content"]
+
+
+def test_the_dispatcher_runs_transformers_beam_search_on_the_hf_engine(tiny_pipeline: Pipeline) -> None:
+    from aiflow_ray.engines.beam import beam_search as any_engine_beam_search
+
+    engine = tiny_pipeline.verifier_engine
+    ids = engine.encode_prompt(PROMPTS[0], True)
+    assert any_engine_beam_search(engine, ids, 3, 8).token_ids == beam_search(engine, ids, 3, 8).token_ids
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_llama_cpp_beam_search_on_the_real_gguf() -> None:
+    """Our llama.cpp beam search (the cloud tier's on CPU nodes): width 1 is greedy up to near-ties (its
+    batches hold two sequences, whose arithmetic may differ from one-sequence decodes in the last bits),
+    wider beams never score below it, and the score it reports is the model's own for those tokens."""
+    import numpy as np
+
+    from aiflow_ray.config import SamplingConfig
+    from aiflow_ray.engines.beam import beam_search as any_engine_beam_search
+    from aiflow_ray.engines.loader import load_engine
+
+    engine = load_engine("qwen2.5-coder-0.5b-instruct", engine="llama_cpp", beams=True)
+    ids = engine.encode_prompt("Write a Python function that reverses a string.", True)
+    greedy_ids, gaps = [], []
+    engine.open_session("ref", ids)
+    for _ in range(10):
+        row = engine.score("ref", [], SamplingConfig(), with_logprobs=True).logprobs
+        assert row is not None
+        top2 = np.sort(row[0])[-2:]
+        gaps.append(float(top2[1] - top2[0]))
+        greedy_ids.append(int(np.argmax(row[0])))
+        engine.append("ref", [greedy_ids[-1]])
+    one = any_engine_beam_search(engine, ids, 1, 10)
+    if one.token_ids != greedy_ids:
+        first = next(i for i, (a, b) in enumerate(zip(one.token_ids, greedy_ids, strict=False)) if a != b)
+        assert gaps[first] < 1.0, f"width 1 left greedy at token {first} without a near-tie ({gaps[first]:.2f})"
+    for width in (2, 4):
+        wide = any_engine_beam_search(engine, ids, width, 10, length_penalty=0.0)
+        assert wide.sum_logprob >= one.sum_logprob - 0.5
+        engine.open_session("check", ids)
+        scored = engine.score("check", wide.token_ids[:-1], SamplingConfig(), with_logprobs=True).logprobs
+        engine.release("check")
+        assert scored is not None
+        rescored = float(sum(scored[i][t] for i, t in enumerate(wide.token_ids)))
+        assert abs(rescored - wide.sum_logprob) < 0.5 + 0.1 * len(wide.token_ids)
+    assert engine.has_session("ref")  # the beams took its KV, not its tokens
+    with pytest.raises(ValueError, match="sequences"):
+        any_engine_beam_search(load_engine("qwen2.5-coder-0.5b-instruct", engine="llama_cpp"), ids, 16, 4)

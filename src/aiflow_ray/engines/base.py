@@ -49,6 +49,13 @@ class ScoreOutput:
     logprobs: np.ndarray | None = None  # [k+1, V] float32 raw log-softmax (with_logprobs only)
 
 
+@dataclass
+class BeamResult:
+    token_ids: list[int]  # generated tokens of the best beam (prompt excluded)
+    sum_logprob: float  # sum of the log-probabilities of those tokens under the model
+    compute_s: float
+
+
 class Engine(Protocol):
     name: str
     vocab_size: int

@@ -19,7 +19,7 @@ import torch
 
 from aiflow_ray import envs
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionTable, tokenizer_fingerprint
+from aiflow_ray.engines.base import BeamResult, DraftOutput, ScoreOutput, SessionTable, tokenizer_fingerprint
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
 
@@ -216,13 +216,6 @@ class HFEngine(SessionTable):
             return ScoreOutput(greedy, None, time.perf_counter() - started, logprobs)
         probs = target_probs(logits.float().cpu().numpy(), sampling)
         return ScoreOutput(None, probs, time.perf_counter() - started, logprobs)
-
-
-@dataclass
-class BeamResult:
-    token_ids: list[int]  # generated tokens of the best beam (prompt excluded)
-    sum_logprob: float  # sum of the log-probabilities of those tokens under the model
-    compute_s: float
 
 
 def _generate_ids(engine: HFEngine, prompt_ids: Sequence[int], num_beams: int, max_new_tokens: int,

@@ -58,7 +58,9 @@ class LlamaCppEngine(SessionTable):
     """Engine over a GGUF file; see ``aiflow_ray.engines.base`` for the contract."""
 
     def __init__(self, gguf: str | Path, name: str, threads: int | None = None, max_sequences: int = 8,
-                 n_ctx_per_sequence: int = 4096) -> None:
+                 n_ctx_per_sequence: int = 4096, kv_tokens: int | None = None) -> None:
+        """``kv_tokens``: cells of the shared KV pool (default ``max_sequences x n_ctx_per_sequence``); beam
+        search wants many sequences whose prefixes share cells, so it sets a smaller pool."""
         import llama_cpp
         from llama_cpp._logger import set_verbose
 
@@ -76,7 +78,7 @@ class LlamaCppEngine(SessionTable):
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.max_sequences = max_sequences
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = max_sequences * n_ctx_per_sequence
+        cparams.n_ctx = kv_tokens or max_sequences * n_ctx_per_sequence
         cparams.n_batch = cparams.n_ubatch = N_BATCH
         cparams.n_seq_max = max_sequences
         cparams.kv_unified = True  # any mix of sequences in one pass; one pool of cells for all
@@ -209,6 +211,52 @@ class LlamaCppEngine(SessionTable):
         session.cached.extend(feed)
         rows = np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
         return rows.copy()  # the buffer is reused by the next decode
+
+    def claim_all_sequences(self) -> list[int]:
+        """Every sequence id, emptied (sessions keep their ids and recompute their KV when they come back)."""
+        for seq in list(self._seq_owner):
+            self._drop_kv(self._sessions[self._seq_owner[seq]])
+        return list(range(self.max_sequences))
+
+    def decode_rows(self, feeds: list[tuple[int, list[int], int]], outputs_last: int = 1) -> np.ndarray:
+        """Evaluate several sequences at once: ``(seq, tokens, first position)`` each, in as few decodes as
+        ``N_BATCH`` allows; returns the logits of each feed's last ``outputs_last`` tokens, in feed order."""
+        rows: list[np.ndarray] = []
+        pending: list[tuple[int, list[int], int]] = []
+        width = 0
+
+        def flush() -> None:
+            nonlocal pending, width
+            batch = self._batch
+            n = 0
+            for seq, tokens, pos0 in pending:
+                for i, token in enumerate(tokens):
+                    batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos0 + i, 1
+                    batch.seq_id[n][0] = seq
+                    batch.logits[n] = i >= len(tokens) - outputs_last
+                    n += 1
+            batch.n_tokens = n
+            rc = self._ll.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise KvCacheFull(f"llama_decode failed ({rc}) for {n} tokens over {len(pending)} sequences")
+            count = outputs_last * len(pending)
+            logits = np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(count, self.vocab_size))
+            rows.extend(logits.copy())
+            pending, width = [], 0
+
+        for seq, tokens, pos0 in feeds:
+            while len(tokens) > N_BATCH:  # a long prompt: leading chunks without outputs
+                head, tokens, pos0 = tokens[:N_BATCH], tokens[N_BATCH:], pos0 + N_BATCH
+                if pending:
+                    flush()
+                self._decode(f"seq-{seq}", seq, head, pos0 - N_BATCH, 0)
+            if width + len(tokens) > N_BATCH:
+                flush()
+            pending.append((seq, tokens, pos0))
+            width += len(tokens)
+        if pending:
+            flush()
+        return np.stack(rows)
 
     def _decode(self, session_id: str, seq: int, tokens: list[int], pos0: int, outputs: int) -> None:
         batch = self._batch

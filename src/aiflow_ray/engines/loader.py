@@ -52,12 +52,17 @@ def resolve_gguf(name: str, fetch: bool = True) -> Path:
 
 
 def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: bool = True,
-                engine: EngineName = "hf", threads: int | None = None) -> Engine:
+                engine: EngineName = "hf", threads: int | None = None, beams: bool = False) -> Engine:
     """``engine`` picks the runtime: ``hf`` (torch/transformers, the reference) or ``llama_cpp`` (the GGUF
-    as released, quantized; ``dtype`` and ``device`` do not apply)."""
+    as released, quantized; ``dtype`` and ``device`` do not apply). ``beams``: size a llama.cpp engine
+    for beam search up to the widest beam the API allows (sequences whose prefixes share KV cells)."""
     if engine == "llama_cpp":
+        from aiflow_ray.engines.beam import MAX_BEAM_WIDTH, beam_sequences
         from aiflow_ray.engines.llama_cpp import LlamaCppEngine
 
+        if beams:
+            return LlamaCppEngine(resolve_gguf(name, fetch), name=name, threads=threads,
+                                  max_sequences=beam_sequences(MAX_BEAM_WIDTH), kv_tokens=32_768)
         return LlamaCppEngine(resolve_gguf(name, fetch), name=name, threads=threads)
     from aiflow_ray.engines.hf import HFEngine
 

@@ -46,7 +46,7 @@ def tier_engine(args: AppArgs, tier: TierName, role: Literal["drafter", "verifie
 
     pair = args.model_pair()
     return load_engine(pair.drafter if role == "drafter" else pair.verifier, pair.dtype, pair.device,
-                       engine=settings.engine, threads=threads)
+                       engine=settings.engine, threads=threads, beams=tier == "cloud")
 
 
 def router_handle(args: AppArgs) -> Any:

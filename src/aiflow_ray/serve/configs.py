@@ -24,12 +24,12 @@ def profile_args(profile: str) -> dict[str, Any]:
     tier_defaults = {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                      "upscale_delay_s": 2, "downscale_delay_s": 8}}
     if profile == "local":
-        # CPU nodes: device and edge run llama.cpp on the GGUF files as released, 2.6-3.4x faster per token
-        # than the HF engine in bf16 and faster at every verify length up to 8 (docs/benchmarks/engines.md).
-        # The cloud keeps the HF engine: its grounded answers use transformers' beam search. `--set
-        # edge.engine=hf` gives the exact fp32/bf16 reference verifier.
-        raw: dict[str, Any] = {"device": {"label_selector": {"tier": "device"}, "engine": "llama_cpp"},
-                               "edge": {"label_selector": {"tier": "edge"}, "engine": "llama_cpp"}}
+        # CPU nodes: every tier runs llama.cpp on the GGUF files as released: 2.6-3.4x faster per token than
+        # the HF engine in bf16 and faster at every verify length up to 8 (docs/benchmarks/engines.md), the
+        # fastest served system here (served.md), and beam search 3x faster than transformers' (beam.md).
+        # `--set edge.engine=hf` gives the exact reference verifier.
+        raw: dict[str, Any] = {tier: {"label_selector": {"tier": tier}, "engine": "llama_cpp"}
+                               for tier in ("device", "edge", "cloud")}
     elif profile == "tiny":
         raw = {
             "model_preset": "tiny",

@@ -120,13 +120,14 @@ class CloudService:
                          embed_s=embedded - started, search_s=time.perf_counter() - embedded)
 
     def answer(self, req: GroundedRequest) -> BeamAnswer:
-        """Retrieval, the augmented prompt, beam search (never below greedy: see engines/hf.beam_search)."""
-        from aiflow_ray.engines.hf import beam_search
+        """Retrieval, the augmented prompt, beam search on the tier's engine (never below greedy: see
+        engines/beam.py)."""
+        from aiflow_ray.engines.beam import beam_search
 
         retrieval = self.retrieve(req)
         messages, used = grounded_messages(req.question, retrieval.hit_dicts())
         ids = self.engine.encode_prompt(messages, True)
-        result = beam_search(self.engine, ids, req.beam_width, req.max_new_tokens, req.length_penalty)  # type: ignore[arg-type]
+        result = beam_search(self.engine, ids, req.beam_width, req.max_new_tokens, req.length_penalty)
         if result.token_ids:
             self.service_samples.append((len(result.token_ids), result.compute_s))
         return BeamAnswer(token_ids=tuple(result.token_ids), text=self.engine.decode(result.token_ids),
