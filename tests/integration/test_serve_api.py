@@ -177,7 +177,7 @@ def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx
     link = "fast-path"
 
     def fast(expect: Callable[[str], bool]) -> dict | None:
-        response = _generate(api, prompt=LONG_PROMPT, path="auto", quality="fast", link_id=link)
+        response = _generate(api, prompt=LONG_PROMPT, path="auto", quality="fast", link_id=link, max_tokens=12)
         assert response.status_code == 200, response.text
         route = response.json()["route"]
         return route if expect(route["path"]) else None
