@@ -9,6 +9,8 @@ from aiflow_ray.engines.hf import beam_search
 from aiflow_ray.rag.prompting import MAX_CONTEXT_CHARS, grounded_messages
 from aiflow_ray.tiers.pipeline import Pipeline
 
+LONG_CONTEXT = ("\n".join(f"def helper_{i}(x):\n    return x * {i} + {i % 7}" for i in range(40))
+                + "\nWhat is helper_7(2)?")
 PROMPTS = ["def fibonacci(n):", "The mitochondria is", "class Stack:\n    def __init__(self):"]
 
 
@@ -83,5 +85,14 @@ def test_llama_cpp_beam_search_on_the_real_gguf() -> None:
         rescored = float(sum(scored[i][t] for i, t in enumerate(wide.token_ids)))
         assert abs(rescored - wide.sum_logprob) < 0.5 + 0.1 * len(wide.token_ids)
     assert engine.has_session("ref")  # the beams took its KV, not its tokens
+    # A grounded prompt is longer than one llama.cpp batch (512 tokens): its prefill goes in chunks.
+    long_ids = engine.encode_prompt(LONG_CONTEXT, True)
+    assert len(long_ids) > 512
+    engine.open_session("long", long_ids)
+    first = engine.score("long", [], SamplingConfig(), with_logprobs=True).logprobs
+    assert first is not None
+    top2 = np.sort(first[0])[-2:]
+    long_one = any_engine_beam_search(engine, long_ids, 1, 2)
+    assert long_one.token_ids[0] == int(np.argmax(first[0])) or top2[1] - top2[0] < 1.0
     with pytest.raises(ValueError, match="sequences"):
         any_engine_beam_search(load_engine("qwen2.5-coder-0.5b-instruct", engine="llama_cpp"), ids, 16, 4)
