@@ -16,7 +16,7 @@ from aiflow_ray.config import AppArgs, GenerateOptions, GroundingOptions, LinkCo
 from aiflow_ray.errors import Refusal
 from aiflow_ray.network import wire
 from aiflow_ray.serve.cloud_server import CloudServer
-from aiflow_ray.serve.device_server import DeviceDrafterServer
+from aiflow_ray.serve.device_server import RECALIBRATE_IDLE_S, DeviceDrafterServer
 from aiflow_ray.serve.edge_server import EdgeVerifierServer
 from aiflow_ray.tiers.pipeline import Pipeline
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
@@ -130,10 +130,22 @@ def test_start_up_refuses_speculation_against_another_tokenizer(tiny_pipeline: P
 
 def test_the_device_reports_its_calibration_once_the_tokenizers_agree(servers: Any) -> None:
     device, _edge, router = servers
+    device.prober.stop()  # the chores run from this test only (a tick under way ends within the sleep)
+    time.sleep(0.2)
     device.startup_chores()
     assert device.tokenizer_error is None
     assert [r.path for r in router.reports].count("calibration") == 1
     assert router.reports[0].on_device_s_per_token > 0
+    device.startup_chores()  # calibrated a moment ago: not again
+    assert [r.path for r in router.reports].count("calibration") == 1
+    # Idle for a minute without drafting: re-timed, since the router learns the drafter only from drafting.
+    device._calibrated_at = time.monotonic() - RECALIBRATE_IDLE_S - 1
+    device.startup_chores()
+    assert [r.path for r in router.reports].count("calibration") == 2
+    device._calibrated_at = time.monotonic() - RECALIBRATE_IDLE_S - 1
+    assert isinstance(asyncio.run(device.generate(_opts("on-device"))), TierResult)  # drafting is a measurement
+    device.startup_chores()
+    assert [r.path for r in router.reports].count("calibration") == 2
 
 
 def test_the_edge_reports_requests_waiting_for_its_engine_as_queued(servers: Any, tiny_pipeline: Pipeline) -> None:
