@@ -11,13 +11,13 @@ engine) so that speed is not bought with worse answers.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from aiflow_ray.bench import write_csv
 from aiflow_ray.engines.beam import beam_search
 from aiflow_ray.engines.loader import load_engine
 
@@ -49,11 +49,7 @@ def main(argv: list[str] | None = None) -> None:
                 bar.update(1)
     bar.close()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "beam.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "beam.csv", rows)
 
     def med(engine: str, width: int, key: str) -> float:
         return statistics.median(float(r[key]) for r in rows if r["engine"] == engine and r["width"] == width)

@@ -12,7 +12,6 @@ t_v(k) is, and decode is what server-only TPOT is.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from aiflow_ray.bench import write_csv
 from aiflow_ray.config import SamplingConfig
 from aiflow_ray.data import load_prompts
 
@@ -110,11 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += _engine_rows(load_engine(model, engine="llama_cpp"), "llama_cpp (ours)", model, ids, args.repeats)
         rows += _raw_llama_rows(resolve_gguf(model), model, ids, args.repeats)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "engines.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "engines.csv", rows)
     labels = list(dict.fromkeys(r["engine"] for r in rows))
     lines = ["# Engine speed (CPU, 2 threads)", "",
              f"Reproduce: `python -m aiflow_ray.bench.engines --repeats {args.repeats}` (about 5 minutes). Median "

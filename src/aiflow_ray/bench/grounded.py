@@ -19,7 +19,6 @@ Every mode generates the same number of tokens; latency is end to end as the dev
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from aiflow_ray.bench import write_csv
 from aiflow_ray.client import AiflowClient
 from aiflow_ray.config.app import AppArgs
 from aiflow_ray.data import load_retrieval_eval
@@ -100,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                          "device_link_bytes": query_bytes + raw_bytes,
                          "edge_cloud_link_bytes": query_bytes + raw_bytes, "num_tokens": len(local["token_ids"])})
     bar.close()
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "grounded.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "grounded.csv", rows)
     lines = ["# Grounded answers vs raw documents on the device", "",
              f"Reproduce: `make run && python -m aiflow_ray.bench.grounded --questions {args.questions} "
              f"--bandwidths {args.bandwidths}` ({len(questions)} questions, top-{args.top_k} chunks, "

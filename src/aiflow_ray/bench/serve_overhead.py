@@ -10,13 +10,13 @@ length and the same prompts, interleaved per prompt. Serve overhead = TPOT(serve
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from aiflow_ray.bench import write_csv
 from aiflow_ray.client import AiflowClient
 from aiflow_ray.config import GenerateOptions, LinkConfig, ModelPairConfig
 from aiflow_ray.data import load_prompts
@@ -78,11 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
     bar.close()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "serve_overhead.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "serve_overhead.csv", rows)
     lines = ["# Ray Serve overhead on the device-edge path", "",
              f"Reproduce: `make run && python -m aiflow_ray.bench.serve_overhead --prompts {args.prompts} "
              f"--draft-len {args.draft_len}`", "",

@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from aiflow_ray.bench import write_csv
 from aiflow_ray.client import AiflowClient
 from aiflow_ray.config import GenerateOptions, LinkConfig
 from aiflow_ray.data import load_prompts
@@ -331,10 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fields = ["pair", "mode", "path", "bandwidth_bps", "kind", "tpot_s", "ttft_s", "trace_tpot_s", "chosen_path",
               "draft_len"]
-    with (out / "served.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "served.csv", rows, fields)
     print(report(rows, args, out))
     plot(rows, args, out)
 

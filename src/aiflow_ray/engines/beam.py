@@ -49,13 +49,10 @@ def _objective(logprob: float, length: int, length_penalty: float) -> float:
     return logprob / max(length, 1) ** length_penalty
 
 
-def _log_softmax(rows: np.ndarray) -> np.ndarray:
-    shifted = rows - rows.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def llama_beam_search(engine: Any, prompt_ids: Sequence[int], beam_width: int, max_new_tokens: int,
                       length_penalty: float = 1.0) -> BeamResult:
+    from aiflow_ray.engines.llama_cpp import log_softmax
+
     started = time.perf_counter()
     need = beam_sequences(beam_width)
     if need > engine.max_sequences:
@@ -67,7 +64,7 @@ def llama_beam_search(engine: Any, prompt_ids: Sequence[int], beam_width: int, m
     prompt = [int(t) for t in prompt_ids]
     n0 = len(prompt)
     try:
-        first = _log_softmax(engine.decode_rows([(prompt_seq, prompt, 0)], outputs_last=1))[0]
+        first = log_softmax(engine.decode_rows([(prompt_seq, prompt, 0)], outputs_last=1))[0]
         # Live beams: (tokens, sum logprob); finished hypotheses likewise. Greedy alongside.
         top = np.argsort(first)[::-1][:beam_width]
         live = [([int(t)], float(first[t])) for t in top]
@@ -86,7 +83,7 @@ def llama_beam_search(engine: Any, prompt_ids: Sequence[int], beam_width: int, m
             feeds = [(current[i], [tokens[-1]], n0 + step - 1) for i, (tokens, _) in enumerate(live)]
             if not greedy_done:
                 feeds.append((greedy_seq, [greedy[0][-1]], n0 + step - 1))
-            rows = _log_softmax(engine.decode_rows(feeds, outputs_last=1))
+            rows = log_softmax(engine.decode_rows(feeds, outputs_last=1))
             if not greedy_done:
                 token = int(np.argmax(rows[-1]))
                 greedy = (greedy[0] + [token], greedy[1] + float(rows[-1][token]))

@@ -49,7 +49,7 @@ class _Session:
     cached: list[int] = field(default_factory=list)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
 
@@ -206,7 +206,7 @@ class LlamaCppEngine(SessionTable):
         while start < len(feed):
             # Every output row must come from the last decode: the last chunk holds the last `outputs`.
             end = len(feed) if len(feed) - start <= N_BATCH else min(start + N_BATCH, len(feed) - outputs)
-            self._decode(session_id, seq, feed[start:end], agree + start, outputs if end == len(feed) else 0)
+            self._decode([(seq, feed[start:end], agree + start)], outputs if end == len(feed) else 0, keep=session_id)
             start = end
         session.cached.extend(feed)
         rows = np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
@@ -227,18 +227,7 @@ class LlamaCppEngine(SessionTable):
 
         def flush() -> None:
             nonlocal pending, width
-            batch = self._batch
-            n = 0
-            for seq, tokens, pos0 in pending:
-                for i, token in enumerate(tokens):
-                    batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos0 + i, 1
-                    batch.seq_id[n][0] = seq
-                    batch.logits[n] = i >= len(tokens) - outputs_last
-                    n += 1
-            batch.n_tokens = n
-            rc = self._ll.llama_decode(self._ctx, batch)
-            if rc != 0:
-                raise KvCacheFull(f"llama_decode failed ({rc}) for {n} tokens over {len(pending)} sequences")
+            self._decode(pending, outputs_last)
             count = outputs_last * len(pending)
             logits = np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(count, self.vocab_size))
             rows.extend(logits.copy())
@@ -249,7 +238,7 @@ class LlamaCppEngine(SessionTable):
                 head, tokens, pos0 = tokens[:N_BATCH], tokens[N_BATCH:], pos0 + N_BATCH
                 if pending:
                     flush()
-                self._decode(f"seq-{seq}", seq, head, pos0 - N_BATCH, 0)
+                self._decode([(seq, head, pos0 - N_BATCH)], 0)
             if width + len(tokens) > N_BATCH:
                 flush()
             pending.append((seq, tokens, pos0))
@@ -258,23 +247,26 @@ class LlamaCppEngine(SessionTable):
             flush()
         return np.stack(rows)
 
-    def _decode(self, session_id: str, seq: int, tokens: list[int], pos0: int, outputs: int) -> None:
+    def _decode(self, feeds: list[tuple[int, list[int], int]], outputs_last: int, keep: str | None = None) -> None:
+        """One ``llama_decode`` of ``(seq, tokens, first position)`` feeds, with logits for each feed's last
+        ``outputs_last`` tokens. Out of KV cells, it evicts the least recently used session other than
+        ``keep`` and retries (with no ``keep``, the caller holds every sequence: nothing to evict)."""
         batch = self._batch
-        n = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = pos0 + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = i >= n - outputs
+        n = 0
+        for seq, tokens, pos0 in feeds:
+            for i, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos0 + i, 1
+                batch.seq_id[n][0] = seq
+                batch.logits[n] = i >= len(tokens) - outputs_last
+                n += 1
         batch.n_tokens = n
         while True:
             rc = self._ll.llama_decode(self._ctx, batch)
             if rc == 0:
                 return
-            if rc == 1 and self._evict_one(keep=session_id):  # no free KV cells: make room, retry
+            if rc == 1 and keep is not None and self._evict_one(keep=keep):  # no free KV cells: make room, retry
                 continue
-            raise KvCacheFull(f"llama_decode failed ({rc}) for {n} tokens at position {pos0}")
+            raise KvCacheFull(f"llama_decode failed ({rc}) for {n} tokens over {len(feeds)} sequences")
 
     # -- compute --------------------------------------------------------------------------------
     def draft(self, session_id: str, k: int, sampling: SamplingConfig, rng: np.random.Generator | None = None
@@ -305,7 +297,7 @@ class LlamaCppEngine(SessionTable):
         started = time.perf_counter()
         draft = [int(t) for t in draft_ids]
         logits = self._forward(session_id, draft, len(draft) + 1)  # [k+1, V]
-        logprobs = _log_softmax(logits) if with_logprobs else None
+        logprobs = log_softmax(logits) if with_logprobs else None
         if sampling.greedy:
             greedy = [int(t) for t in np.argmax(logits, axis=-1)]
             return ScoreOutput(greedy, None, time.perf_counter() - started, logprobs)
