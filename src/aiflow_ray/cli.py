@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from aiflow_ray.api.schemas import KbSearchBody
 from aiflow_ray.config import (
     PATHS,
+    TIERS,
     GenerateOptions,
     GroundingOptions,
     KbArgs,
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_up.add_argument("--dashboard-port", type=int, default=8265)
     cluster_sub.add_parser("down", help="stop exactly the processes `up` started")
     cluster_sub.add_parser("status", help="print the recorded cluster")
+    node = cluster_sub.add_parser("node", help="stop (hard, as a failed machine) or start a tier's node: fault drills")
+    node.add_argument("action", choices=["stop", "start"])
+    node.add_argument("tier", choices=list(TIERS))
 
     deploy = sub.add_parser("deploy", help="deploy a profile to the running local cluster and wait until healthy")
     deploy.add_argument("--profile", choices=["local", "tiny"], default="local")
@@ -199,6 +203,10 @@ def _cluster(args: argparse.Namespace) -> int:
         if args.cluster_command == "down":
             return 0
         recorded = None
+    if args.cluster_command == "node":
+        cluster.node_command(STATE_DIR, args.action, args.tier)
+        print(f"{args.tier} node: {args.action} done")
+        return 0
     if args.cluster_command == "down":
         print(f"stopped {cluster.down(STATE_DIR)} processes" if recorded else "no local cluster is running")
         return 0

@@ -12,11 +12,19 @@ import httpx
 from aiflow_ray import envs
 
 
+def auth_headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class AiflowClient:
-    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout_s: float = 600.0):
-        key = api_key if api_key is not None else envs.api_key()
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout_s)
+    """Keys default to AIFLOW_API_KEY and AIFLOW_ADMIN_KEY; the admin key, when there is one, also
+    serves the user routes, so a client holding only that key works throughout."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout_s: float = 600.0,
+                 admin_key: str | None = None):
+        self.admin_key = admin_key if admin_key is not None else envs.admin_key()
+        key = api_key if api_key is not None else envs.api_key() or self.admin_key
+        self.http = httpx.Client(base_url=url, headers=auth_headers(key), timeout=timeout_s)
 
     def generate(self, **body: Any) -> dict[str, Any]:
         response = self.http.post("/v1/generate", json=body)
@@ -39,8 +47,9 @@ class AiflowClient:
                 yield time.perf_counter(), event
 
     def set_link(self, link_id: str, bandwidth_bps: float, rtt_ms: float) -> None:
-        self.http.put(f"/v1/admin/links/{link_id}", json={"bandwidth_bps": bandwidth_bps, "rtt_ms": rtt_ms}
-                      ).raise_for_status()
+        # Admin routes refuse the API key: send the admin key instead of the client's default header.
+        self.http.put(f"/v1/admin/links/{link_id}", json={"bandwidth_bps": bandwidth_bps, "rtt_ms": rtt_ms},
+                      headers=auth_headers(self.admin_key)).raise_for_status()
 
     def router(self) -> dict[str, Any]:
         out: dict[str, Any] = self.http.get("/v1/router").json()

@@ -195,6 +195,56 @@ def down(state_dir: Path, timeout_s: float = 30.0) -> int:
     return len(pids)
 
 
+def _commands_dir(state_dir: Path) -> Path:
+    return state_dir / "commands"
+
+
+def node_command(state_dir: Path, action: str, tier: str, timeout_s: float = 60.0) -> None:
+    """Stop (hard: its raylet and workers are killed, as when a machine fails) or start the node of ``tier``.
+
+    The supervisor owns the nodes, so the command goes to it as a file; it answers by removing the file
+    (or replacing it with an error). For fault drills: `aiflow cluster node stop edge`, then `start`.
+    """
+    if action not in ("stop", "start") or tier not in TIERS:
+        raise ValueError(f"node command must be stop|start for a tier in {TIERS}")
+    info = load(state_dir)
+    if info is None or not supervisor_alive(info):
+        raise RuntimeError("no local cluster is running")
+    commands = _commands_dir(state_dir)
+    commands.mkdir(parents=True, exist_ok=True)
+    path = commands / f"{action}-{tier}.cmd"
+    path.write_text(action)
+    deadline = time.monotonic() + timeout_s
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    failed = commands / f"{action}-{tier}.error"
+    if failed.exists():
+        message = failed.read_text()
+        failed.unlink()
+        raise RuntimeError(f"could not {action} the {tier} node: {message}")
+    if path.exists():
+        path.unlink(missing_ok=True)
+        raise RuntimeError(f"the supervisor did not {action} the {tier} node within {timeout_s:.0f} s")
+
+
+def _run_node_commands(state_dir: Path, cluster: Any, nodes: dict[str, Any], common: dict[str, Any]) -> None:
+    commands = _commands_dir(state_dir)
+    if not commands.is_dir():
+        return
+    for path in sorted(commands.glob("*.cmd")):
+        action, _, tier = path.stem.partition("-")
+        try:
+            if action == "stop" and tier in nodes:
+                log.info("stopping the %s node (hard)", tier)
+                cluster.remove_node(nodes.pop(tier), allow_graceful=False)
+            elif action == "start" and tier not in nodes:
+                log.info("starting a %s node", tier)
+                nodes[tier] = cluster.add_node(**common, labels={"tier": tier})
+        except Exception as exc:
+            (commands / f"{path.stem}.error").write_text(f"{type(exc).__name__}: {exc}")
+        path.unlink(missing_ok=True)
+
+
 def app_status(info: ClusterInfo, app: str) -> tuple[str, str]:
     """Serve's status of one application (NOT_STARTED when Serve does not know it, UNKNOWN when the dashboard
     does not answer) and why: the last line of each failing deployment's error, else the app's message."""
@@ -241,9 +291,10 @@ def _supervise(state_dir: Path, gcs_port: int, dashboard_port: int, cpus_per_nod
             **common, "gcs_server_port": gcs_port, "include_dashboard": True, "dashboard_host": "127.0.0.1",
             "dashboard_port": dashboard_port, "labels": {"tier": "head"},
         })
+        nodes: dict[str, Any] = {}
         for tier in TIERS:
             log.info("adding node tier=%s", tier)
-            cluster.add_node(**common, labels={"tier": tier})
+            nodes[tier] = cluster.add_node(**common, labels={"tier": tier})
     except Exception as exc:
         info.error = f"{type(exc).__name__}: {exc}"
         _write(state_dir, info)
@@ -254,6 +305,7 @@ def _supervise(state_dir: Path, gcs_port: int, dashboard_port: int, cpus_per_nod
     log.info("cluster ready at %s, dashboard %s", info.address, info.dashboard_url)
     while not stopping:
         time.sleep(0.5)
+        _run_node_commands(state_dir, cluster, nodes, common)
     log.info("shutting the cluster down")
     cluster.shutdown()
 

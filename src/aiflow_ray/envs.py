@@ -37,8 +37,15 @@ def pip_index_url() -> str | None:
 
 
 def api_key() -> str | None:
-    """When set, every /v1 route requires ``Authorization: Bearer <key>``."""
+    """When set, every /v1 route requires ``Authorization: Bearer <key>`` (see ``GuardMiddleware``)."""
     return os.environ.get("AIFLOW_API_KEY") or None
+
+
+def admin_key() -> str | None:
+    """The key of the admin routes (``/v1/admin/*``: link emulation, knowledge-base ingestion), distinct
+    from the API key so that the users of a deployment cannot reshape it; it also grants the user routes.
+    Unset while an API key is set, the admin routes are refused (see ``GuardMiddleware``)."""
+    return os.environ.get("AIFLOW_ADMIN_KEY") or None
 
 
 def kb_path() -> Path:

@@ -27,3 +27,13 @@ class RefusedError(Exception):
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(refusal.message)
         self.refusal = refusal
+
+
+class TierUnavailable(RuntimeError):
+    """A tier (or the link to it) did not answer in time, or its replica failed: retryable, on another replica
+    or later. Raised by transports; the device tier fails over, and answers 503 + Retry-After when it cannot."""
+
+    def __init__(self, tier: str, reason: str) -> None:
+        super().__init__(f"the {tier} tier is unavailable ({reason})")
+        self.tier = tier
+        self.reason = reason

@@ -12,8 +12,12 @@ _BANDWIDTH_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)(B|b|bit|Bit)?\s
 _PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
 
 
-def parse_bandwidth_bps(text: str | float | int) -> float:
-    """``"1MB/s"`` -> 1e6 bytes/s; ``"8Mbit/s"`` -> 1e6 bytes/s; a bare number is bytes/s."""
+def parse_bandwidth_bps(text: str | float | int, *, allow_zero: bool = False) -> float:
+    """``"1MB/s"`` -> 1e6 bytes/s; ``"8Mbit/s"`` -> 1e6 bytes/s; a bare number is bytes/s.
+
+    ``allow_zero`` admits 0 (an outage on the emulated link, set through the admin API); elsewhere a
+    bandwidth is something to send at, so 0 is rejected here with a clear message.
+    """
     if isinstance(text, int | float):
         value = float(text)
     else:
@@ -26,7 +30,9 @@ def parse_bandwidth_bps(text: str | float | int) -> float:
         value = float(number) * _PREFIX[prefix.lower()]
         if unit in ("b", "bit", "Bit"):
             value /= 8.0
-    if value <= 0:
+    if value == 0 and allow_zero:
+        return 0.0
+    if not value > 0:  # also rejects NaN
         raise ValueError(f"bandwidth must be positive, got {text!r}")
     return value
 

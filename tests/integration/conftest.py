@@ -1,8 +1,9 @@
 """A real local Ray cluster (head + device/edge/cloud nodes on 127.0.0.1) serving the tiny profile.
 
-The cluster runs with an API key, as a deployment that faces users should: the Ray processes inherit
-AIFLOW_API_KEY from this process, and every request of the tests carries it unless a test is about
-leaving it out. The edge and device tiers are pinned to one replica, with room for two requests at
+The cluster runs with an API key and an admin key, as a deployment that faces users should: the Ray
+processes inherit AIFLOW_API_KEY and AIFLOW_ADMIN_KEY from this process, and every request of the tests
+carries one (``api`` the API key, ``admin_api`` the admin key for the admin routes) unless a test is
+about leaving it out. The edge and device tiers are pinned to one replica, with room for two requests at
 the edge, so that a handful of requests saturates the edge and a replica's counters are the tier's.
 """
 
@@ -24,13 +25,14 @@ DASHBOARD_PORT = 8267
 HTTP_PORT = 8127
 APP = "aiflow"
 API_KEY = "integration-test-key"
+ADMIN_KEY = "integration-admin-key"
 
 
 @pytest.fixture(scope="session")
 def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ.update(cluster.LOOPBACK_ENV)
-    previous_key = os.environ.get("AIFLOW_API_KEY")
-    os.environ["AIFLOW_API_KEY"] = API_KEY
+    previous = {name: os.environ.get(name) for name in ("AIFLOW_API_KEY", "AIFLOW_ADMIN_KEY")}
+    os.environ.update({"AIFLOW_API_KEY": API_KEY, "AIFLOW_ADMIN_KEY": ADMIN_KEY})
     state = tmp_path_factory.mktemp("cluster")
     info = cluster.up(state, gcs_port=GCS_PORT, dashboard_port=DASHBOARD_PORT, cpus_per_node=4)
     try:
@@ -75,15 +77,22 @@ def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 ray.shutdown()
         finally:
             cluster.down(Path(state))
-            if previous_key is None:
-                os.environ.pop("AIFLOW_API_KEY", None)
-            else:
-                os.environ["AIFLOW_API_KEY"] = previous_key
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
 def api(serve_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=serve_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def admin_api(serve_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=serve_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as client:
         yield client
 
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from tests.integration.conftest import API_KEY
+from tests.integration.conftest import ADMIN_KEY, API_KEY
 
 T = TypeVar("T")
 
@@ -148,11 +148,11 @@ def _poll(check: Callable[[], T | None], deadline_s: float, what: str) -> T:
         time.sleep(0.5)
 
 
-def _set_link(api: httpx.Client, link_id: str, bandwidth: str, rtt_ms: float = 2) -> None:
-    api.put(f"/v1/admin/links/{link_id}", json={"bandwidth": bandwidth, "rtt_ms": rtt_ms}).raise_for_status()
+def _set_link(admin_api: httpx.Client, link_id: str, bandwidth: str, rtt_ms: float = 2) -> None:
+    admin_api.put(f"/v1/admin/links/{link_id}", json={"bandwidth": bandwidth, "rtt_ms": rtt_ms}).raise_for_status()
 
 
-def test_router_estimates_follow_the_emulated_link(api: httpx.Client) -> None:
+def test_router_estimates_follow_the_emulated_link(api: httpx.Client, admin_api: httpx.Client) -> None:
     """The router never reads the emulator: its estimate comes from measured rounds and probes."""
     link = "estimates"
 
@@ -160,20 +160,21 @@ def test_router_estimates_follow_the_emulated_link(api: httpx.Client) -> None:
         est = api.get("/v1/router").json()["links"].get(link)
         return est["bandwidth_bps"] if est and low_bps < est["bandwidth_bps"] < high_bps else None
 
-    _set_link(api, link, "2MB/s")
+    _set_link(admin_api, link, "2MB/s")
     assert _generate(api, path="device-edge", link_id=link).status_code == 200  # the device meets the link
     _poll(lambda: estimate_in(100e3, float("inf")), 30, "an estimate above 100 KB/s on a 2 MB/s link")
-    _set_link(api, link, "10KB/s")
+    _set_link(admin_api, link, "10KB/s")
     slow = _poll(lambda: estimate_in(5e3, 20e3), 30, "an estimate near 10 KB/s after the drop")
     body = _generate(api, path="auto", quality="exact", link_id=link).json()
     decision = api.get("/v1/router").json()["recent_decisions"][-1]
     assert decision["path"] == body["trace"]["path"] and decision["reason"] == body["route"]["reason"]
     assert decision["inputs"]["bandwidth_bps"] == pytest.approx(slow, rel=0.5)
-    _set_link(api, link, "2MB/s")
+    _set_link(admin_api, link, "2MB/s")
     _poll(lambda: estimate_in(100e3, float("inf")), 30, "the estimate recovering with the link")
 
 
-def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx.Client) -> None:
+def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx.Client,
+                                                                       admin_api: httpx.Client) -> None:
     link = "fast-path"
 
     def fast(expect: Callable[[str], bool]) -> dict | None:
@@ -182,12 +183,12 @@ def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx
         route = response.json()["route"]
         return route if expect(route["path"]) else None
 
-    _set_link(api, link, "2MB/s")
+    _set_link(admin_api, link, "2MB/s")
     _poll(lambda: fast(lambda p: p in ("server-only", "device-edge")), 30, "the large model serving at 2 MB/s")
-    _set_link(api, link, "10KB/s")
+    _set_link(admin_api, link, "10KB/s")
     moved = _poll(lambda: fast(lambda p: p == "on-device"), 40, "fast requests moving on-device at 10 KB/s")
     assert "objective" in moved["reason"], moved["reason"]
-    _set_link(api, link, "2MB/s")
+    _set_link(admin_api, link, "2MB/s")
     try:
         back = _poll(lambda: fast(lambda p: p in ("server-only", "device-edge")), 40, "coming back at 2 MB/s")
     except AssertionError as exc:
@@ -227,12 +228,12 @@ def test_saturated_edge_sheds_fast_requests_and_refuses_exact_ones(api: httpx.Cl
     assert statuses == [200] * 4  # the requests that filled the edge were served, not dropped
 
 
-def test_client_disconnect_cancels_the_generation(api: httpx.Client) -> None:
+def test_client_disconnect_cancels_the_generation(api: httpx.Client, admin_api: httpx.Client) -> None:
     from ray import serve
 
     device = serve.get_deployment_handle("DeviceDrafter", app_name="aiflow")
     before = device.stats.remote().result()["cancelled"]
-    _set_link(api, "cancel", "2KB/s")  # about 20 s for these 1000 tokens: far longer than the wait below
+    _set_link(admin_api, "cancel", "2KB/s")  # about 20 s for these 1000 tokens: far longer than the wait below
     body = {"prompt": PROMPT, "max_tokens": 1000, "path": "device-edge", "draft_len": 2, "stream": True,
             "link_id": "cancel"}
     with api.stream("POST", "/v1/generate", json=body) as response:
@@ -256,6 +257,14 @@ def test_auth_rejects_a_missing_or_wrong_key(serve_url: str) -> None:
     assert wrong.status_code == 401
     assert httpx.get(f"{serve_url}/v1/models", timeout=30).status_code == 401
     assert httpx.get(f"{serve_url}/healthz", timeout=30).status_code == 200  # probes stay open
+    # The admin routes want the admin key: the API key is refused, the admin key also serves user routes.
+    link = {"bandwidth": "2MB/s", "rtt_ms": 2}
+    user = httpx.put(f"{serve_url}/v1/admin/links/auth", json=link, timeout=30,
+                     headers={"Authorization": f"Bearer {API_KEY}"})
+    assert user.status_code == 403 and user.json()["error"]["param"] == "authorization"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert httpx.put(f"{serve_url}/v1/admin/links/auth", json=link, timeout=30, headers=admin).status_code == 200
+    assert httpx.get(f"{serve_url}/v1/models", timeout=30, headers=admin).status_code == 200
 
 
 def test_submitted_ray_jobs_succeed_and_write_their_outputs(serve_url: str, cluster_info: dict[str, str],
@@ -287,9 +296,9 @@ def test_submitted_ray_jobs_succeed_and_write_their_outputs(serve_url: str, clus
     assert ratios["k=2"]["median_tpot_s"] > 0
 
 
-def test_adaptive_draft_length_changes_with_conditions(api: httpx.Client) -> None:
+def test_adaptive_draft_length_changes_with_conditions(api: httpx.Client, admin_api: httpx.Client) -> None:
     def draft_lens(rtt_ms: float) -> list[int]:
-        api.put("/v1/admin/links/adaptive", json={"bandwidth": "2MB/s", "rtt_ms": rtt_ms}, timeout=10)
+        admin_api.put("/v1/admin/links/adaptive", json={"bandwidth": "2MB/s", "rtt_ms": rtt_ms}, timeout=10)
         lens: list[int] = []
         for _ in range(4):
             trace = _generate(api, path="device-edge", draft_len="auto", link_id="adaptive",
@@ -323,11 +332,11 @@ KB_DOCS = [
 QUESTION = "How does Raft choose a leader?"
 
 
-def test_knowledge_base_ingest_search_and_grounded_answers(api: httpx.Client) -> None:
-    first = api.post("/v1/admin/kb/documents", json={"documents": KB_DOCS})
+def test_knowledge_base_ingest_search_and_grounded_answers(api: httpx.Client, admin_api: httpx.Client) -> None:
+    first = admin_api.post("/v1/admin/kb/documents", json={"documents": KB_DOCS})
     assert first.status_code == 200, first.text
     assert first.json()["added"] == 3 and first.json()["chunks"] == 3
-    again = api.post("/v1/admin/kb/documents", json={"documents": KB_DOCS}).json()
+    again = admin_api.post("/v1/admin/kb/documents", json={"documents": KB_DOCS}).json()
     assert again["unchanged"] == 3 and again["chunks"] == 3  # re-ingest does not duplicate
 
     def raft_first() -> list[dict] | None:
@@ -375,8 +384,8 @@ def test_knowledge_base_ingest_search_and_grounded_answers(api: httpx.Client) ->
         ("/v1/generate", {"prompt": "x", "quality": "grounded", "generation": "magic"}, "generation"),
     ],
 )
-def test_knowledge_base_bad_input_gets_4xx_naming_the_field(api: httpx.Client, route: str, body: dict,
-                                                            field: str) -> None:
-    response = api.post(route, json=body)
+def test_knowledge_base_bad_input_gets_4xx_naming_the_field(api: httpx.Client, admin_api: httpx.Client, route: str,
+                                                            body: dict, field: str) -> None:
+    response = (admin_api if route.startswith("/v1/admin/") else api).post(route, json=body)
     assert 400 <= response.status_code < 500, response.text
     assert response.json()["error"]["param"] == field, response.text

@@ -70,11 +70,12 @@ class Device:
 @pytest.fixture(autouse=True)
 def _no_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AIFLOW_API_KEY", raising=False)  # other tests may serve with one
+    monkeypatch.delenv("AIFLOW_ADMIN_KEY", raising=False)
 
 
 def _client(router: Router, device: Device) -> TestClient:
     ingress = Ingress(ARGS, FakeHandle(device), FakeHandle(object()), FakeHandle(router))
-    return TestClient(build_api(1 << 20, lambda: ingress), raise_server_exceptions=False)
+    return TestClient(build_api(ingress.args, lambda: ingress), raise_server_exceptions=False)
 
 
 def test_requests_while_the_tiers_load_get_503_with_retry_after() -> None:
@@ -174,3 +175,107 @@ def test_bad_input_names_the_field(route: str, body: dict[str, Any], field: str)
     assert response.status_code == 400, response.text  # as OpenAI's API and vLLM answer
     assert response.json()["error"]["param"] == field, response.text
     assert not any(leak in response.text for leak in LEAKS), response.text
+
+
+def test_client_values_echoed_in_errors_are_bounded_and_escaped() -> None:
+    client = _client(Router(), Device())
+    model = "m\n" + "x" * 5000
+    unknown = client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}]})
+    assert unknown.status_code == 404 and len(unknown.json()["error"]["message"]) < 250
+    assert "\n" not in unknown.json()["error"]["message"] and "m\\nxxx" in unknown.json()["error"]["message"]
+    extra = client.post("/v1/generate", json={"prompt": "x", "k" * 5000: 1})
+    assert extra.status_code == 400 and len(extra.json()["error"]["param"]) < 150
+    bandwidth = client.put("/v1/admin/links/l1", json={"bandwidth": "\x1b" + "9" * 5000 + "zz", "rtt_ms": 1})
+    assert bandwidth.status_code == 400 and bandwidth.json()["error"]["param"] == "bandwidth"
+    assert len(bandwidth.json()["error"]["message"]) < 250 and "\x1b" not in bandwidth.json()["error"]["message"]
+
+
+class FlakyDevice(Device):
+    """Dies (as a replica would) on the first ``deaths`` calls, then answers."""
+
+    def __init__(self, deaths: int) -> None:
+        super().__init__()
+        self.deaths = deaths
+
+    async def generate(self, opts: GenerateOptions) -> TierResult | Refusal:
+        if self.deaths:
+            self.deaths -= 1
+            raise RayActorError()
+        return await super().generate(opts)
+
+
+def test_a_device_replica_dying_before_it_answers_gets_one_retry() -> None:
+    device = FlakyDevice(deaths=1)
+    response = _client(Router(), device).post("/v1/generate", json={"prompt": "x"})
+    assert response.status_code == 200 and response.json()["text"] == "abc"
+    assert len(device.options) == 1 and device.deaths == 0
+
+
+class DeadRouter(Router):
+    async def snapshot(self) -> dict[str, Any]:
+        return READY
+
+    async def decide(self, req: RouteRequest) -> Routed:
+        raise RayActorError()
+
+
+def test_without_a_router_the_ingress_decides_from_the_saved_state() -> None:
+    response = _client(DeadRouter(), Device()).post("/v1/generate", json={"prompt": "x", "max_tokens": 8})
+    assert response.status_code == 200, response.text
+    assert response.json()["route"]["reason"].startswith("decided by the ingress (router unavailable")
+
+
+class BreakingStreamDevice(Device):
+    async def generate_stream(self, opts: GenerateOptions) -> AsyncIterator[StreamDelta | StreamDone | Refusal]:
+        yield StreamDelta([1, 2], "ab")
+        raise RayActorError()
+
+
+def test_a_stream_broken_after_it_started_ends_with_an_error_event_not_a_reset() -> None:
+    response = _client(Router(), BreakingStreamDevice()).post("/v1/generate", json={"prompt": "x", "stream": True})
+    assert response.status_code == 200
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    assert events[0]["text"] == "ab" and events[-1]["error"]["code"] == 503
+    assert response.text.rstrip().endswith("data: [DONE]")
+    assert not any(leak in response.text for leak in LEAKS)
+
+
+def test_an_admin_link_id_is_validated_like_a_body_one() -> None:
+    response = _client(Router(), Device()).put("/v1/admin/links/bad%20id", json={"bandwidth_bps": 1000})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "link_id"
+
+
+def test_serve_cannot_replace_our_back_pressure_answer() -> None:
+    from fastapi.responses import PlainTextResponse
+    from ray.serve.exceptions import BackPressureError
+
+    ingress = Ingress(ARGS, FakeHandle(Device()), FakeHandle(object()), FakeHandle(Router()))
+    api = build_api(ingress.args, lambda: ingress)
+
+    @api.get("/overloaded")
+    async def overloaded() -> None:
+        raise BackPressureError(num_queued_requests=9, max_queued_requests=8)
+
+    # What Serve does when the replica starts: its own handler, a plain-text 503 without Retry-After.
+    api.add_exception_handler(BackPressureError, lambda _r, exc: PlainTextResponse(str(exc), status_code=503))
+    response = TestClient(api, raise_server_exceptions=False).get("/overloaded")
+    assert response.status_code == 503 and response.headers["Retry-After"] >= "1"
+    assert response.json()["error"]["type"] == "unavailable"
+
+
+def test_an_unexpected_error_is_a_json_500_and_a_dead_tier_a_json_503() -> None:
+    ingress = Ingress(ARGS, FakeHandle(Device()), FakeHandle(object()), FakeHandle(Router()))
+    api = build_api(ingress.args, lambda: ingress)
+
+    @api.get("/bug")
+    async def bug() -> None:
+        raise KeyError("boom")
+
+    @api.get("/dead")
+    async def dead() -> None:
+        raise RayActorError()
+
+    client = TestClient(api, raise_server_exceptions=False)
+    assert client.get("/bug").status_code == 500 and client.get("/bug").json()["error"]["code"] == 500
+    response = client.get("/dead")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1" and "error" in response.json()

@@ -9,27 +9,43 @@ still loading). The trace is the tier's own; the ingress adds its routing decisi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Path
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 
+from aiflow_ray import calls
 from aiflow_ray.api import metrics
-from aiflow_ray.api.errors import ApiError, GuardMiddleware, install_error_handlers, refusal_error
+from aiflow_ray.api.errors import AiflowAPI, ApiError, GuardMiddleware, install_error_handlers, refusal_error
 from aiflow_ray.api.openai_compat import OpenAIRequest
-from aiflow_ray.api.schemas import ChatBody, CompletionBody, GenerateBody, KbIngestBody, KbSearchBody, LinkUpdate
+from aiflow_ray.api.schemas import (
+    LINK_ID_PATTERN,
+    ChatBody,
+    CompletionBody,
+    ErrorBody,
+    GenerateBody,
+    KbIngestBody,
+    KbSearchBody,
+    LinkUpdate,
+)
+from aiflow_ray.api.tier_calls import DEVICE_GRACE_S, TierCalls
 from aiflow_ray.config import TIERS, AppArgs, GenerateOptions, GroundingOptions, SamplingConfig
 from aiflow_ray.errors import Refusal
-from aiflow_ray.routing.router import Routed, RouteRequest
+from aiflow_ray.logging_utils import clip, get_logger
+from aiflow_ray.routing.router import Routed, RouteRequest, RouterState
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
 from aiflow_ray.units import parse_bandwidth_bps
 
+log = get_logger(__name__)
+
 Messages = list[dict[str, str]] | None
+
 
 
 def _prompt_bytes(body: GenerateBody, messages: Messages) -> int:
@@ -37,7 +53,7 @@ def _prompt_bytes(body: GenerateBody, messages: Messages) -> int:
     return sum(len(m["content"].encode()) for m in messages) if messages else len(body.prompt.encode())
 
 
-class Ingress:
+class Ingress(TierCalls):
     """The ingress logic over three handles (device tier, cloud tier, router); ``build_api`` serves it."""
 
     def __init__(self, args: dict[str, Any], device: Any, cloud: Any, router: Any) -> None:
@@ -47,11 +63,15 @@ class Ingress:
         self.drafter_name = pair.drafter
         self.model_ids = [pair.verifier, pair.drafter, "aiflow"]
         self._ready = False
+        self._fallback: tuple[float, RouterState, dict[str, Any]] | None = None
 
     # -- readiness ------------------------------------------------------------------------------
     async def _waiting_for(self) -> list[str]:
-        """Tiers that have not reported yet: the edge and cloud their load, the device its calibration."""
-        snap = await self.router.snapshot.remote()
+        """Tiers that have not reported (lately): the edge and cloud their load, the device its calibration."""
+        try:
+            snap = await self._router_call("snapshot")
+        except calls.TierUnavailable:
+            return ["router"]
         waiting: list[str] = [t for t in TIERS if t != "device" and not snap["loads"].get(t, {}).get("available")]
         if snap.get("draft_s_per_token") is None:
             waiting.insert(0, "device")
@@ -72,11 +92,15 @@ class Ingress:
         if body.max_tokens > self.args.max_new_tokens_limit:
             raise ApiError(400, f"max_tokens must be at most {self.args.max_new_tokens_limit}", "max_tokens")
         await self._ensure_ready()
-        routed: Routed = await self.router.decide.remote(RouteRequest(
+        request = RouteRequest(
             request_id=uuid.uuid4().hex, link_id=body.link_id, path=body.path, quality=body.quality,
             draft_len=body.draft_len if isinstance(body.draft_len, int) else None,
             prompt_bytes=_prompt_bytes(body, messages), max_new_tokens=body.max_tokens,
-            needs_logprobs=body.logprobs is not None))
+            needs_logprobs=body.logprobs is not None)
+        try:
+            routed: Routed = await self._router_call("decide", request)
+        except calls.TierUnavailable as exc:
+            routed = await self._decide_without_router(request, exc)
         decision = routed.decision
         metrics.DECISIONS.labels(str(decision.path)).inc()
         if decision.refusal is not None:
@@ -84,8 +108,7 @@ class Ingress:
             raise refusal_error(decision.refusal)
         return routed
 
-    @staticmethod
-    def _options(body: GenerateBody, routed: Routed, messages: Messages) -> GenerateOptions:
+    def _options(self, body: GenerateBody, routed: Routed, messages: Messages) -> GenerateOptions:
         decision = routed.decision
         assert decision.path is not None
         draft_len: int | str = "auto"
@@ -103,6 +126,9 @@ class Ingress:
             ) if decision.path == "device-edge-cloud" else None,
             min_tokens=body.max_tokens if body.ignore_eos else min(body.min_tokens, body.max_tokens),
             logprobs=body.logprobs,
+            # Only 'fast' accepts the small model's words; they carry no verifier log-probabilities.
+            device_fallback=body.quality == "fast" and body.logprobs is None,
+            deadline_s=self.args.deadlines.request_s,
         )
 
     @staticmethod
@@ -113,7 +139,7 @@ class Ingress:
     async def run(self, body: GenerateBody, messages: Messages = None) -> tuple[TierResult, Routed, float]:
         started = time.perf_counter()
         routed = await self._route(body, messages)
-        result: TierResult | Refusal = await self.device.generate.remote(self._options(body, routed, messages))
+        result = await self._call_device(self._options(body, routed, messages))
         if isinstance(result, Refusal):
             metrics.REQUESTS.labels(str(routed.decision.path), str(result.status)).inc()
             raise refusal_error(result)
@@ -126,18 +152,22 @@ class Ingress:
                           ) -> StreamingResponse:
         """Decide, and wait for the first event, before the response starts: a refusal keeps its status."""
         routed = await self._route(body, messages)
-        stream = self.device.options(stream=True).generate_stream.remote(self._options(body, routed, messages))
-        first = await stream.__anext__()
+        stream, first = await self._open_device_stream(self._options(body, routed, messages))
         if isinstance(first, Refusal):
             stream.cancel()
             raise refusal_error(first)
+
+        deadline = time.monotonic() + self.args.deadlines.request_s + DEVICE_GRACE_S
+
+        def error_event(message: str, status: int) -> str:
+            return f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
 
         async def events() -> AsyncIterator[str]:
             try:
                 event = first
                 while True:
                     if isinstance(event, Refusal):
-                        yield f"data: {json.dumps({'error': {'message': event.message, 'code': event.status}})}\n\n"
+                        yield error_event(event.message, event.status)
                         break
                     if isinstance(event, StreamDone):
                         metrics.observe(event.trace)
@@ -146,7 +176,16 @@ class Ingress:
                         yield f"data: {json.dumps(out)}\n\n"
                     if isinstance(event, StreamDone):
                         break
-                    event = await stream.__anext__()
+                    try:
+                        event = await asyncio.wait_for(stream.__anext__(), max(deadline - time.monotonic(), 0.1))
+                    except Exception as exc:  # the status line is sent: the failure can only be an event
+                        if not calls.is_retryable(exc):
+                            log.exception("stream failed", exc_info=exc)
+                        else:
+                            log.warning("stream failed: the device tier %s", calls.describe(exc))
+                        metrics.REQUESTS.labels(str(routed.decision.path), "503").inc()
+                        yield error_event("the device tier failed during this request; retry it", 503)
+                        break
                 yield "data: [DONE]\n\n"
             finally:
                 stream.cancel()  # the client went away: stop generating
@@ -178,43 +217,47 @@ class Ingress:
         return out
 
     async def router_state(self) -> Any:
-        return await self.router.snapshot.remote()
+        return await self._router_call("snapshot")
 
     async def set_link(self, link_id: str, update: LinkUpdate) -> Any:
         if update.bandwidth_bps is None and update.bandwidth is None:
             raise ApiError(400, "give bandwidth_bps or bandwidth", "bandwidth_bps")
         try:
-            bps = update.bandwidth_bps or parse_bandwidth_bps(update.bandwidth or "")
-        except ValueError as exc:
-            raise ApiError(400, str(exc), "bandwidth") from None
-        link = await self.router.set_emulated_link.remote(link_id, bps, update.rtt_ms / 1000.0)
+            # 0 is an outage, not a missing value.
+            bps = update.bandwidth_bps if update.bandwidth_bps is not None else parse_bandwidth_bps(
+                update.bandwidth or "", allow_zero=True)
+        except ValueError:
+            raise ApiError(400, f"bandwidth '{clip(update.bandwidth)}' is not a positive bandwidth such as "
+                           "'500KB/s', '1MB/s', '8Mbit/s' or bytes/s", "bandwidth") from None
+        link = await self._router_call("set_emulated_link", link_id, bps, update.rtt_ms / 1000.0)
         return {"link_id": link_id, "bandwidth_bps": link.bandwidth_bps, "rtt_s": link.rtt_s}
 
     async def readyz(self) -> Any:
-        """Ready once every tier has reported; /healthz and /health answer as soon as the ingress runs."""
+        """Ready while every tier reports (its replicas alive, on live nodes) and the router answers; /healthz
+        and /health answer as soon as the ingress runs."""
         waiting = await self._waiting_for()
         if waiting:
-            return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503,
+            status = "degraded" if self._ready else "starting"
+            return JSONResponse({"status": status, "waiting_for": waiting}, status_code=503,
                                 headers={"Retry-After": "2"})
         return {"status": "ready"}
 
-    # -- knowledge base -------------------------------------------------------------------------
     async def kb_search(self, body: KbSearchBody) -> Any:
         started = time.perf_counter()
-        out = await self.cloud.retrieve.remote({"query": body.query, "top_k": body.top_k})
+        out = await self._cloud_call("retrieve", {"query": body.query, "top_k": body.top_k})
         return {"hits": out.hit_dicts(), "num_chunks": out.num_chunks, "embed_s": out.embed_s,
                 "search_s": out.search_s, "e2e_s": time.perf_counter() - started}
 
     async def kb_ingest(self, body: KbIngestBody) -> Any:
-        return await self.cloud.ingest.remote({"documents": [d.model_dump() for d in body.documents]})
+        return await self._cloud_call("ingest", {"documents": [d.model_dump() for d in body.documents]})
 
     async def kb_stats(self) -> Any:
-        return await self.cloud.kb_stats.remote()
+        return await self._cloud_call("kb_stats")
 
     # -- OpenAI-compatible ----------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
         if model not in self.model_ids:
-            raise ApiError(404, f"model {model!r} not found; served: {', '.join(self.model_ids)}", "model")
+            raise ApiError(404, f"model '{clip(model)}' not found; served: {', '.join(self.model_ids)}", "model")
 
     async def models(self) -> Any:
         now = int(time.time())
@@ -239,13 +282,30 @@ class Ingress:
                             self._route_info(routed))
 
 
-def build_api(max_body_bytes: int, ingress: Callable[[], Ingress]) -> FastAPI:
+# Documented in the OpenAPI schema, so that clients and schema-driven fuzzers know every answer: one error
+# shape for all of them (see api/errors.py); generation routes stream server-sent events when asked.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description} for status, description in (
+        (400, "Invalid request: `param` names the field."), (401, "Missing or wrong key."),
+        (403, "The key may not use this route."), (404, "Unknown model or route."),
+        (413, "Request body too large."), (429, "Over the rate limit; see Retry-After."),
+        (500, "A bug; details in the server's log."),
+        (503, "No tier can serve it now (starting, down, saturated); see Retry-After."))}
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The answer; with `stream: true`, server-sent events.",
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "description": "One server-sent event.",
+              "properties": {"event": {"type": "string"},
+                             "data": {"type": "string", "description": "A JSON object, or [DONE] last."}}}}}}}
+
+
+def build_api(args: AppArgs, ingress: Callable[[], Ingress]) -> FastAPI:
     """The FastAPI app; ``ingress()`` returns the instance that serves it (the replica's, or a test's)."""
-    api = FastAPI(title="aiflow-ray", version="0.1.0")
-    api.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes)
+    api = AiflowAPI(title="aiflow-ray", version="0.1.0", responses=ERROR_RESPONSES)
+    api.add_middleware(GuardMiddleware, max_body_bytes=args.max_body_bytes, rate_limit=args.rate_limit)
     install_error_handlers(api)
 
-    @api.post("/v1/generate")
+    @api.post("/v1/generate", responses=STREAMED)
     async def generate(body: GenerateBody) -> Any:
         return await ingress().generate(body)
 
@@ -254,7 +314,8 @@ def build_api(max_body_bytes: int, ingress: Callable[[], Ingress]) -> FastAPI:
         return await ingress().router_state()
 
     @api.put("/v1/admin/links/{link_id}")
-    async def set_link(link_id: str, update: LinkUpdate) -> Any:
+    async def set_link(update: LinkUpdate,
+                       link_id: str = Path(..., pattern=LINK_ID_PATTERN, description="Which device link.")) -> Any:
         return await ingress().set_link(link_id, update)
 
     @api.post("/v1/kb/search")
@@ -274,11 +335,12 @@ def build_api(max_body_bytes: int, ingress: Callable[[], Ingress]) -> FastAPI:
     async def healthz() -> Any:
         return {"status": "ok"}
 
-    @api.get("/readyz")
+    @api.get("/readyz", responses={503: {"description": "Not ready: which tiers are starting or down.",
+                                         "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def readyz() -> Any:
         return await ingress().readyz()
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> Any:
         return PlainTextResponse(generate_latest(metrics.REGISTRY).decode(), media_type="text/plain; version=0.0.4")
 
@@ -286,24 +348,25 @@ def build_api(max_body_bytes: int, ingress: Callable[[], Ingress]) -> FastAPI:
     async def models() -> Any:
         return await ingress().models()
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", responses=STREAMED)
     async def completions(body: CompletionBody) -> Any:
         return await ingress().openai(body)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", responses=STREAMED)
     async def chat(body: ChatBody) -> Any:
         return await ingress().openai(body)
 
     return api
 
 
-def make_ingress(max_body_bytes: int) -> type:
+def make_ingress() -> type:
     """The class Serve runs as the ingress. Serve builds its FastAPI app in the replica, after the
-    constructor (``__serve_build_asgi_app__``), so the app's routes serve that very instance."""
+    constructor (``__serve_build_asgi_app__``), so the app's routes serve that very instance, with the
+    arguments it validated."""
     from ray import serve
 
     class AiflowIngress(Ingress):
         def __serve_build_asgi_app__(self) -> FastAPI:
-            return build_api(max_body_bytes, lambda: self)
+            return build_api(self.args, lambda: self)
 
     return serve.ingress()(AiflowIngress)

@@ -19,6 +19,13 @@ OUTPUT_TOKENS = Counter("aiflow_output_tokens", "Tokens returned", ["path"], reg
 LINK_BYTES = Counter("aiflow_link_bytes", "Bytes moved per link and direction", ["link", "direction"],
                      registry=REGISTRY)
 DECISIONS = Counter("aiflow_router_decisions", "Router decisions by chosen path", ["path"], registry=REGISTRY)
+FAILOVERS = Counter("aiflow_failovers", "Edge calls retried on another replica after a failure or a missed "
+                    "deadline", registry=REGISTRY)
+CONTEXT_RESENDS = Counter("aiflow_context_resends", "Rounds that resent the context (the edge lacked the session)",
+                          registry=REGISTRY)
+ROUNDS = Counter("aiflow_rounds", "Speculative rounds", registry=REGISTRY)
+FALLBACKS = Counter("aiflow_device_fallbacks", "Generations the device finished alone after losing the edge",
+                    registry=REGISTRY)
 
 
 def observe(trace: dict[str, Any]) -> None:
@@ -32,3 +39,9 @@ def observe(trace: dict[str, Any]) -> None:
     ACCEPTED_TOKENS.inc(sum(trace.get("accepted", [])))
     LINK_BYTES.labels("device-edge", "up").inc(trace.get("bytes_up", 0))
     LINK_BYTES.labels("device-edge", "down").inc(trace.get("bytes_down", 0))
+    FAILOVERS.inc(trace.get("failovers", 0))
+    CONTEXT_RESENDS.inc(trace.get("context_resends", 0))
+    if trace.get("path") != "server-only":
+        ROUNDS.inc(trace.get("rounds", 0))
+    if trace.get("fallback"):
+        FALLBACKS.inc()

@@ -12,8 +12,13 @@ from aiflow_ray.network.wire import MAX_TOP_LOGPROBS
 MAX_PROMPT_CHARS = 100_000
 
 
+
+LINK_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # a device link id, in a body or in an admin path
+
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON types as the schema says them (`"seed": true` or `"max_tokens": "8"` is a 400 naming the
+    # field, not silently read as 1 or 8); an integer still passes where a number is asked for.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _not_blank(value: str) -> str:
@@ -35,7 +40,7 @@ class GenerateBody(Body):
     top_k: int = Field(0, ge=0)
     seed: int | None = None
     chat: bool = Field(True, description="Apply the chat template.")
-    link_id: str = Field("device-0", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Which device link.")
+    link_id: str = Field("device-0", pattern=LINK_ID_PATTERN, description="Which device link.")
     beam_width: int = Field(4, ge=1, le=16, description="Cloud path: beams.")
     length_penalty: float = Field(1.0, ge=-5.0, le=5.0, description="Cloud path: beam length penalty.")
     retrieval_top_k: int = Field(4, ge=1, le=20, description="Cloud path: knowledge base chunks to use.")
@@ -157,8 +162,9 @@ class ChatBody(OpenAIBody):
 
 
 class LinkUpdate(Body):
-    bandwidth_bps: float | None = Field(None, gt=0, description="Bytes per second.")
-    bandwidth: str | None = Field(None, description="Human form, e.g. '10KB/s'.")
+    bandwidth_bps: float | None = Field(
+        None, ge=0, description="Bytes per second; 0 = outage: nothing moves until the bandwidth is raised again.")
+    bandwidth: str | None = Field(None, description="Human form, e.g. '10KB/s'; '0' = outage.")
     rtt_ms: float = Field(20.0, ge=0, le=10_000)
 
 
@@ -179,3 +185,16 @@ class KbDocument(Body):
 
 class KbIngestBody(Body):
     documents: list[KbDocument] = Field(..., min_length=1, max_length=1000)
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="One sentence for a person.")
+    type: str = Field(..., description="invalid_request_error (4xx) or unavailable (5xx).")
+    param: str | None = Field(None, description="The request field at fault, if any.")
+    code: int = Field(..., description="The HTTP status.")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (OpenAI's shape)."""
+
+    error: ErrorDetail

@@ -18,16 +18,36 @@ from aiflow_ray.config.generation import (
 
 
 class AutoscalingArgs(StrictModel):
+    """Serve's request-based autoscaling of one deployment.
+
+    Serve counts a deployment's requests as those queued at its callers' handles plus those inside its
+    replicas, averaged over ``look_back_period_s``. On the edge and the cloud that count is their work
+    queue: a replica admits a call, then waits for its one engine lock (``LoadTracker.queued``) and runs
+    (``LoadTracker.ongoing``), so a mean above 1 per replica is a queue of verifications or beam searches.
+    The defaults are the real models' (the local profile); docs/benchmarks/load.md has the measurements.
+    """
+
     min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
     max_replicas: int = Field(2, ge=1, description="Upper bound under load.")
-    target_ongoing_requests: float = Field(1.0, gt=0, description="Ongoing requests per replica to aim for.")
-    upscale_delay_s: float = Field(2.0, ge=0, description="Load must persist this long before scaling up.")
-    downscale_delay_s: float = Field(8.0, ge=0, description="Idleness must persist this long before scaling down.")
+    target_ongoing_requests: float = Field(1.0, gt=0, description="Ongoing requests per replica to aim for "
+                                           "(queued at the callers' handles plus inside the replica).")
+    upscale_delay_s: float = Field(15.0, ge=0, description="Load must persist this long before scaling up.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Idleness must persist this long before scaling down.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window the request count is averaged over.")
+    # Serve's 10 s default makes every decision up to 10 s late; in Ray 2.60 this field is still the
+    # handles' push period (the environment variables meant to replace it are read nowhere yet).
+    metrics_interval_s: float = Field(1.0, gt=0, description="How often the callers' handles report their counts.")
+    graceful_shutdown_timeout_s: float = Field(
+        300.0, gt=0, description="A replica that is scaled down finishes its requests for at most this long before "
+        "it is killed: the longest generation allowed (1024 tokens at the 1.5B verifier's slowest measured "
+        "0.25 s per token, plus prefill). Serve's 20 s killed a 22 s request.")
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingArgs:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must exceed metrics_interval_s (a window needs several reports)")
         return self
 
 
@@ -92,6 +112,39 @@ class RouterArgs(StrictModel):
     decisions_kept: int = Field(200, ge=1, le=10_000, description="Recent decisions kept for /v1/router.")
 
 
+class RateLimitArgs(StrictModel):
+    """A token bucket per caller: ``burst`` requests at once, refilled at ``requests_per_s``.
+
+    Each ingress replica keeps its own buckets, so a deployment with N ingress replicas lets a caller
+    through up to N times as fast as one bucket would.
+    """
+
+    requests_per_s: float | None = Field(
+        None, gt=0, description="Sustained requests per second of one caller (its key, else its host); "
+        "null = no limit.")
+    burst: int = Field(20, ge=1, description="Requests one caller may send at once before the rate applies.")
+    max_callers: int = Field(10_000, ge=1, le=1_000_000, description="Callers tracked per ingress replica; the "
+                             "least recently seen is forgotten beyond it (and starts again with a full bucket).")
+
+
+class DeadlineArgs(StrictModel):
+    """How long each cross-tier call may take. A call past its deadline is abandoned and treated as a failed
+    replica (retried elsewhere, or answered 503 + Retry-After): no request waits on a dead node."""
+
+    request_s: float = Field(300.0, gt=0, description="A whole generation, from the ingress's receipt (1024 tokens "
+                             "of the 1.5B verifier at its slowest measured 0.25 s/token fit).")
+    edge_call_s: float = Field(30.0, gt=0, description="One verify call, or the wait for one streamed token, "
+                               "queueing behind other sessions included.")
+    cloud_call_s: float = Field(120.0, gt=0, description="One retrieval or grounded beam search.")
+    router_call_s: float = Field(2.0, gt=0, description="One routing decision; past it the ingress decides from "
+                                 "the router's last saved state.")
+    link_outage_s: float = Field(2.0, gt=0, description="A device-edge transfer stalled this long (and four times "
+                                 "its expected time) is an outage: requests whose quality allows it finish on "
+                                 "the device.")
+    max_failovers: int = Field(4, ge=0, le=16, description="Retries of a failed edge or cloud call per request "
+                               "on another replica (the device resends its context).")
+
+
 class AppArgs(StrictModel):
     """Arguments of ``aiflow_ray.serve:build_app``."""
 
@@ -107,7 +160,10 @@ class AppArgs(StrictModel):
     router: RouterArgs = Field(default_factory=RouterArgs)
     link_probe: LinkProbeArgs = Field(default_factory=LinkProbeArgs)
     kb: KbArgs = Field(default_factory=KbArgs)
+    deadlines: DeadlineArgs = Field(default_factory=DeadlineArgs)
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+    rate_limit: RateLimitArgs = Field(default_factory=RateLimitArgs,
+                                      description="Per-caller request rate limit of the API (off by default).")
     max_new_tokens_limit: int = Field(1024, ge=1, le=4096, description="Cap on max_tokens per request.")
     edge_sessions_per_replica: int = Field(64, ge=1, description="Sessions an edge replica keeps (LRU).")
     check_labels: bool = Field(True, description="Refuse to build when no node carries a tier's labels.")

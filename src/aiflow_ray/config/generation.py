@@ -164,6 +164,11 @@ class GenerateOptions(StrictModel):
     logprobs: int | None = Field(
         None, ge=0, le=20, description="Return the verifier's log-probability of every output token and of its n "
         "most likely alternatives (paths with the verifier's distribution only); None = off.")
+    device_fallback: bool = Field(
+        False, description="The small model's output is acceptable (quality 'fast'): when the device-edge link or "
+        "the edge fails mid-generation, the device finishes the output on its own instead of failing.")
+    deadline_s: float | None = Field(None, gt=0, description="Time left for this generation when the tier receives "
+                                     "it; None = the tier's own request deadline.")
 
     @field_validator("prompt")
     @classmethod

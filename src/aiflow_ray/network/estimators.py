@@ -12,13 +12,42 @@ per-call overhead. When pairs are available the slope is the median of the last 
 which follows a change within two pairs and ignores one noisy pair, and the RTT is a moving average
 of what each later round trip leaves after its bytes / bandwidth (old round trips, timed under other
 conditions, would otherwise drag it for many rounds).
+
+Both of those follow a change over several samples, which is too slow for a link that stalls: a
+round trip far slower than the estimate predicts starts a *slow spell*, during which the slope is
+the one that round trip implies with the RTT held (a stall shows as missing bandwidth; the RTT is
+propagation and does not stall). A transfer that missed its deadline (``observe_outage``) starts
+one as well. The spell's round trips are held back from the fits, so the first round trip that
+matches the estimate again ends the spell and restores the estimate from before it; a spell that
+lasts is the link's new condition, and its round trips then go into the fits.
+
+The slope is kept to what round trips can measure: bandwidth within [1 B/s, 10 GB/s] (see
+``MIN_BANDWIDTH_BPS`` and ``MAX_BANDWIDTH_BPS``).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass
+
+# Round trips are timed with perf_counter on a shared host, whose scheduling noise is 0.1 ms or more,
+# and the payloads are at most a few MB: at 10 GB/s they already take less than that noise, so a
+# faster reading says only that noise cancelled the bytes' share of the time (a near-zero or negative
+# slope once read as 1e12 B/s).
+MAX_BANDWIDTH_BPS = 10e9
+# At 1 B/s one 100-byte round takes minutes, beyond any deadline the link is used under: anything
+# slower is an outage, which this floor already prices as unusable, and it keeps 1/bandwidth finite.
+MIN_BANDWIDTH_BPS = 1.0
+# A round trip starts a slow spell when it takes more than SLOW_RATIO times the predicted time plus
+# SLOW_MARGIN_S: the margin is above the host's scheduling hiccups (GIL hand-offs, GC pauses, a
+# contended core) so that one of those does not pass for a stall.
+SLOW_RATIO = 2.0
+SLOW_MARGIN_S = 0.05
+# A missed deadline bounds the bandwidth from above only (bytes / seconds waited); nothing says the
+# payload was close, so the estimate sits this factor below the bound.
+OUTAGE_MARGIN = 2.0
 
 
 class Ewma:
@@ -94,7 +123,15 @@ class LinkEstimator:
         prior_rtt_s: float = 0.02,
         forget: float = 0.95,
         prior_strength_bytes2: float = 1e4,
+        warmup_samples: int = 3,
+        spell_adopt_samples: int = 8,
+        min_bandwidth_bps: float = MIN_BANDWIDTH_BPS,
+        max_bandwidth_bps: float = MAX_BANDWIDTH_BPS,
     ) -> None:
+        if not 0 < min_bandwidth_bps <= max_bandwidth_bps < math.inf:
+            raise ValueError("need 0 < min_bandwidth_bps <= max_bandwidth_bps < inf")
+        self.min_bandwidth_bps = min_bandwidth_bps
+        self.max_bandwidth_bps = max_bandwidth_bps
         # The prior is worth about one transfer that differs from the others by 100 bytes: weak enough
         # that rounds with and without a context upload identify a slow link, strong enough that
         # equal-sized rounds do not turn timing noise into a bandwidth.
@@ -103,26 +140,93 @@ class LinkEstimator:
         self._pair_slopes: deque[float] = deque(maxlen=3)
         self._rtt_s = Ewma(0.3)
         self.samples = 0
+        # Until the fits hold a few round trips, "slower than predicted" means "unlike the prior", which
+        # is what the fits are there to learn, not a stall.
+        self._warmup_samples = warmup_samples
+        self._spell_adopt_samples = spell_adopt_samples
+        self._fitted_samples = 0
+        self._spell_slope: float | None = None  # s/byte while a slow spell lasts
+        self._spell_held: list[tuple[int, float]] = []
+        self._spell_samples = 0
 
     def observe(self, num_bytes: int, link_s: float) -> None:
-        self._fit.observe(float(num_bytes), max(link_s, 0.0))
+        if not math.isfinite(link_s) or num_bytes < 0:
+            return  # no measurement: a payload that never arrived is an outage (observe_outage)
+        link_s = max(link_s, 0.0)
+        self.samples += 1
+        rtt_s, slope = self._base()
+        predicted_s = rtt_s + num_bytes * slope
+        if self._fitted_samples < self._warmup_samples or link_s <= SLOW_RATIO * predicted_s + SLOW_MARGIN_S:
+            self._spell_slope = None
+            self._spell_held.clear()
+            self._spell_samples = 0
+            self._fit_sample(num_bytes, link_s)
+            return
+        if num_bytes > 0:  # a bare round trip says nothing about bandwidth: keep the spell's slope
+            # The newest round trip replaces what came before it (an outage's bound included): a spell
+            # is a change under way, and a measured time beats a bound.
+            self._spell_slope = (link_s - rtt_s) / num_bytes
+        self._spell_samples += 1
+        self._spell_held.append((num_bytes, link_s))
+        if self._spell_samples >= self._spell_adopt_samples:
+            for held_bytes, held_s in self._spell_held:
+                self._fit_sample(held_bytes, held_s)
+            self._spell_held.clear()
+
+    def observe_outage(self, waited_s: float, num_bytes: int) -> None:
+        """``num_bytes`` did not arrive within ``waited_s``: bandwidth is below num_bytes / waited_s.
+
+        Starts (or deepens) a slow spell at once; the next round trip that matches the estimate from
+        before it, or a probe pair whose round trips do, ends it. ``waited_s`` may be inf (never arrived).
+        """
+        if num_bytes < 1 or not waited_s > 0:
+            raise ValueError(f"an outage needs bytes >= 1 and a positive wait, got {num_bytes}, {waited_s}")
+        outage_slope = OUTAGE_MARGIN * waited_s / num_bytes
+        self._spell_slope = outage_slope if self._spell_slope is None else max(self._spell_slope, outage_slope)
+
+    def _fit_sample(self, num_bytes: int, link_s: float) -> None:
+        self._fit.observe(float(num_bytes), link_s)
         if self._pair_slopes:
             self._rtt_s.update(max(link_s - num_bytes * statistics.median(self._pair_slopes), 0.0))
-        self.samples += 1
+        self._fitted_samples += 1
+
+    def _clamp_slope(self, slope: float) -> float:
+        if math.isnan(slope):
+            slope = self._fit.prior_slope
+        # A negative slope is noise too: it clamps to the ceiling, not to a negative bandwidth.
+        return min(max(slope, 1.0 / self.max_bandwidth_bps), 1.0 / self.min_bandwidth_bps)
+
+    def _base(self) -> tuple[float, float]:
+        """(RTT seconds, seconds per byte) from the fits, without any slow spell."""
+        if self._fitted_samples == 0:
+            return self._prior_rtt_s, self._clamp_slope(self._fit.prior_slope)
+        slope = self._clamp_slope(statistics.median(self._pair_slopes) if self._pair_slopes else self._fit.slope())
+        rtt = self._rtt_s.value if self._rtt_s.value is not None else max(self._fit.intercept(slope), 0.0)
+        return rtt, slope
 
     def observe_pair(self, small: tuple[int, float], big: tuple[int, float]) -> None:
         """A bare and a padded round trip sent back to back (both also count as round trips)."""
         (small_bytes, small_s), (big_bytes, big_s) = small, big
         if big_bytes <= small_bytes:
             raise ValueError("the padded probe must be the larger one")
-        self._pair_slopes.append(max((big_s - small_s) / (big_bytes - small_bytes), 0.0))
+        if math.isfinite(big_s) and math.isfinite(small_s):
+            self._pair_slopes.append(max((big_s - small_s) / (big_bytes - small_bytes), 0.0))
         self.observe(small_bytes, small_s)
         self.observe(big_bytes, big_s)
 
+    @property
+    def in_slow_spell(self) -> bool:
+        return self._spell_slope is not None
+
     def estimate(self) -> LinkEstimate:
-        if self.samples == 0:
-            return LinkEstimate(self._prior_rtt_s, 1.0 / self._fit.prior_slope, 0)
-        slope = statistics.median(self._pair_slopes) if self._pair_slopes else self._fit.slope()
-        slope = max(slope, 1e-12)  # a negative slope is noise: bandwidth "infinite", not negative
-        rtt = self._rtt_s.value if self._rtt_s.value is not None else max(self._fit.intercept(slope), 0.0)
-        return LinkEstimate(rtt_s=rtt, bandwidth_bps=1.0 / slope, samples=self.samples)
+        """Never above ``max_bandwidth_bps`` nor below ``min_bandwidth_bps``; during a slow spell, its slope."""
+        rtt_s, slope = self._base()
+        if self._spell_slope is not None:
+            slope = self._clamp_slope(max(slope, self._spell_slope))
+        return LinkEstimate(rtt_s=rtt_s, bandwidth_bps=1.0 / slope, samples=self.samples)
+
+    def base_estimate(self) -> LinkEstimate:
+        """The estimate without a slow spell: what to carry over (as a prior) past this estimator's life,
+        since a stall is a moment and a prior lasts."""
+        rtt_s, slope = self._base()
+        return LinkEstimate(rtt_s=rtt_s, bandwidth_bps=1.0 / slope, samples=self.samples)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -20,10 +20,14 @@ from aiflow_ray.network.estimators import Ewma, ForgettingLinearFit, LinkEstimat
 from aiflow_ray.routing.policy import Decision, RouteInputs, TierLoad, decide
 from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
 
-LOAD_STALE_S = 15.0  # a tier that has not reported for this long is treated as unreachable
+# A replica that has not reported for this many report periods (at least LOAD_STALE_MIN_S) is treated as gone:
+# replicas report every period from their event loop, which the engine's thread never blocks.
+LOAD_STALE_PERIODS = 5
+LOAD_STALE_MIN_S = 3.0
 
 
 Sample = tuple[int, float]  # (bytes, seconds)
+Outage = tuple[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]]  # (bytes, seconds waited in vain)
 
 
 class GenerationReport(StrictModel):
@@ -39,6 +43,7 @@ class GenerationReport(StrictModel):
     draft_tokens: int = 0
     link_samples: tuple[Sample, ...] = ()  # (bytes, link seconds) per round
     probe_pairs: tuple[tuple[Sample, Sample], ...] = ()
+    link_outages: tuple[Outage, ...] = ()  # payloads that missed their deadline on the link
     cloud_link_samples: tuple[Sample, ...] = ()  # edge-cloud (bytes, seconds)
     on_device_s_per_token: float | None = None
 
@@ -52,6 +57,8 @@ class LoadReport(StrictModel):
     queued: int = Field(..., ge=0, description="Requests admitted to the replica and waiting for its engine.")
     capacity: int = Field(..., ge=0, description="Requests the replica admits at once.")
     service_samples: tuple[tuple[int, float], ...] = ()
+    node_id: str = Field("", description="The Ray node the replica runs on: reports from a dead node's orphaned "
+                         "workers are ignored.")
 
 
 class RouteRequest(StrictModel):
@@ -89,6 +96,8 @@ class RouterState:
         # there is nothing measured, so a prior sized for another model pair cannot linger.
         self.verify_fit = ForgettingLinearFit(0.95, prior_slope=0.0, prior_strength=4.0)
         self.loads: dict[str, dict[str, tuple[float, TierLoad]]] = {"edge": {}, "cloud": {}}
+        self.load_nodes: dict[str, str] = {}  # replica -> node id
+        self.dead_nodes: set[str] = set()  # set by the router deployment from the cluster's view
         self.cloud_link = LinkEstimator(1e7, 0.04, forget=0.9)
         self.cloud_s_per_token = Ewma(0.2)
         self.cloud_retrieval_s = Ewma(0.2)
@@ -97,7 +106,8 @@ class RouterState:
 
     # -- reports --------------------------------------------------------------------------------
     def report_generation(self, report: GenerationReport) -> None:
-        if report.link_samples or report.probe_pairs:  # a calibration or an on-device run measured no link
+        # A calibration or an on-device run measured no link.
+        if report.link_samples or report.probe_pairs or report.link_outages:
             link = self.links.setdefault(
                 report.link_id, LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s, forget=0.9)
             )
@@ -105,6 +115,10 @@ class RouterState:
                 link.observe(nbytes, seconds)
             for small, big in report.probe_pairs:
                 link.observe_pair(small, big)
+            # Last: a missed deadline is what ends a request's use of the link, so it follows the
+            # request's round trips, and the estimate stays down until a later report shows recovery.
+            for nbytes, waited_s in report.link_outages:
+                link.observe_outage(waited_s, nbytes)
         for nbytes, seconds in report.cloud_link_samples:
             self.cloud_link.observe(nbytes, seconds)
         if report.drafted:
@@ -124,6 +138,7 @@ class RouterState:
         tier = report.tier
         self.loads.setdefault(tier, {})[report.replica] = (
             time.monotonic(), TierLoad(True, report.ongoing, report.queued, report.capacity))
+        self.load_nodes[report.replica] = report.node_id
         for fed, seconds in report.service_samples:
             if tier == "edge":
                 self.verify_fit.observe(float(fed), seconds)
@@ -134,7 +149,10 @@ class RouterState:
 
     def tier_load(self, tier: str) -> TierLoad:
         now = time.monotonic()
-        fresh = [load for at, load in self.loads.get(tier, {}).values() if now - at < LOAD_STALE_S]
+        stale_s = max(LOAD_STALE_PERIODS * self.cfg.load_report_period_s, LOAD_STALE_MIN_S)
+        # A worker whose node died can live on and keep reporting; its replica serves nobody.
+        fresh = [load for replica, (at, load) in self.loads.get(tier, {}).items()
+                 if now - at < stale_s and self.load_nodes.get(replica, "") not in self.dead_nodes]
         if not fresh:
             return TierLoad(available=False, capacity=0)
         return TierLoad(True, sum(x.ongoing for x in fresh), sum(x.queued for x in fresh),
@@ -187,6 +205,51 @@ class RouterState:
         key = str(decision.path)
         self.decision_counts[key] = self.decision_counts.get(key, 0) + 1
         return decision
+
+    # -- persistence ----------------------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """What a restarted router needs to decide as this one would: the estimates, as plain numbers (JSON).
+
+        Estimators are saved as their current estimates, not their internals: a restored estimator starts
+        from them as its priors, and its first measurements refine them.
+        """
+        verify = None
+        if self.verify_fit.count_weight > 0:
+            slope = max(self.verify_fit.slope(), 0.0)
+            verify = [self.verify_fit.intercept(slope), slope]
+        cloud = self.cloud_link.estimate()
+        return {
+            "version": 1,
+            # Without a slow spell: an outage under way must not become a restarted router's lasting prior.
+            "links": {lid: [e.bandwidth_bps, e.rtt_s] for lid, est in self.links.items()
+                      if (e := est.base_estimate())},
+            "acceptance": [self.accepted, self.rejected],
+            "draft_s_per_token": self.draft_s.value, "verify": verify,
+            "cloud_link": [cloud.bandwidth_bps, cloud.rtt_s],
+            "cloud_s_per_token": self.cloud_s_per_token.value, "cloud_retrieval_s": self.cloud_retrieval_s.value,
+            "decision_counts": dict(self.decision_counts),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Start from ``export_state()``'s numbers; anything missing or malformed keeps this state's priors."""
+        if state.get("version") != 1:
+            return
+        for link_id, (bandwidth_bps, rtt_s) in (state.get("links") or {}).items():
+            self.links[str(link_id)] = LinkEstimator(float(bandwidth_bps), float(rtt_s), forget=0.9)
+        accepted, rejected = state.get("acceptance") or (self.accepted, self.rejected)
+        self.accepted, self.rejected = float(accepted), float(rejected)
+        self.draft_s.value = state.get("draft_s_per_token") or self.draft_s.value
+        if state.get("verify"):
+            intercept, slope = (float(v) for v in state["verify"])
+            # Two points on the saved line, weighted like a few observations: new measurements soon dominate.
+            for fed in (1.0, 9.0):
+                self.verify_fit.observe(fed, intercept + slope * fed, weight=2.0)
+        if state.get("cloud_link"):
+            bandwidth_bps, rtt_s = state["cloud_link"]
+            self.cloud_link = LinkEstimator(float(bandwidth_bps), float(rtt_s), forget=0.9)
+        self.cloud_s_per_token.value = state.get("cloud_s_per_token") or self.cloud_s_per_token.value
+        self.cloud_retrieval_s.value = state.get("cloud_retrieval_s") or self.cloud_retrieval_s.value
+        self.decision_counts.update({str(k): int(v) for k, v in (state.get("decision_counts") or {}).items()})
 
     def snapshot(self) -> dict[str, Any]:
         links = {lid: asdict(est.estimate()) for lid, est in self.links.items()}

@@ -19,6 +19,10 @@ from aiflow_ray.logging_utils import get_logger
 log = get_logger(__name__)
 
 
+# Every round of a session reaches the edge replica holding its KV cache (see serve/affinity.py).
+SESSION_ROUTER = "aiflow_ray.serve.affinity:SessionAffinityRouter"
+
+
 class PlacementError(ValueError):
     """A tier's label selector matches no node of the running cluster."""
 
@@ -37,12 +41,25 @@ def deployment_options(tier: TierArgs, name: str) -> dict[str, Any]:
         "ray_actor_options": actor,
         "max_ongoing_requests": tier.max_ongoing_requests,
         "max_queued_requests": tier.max_queued_requests,
+        # Past max_queued_requests Serve refuses a request itself (for the ingress, in the proxy): with a
+        # Retry-After, like every other refusal of this API, and not Serve's bare 503.
+        "backpressure_config": {"status_code": 503, "retry_after_s": 1.0},
         "health_check_period_s": 10.0,  # Serve's default; every check costs CPU on every replica
+        # Scale-down must not cut a generation short: a stopping replica gets no new requests and is killed
+        # only after its last one ends or the timeout passes. The first wait lets every handle learn that the
+        # replica is stopping (Serve's 2 s); later checks come as often.
+        "graceful_shutdown_timeout_s": auto.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": 2.0,
+        # Serve's built-in metric, not a custom one (record_autoscaling_stats + a policy_function): on the
+        # edge it already is the verify queue plus the verification running (see AutoscalingArgs), and on the
+        # device the generations it holds, and it comes from the handles every metrics_interval_s, where
+        # replica-side custom stats would add a second reporting path and a policy to keep in step with it.
         "autoscaling_config": {
             "min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
             "initial_replicas": max(auto.min_replicas, 1),
             "target_ongoing_requests": auto.target_ongoing_requests,
             "upscale_delay_s": auto.upscale_delay_s, "downscale_delay_s": auto.downscale_delay_s,
+            "look_back_period_s": auto.look_back_period_s, "metrics_interval_s": auto.metrics_interval_s,
         },
     }
 
@@ -78,14 +95,20 @@ def build_app(args: dict[str, Any]) -> Any:
     parsed = AppArgs.model_validate(args)
     check_placement(parsed)
     raw = parsed.model_dump(mode="json")
-    router = serve.deployment(name="Router", num_replicas=1, ray_actor_options={"num_cpus": 0},
+    # The router goes where the ingress goes (its only hot caller), off the tiers' nodes.
+    router_actor: dict[str, Any] = {"num_cpus": 0}
+    if parsed.ingress.label_selector:
+        router_actor["label_selector"] = dict(parsed.ingress.label_selector)
+    router = serve.deployment(name="Router", num_replicas=1, ray_actor_options=router_actor,
                               max_ongoing_requests=1000)(RouterServer).bind(raw)
-    edge = serve.deployment(**deployment_options(parsed.edge, "EdgeVerifier"))(EdgeVerifierServer).bind(raw)
+    edge_options = deployment_options(parsed.edge, "EdgeVerifier")
+    edge_options["request_router_config"] = {"request_router_class": SESSION_ROUTER}
+    edge = serve.deployment(**edge_options)(EdgeVerifierServer).bind(raw)
     cloud = serve.deployment(**deployment_options(parsed.cloud, "CloudService"))(CloudServer).bind(raw)
     device = serve.deployment(**deployment_options(parsed.device, "DeviceDrafter"))(DeviceDrafterServer).bind(
         raw, edge, cloud
     )
-    ingress_cls = make_ingress(parsed.max_body_bytes)
+    ingress_cls = make_ingress()
     return serve.deployment(**deployment_options(parsed.ingress, "Ingress"))(ingress_cls).bind(
         raw, device, cloud, router
     )

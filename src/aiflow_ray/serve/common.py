@@ -113,7 +113,7 @@ class LoadTracker:
     def report(self, pending: list[tuple[int, float]]) -> LoadReport:
         replica = self._replica_id() if self._replica_id else _serve_replica_id()
         return LoadReport(tier=self.tier, replica=replica, ongoing=self.ongoing, queued=max(self.queued, 0),
-                          capacity=self.capacity, service_samples=tuple(pending))
+                          capacity=self.capacity, service_samples=tuple(pending), node_id=_node_id())
 
     async def _report_forever(self) -> None:
         router = self._router
@@ -129,6 +129,12 @@ class LoadTracker:
                 router = self._router
                 log.debug("load report failed: %s", exc)
             await asyncio.sleep(self.args.router.load_report_period_s)
+
+
+def _node_id() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id()) if ray.is_initialized() else ""
 
 
 def _serve_replica_id() -> str:

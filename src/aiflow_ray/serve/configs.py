@@ -21,21 +21,37 @@ IMAGE = "aiflow-ray:0.1.0"
 
 
 def profile_args(profile: str) -> dict[str, Any]:
-    tier_defaults = {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-                                     "upscale_delay_s": 2, "downscale_delay_s": 8}}
+    # What each tier scales on, as Serve's request count per replica (see AutoscalingArgs): the edge and the
+    # cloud run one forward at a time, so a mean above 1 is a queue of verifications or beam searches. A device
+    # replica holds each generation it runs from start to end, waits on the edge included, so its count rises
+    # with any tier's queue: it scales when 3 of its 4 slots are taken, before requests queue in front of it,
+    # not on the edge's delays (at 2 it went up and down every 15-20 s under a steady load). The ingress only
+    # awaits the tiers and needs a second replica only when its 64 slots fill.
+    target = {"device": 3, "edge": 1, "cloud": 1}
+    ingress = {"num_cpus": 0.5, "max_ongoing_requests": 64, "autoscaling": {"target_ongoing_requests": 32}}
+    # Tiny replicas start in 4-8 s (docs/benchmarks/load.md): scale up on a queue that outlasts a start-up,
+    # down only after several start-ups' worth of quiet (at 10 s the tiers flapped under a steady load).
+    tiny_scaling = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 5, "downscale_delay_s": 30,
+                    "look_back_period_s": 5}
+    # The ingress (and the router, which goes where it goes) on the head, with the HTTP proxy: a tier's node
+    # failing must not take the replica that answers the client with it (the proxy then answers a bare 500).
+    on_head = {"label_selector": {"tier": "head"}}
     if profile == "local":
         # CPU nodes: every tier runs llama.cpp on the GGUF files as released: 2.6-3.4x faster per token than
         # the HF engine in bf16 and faster at every verify length up to 8 (docs/benchmarks/engines.md), the
         # fastest served system here (served.md), and beam search 3x faster than transformers' (beam.md).
         # `--set edge.engine=hf` gives the exact reference verifier.
-        raw: dict[str, Any] = {tier: {"label_selector": {"tier": tier}, "engine": "llama_cpp"}
+        raw: dict[str, Any] = {tier: {"label_selector": {"tier": tier}, "engine": "llama_cpp",
+                                      "autoscaling": {"target_ongoing_requests": target[tier]}}
                                for tier in ("device", "edge", "cloud")}
+        raw["ingress"] = {**ingress, **on_head}
     elif profile == "tiny":
         raw = {
             "model_preset": "tiny",
-            "device": {"label_selector": {"tier": "device"}, **tier_defaults},
-            "edge": {"label_selector": {"tier": "edge"}, **tier_defaults},
-            "cloud": {"label_selector": {"tier": "cloud"}, **tier_defaults},
+            **{tier: {"label_selector": {"tier": tier},
+                      "autoscaling": {**tiny_scaling, "target_ongoing_requests": target[tier]}}
+               for tier in ("device", "edge", "cloud")},
+            "ingress": {**ingress, **on_head},
             "link": {"bandwidth_bps": 2e6, "rtt_s": 0.002},
             # Tiny models decode in about a millisecond: an objective at that scale lets the link
             # decide between the large model and the device, as it would for real models at ~100 ms.
@@ -47,9 +63,11 @@ def profile_args(profile: str) -> dict[str, Any]:
         raw = {
             "models": {"drafter": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
                        "verifier": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "dtype": "bfloat16", "device": "cuda"},
-            "device": {"label_selector": {"tier": "device"}, **gpu, "autoscaling": scale},
+            "device": {"label_selector": {"tier": "device"}, **gpu,
+                       "autoscaling": {**scale, "target_ongoing_requests": target["device"]}},
             "edge": {"label_selector": {"tier": "edge"}, **gpu, "autoscaling": scale},
             "cloud": {"label_selector": {"tier": "cloud"}, **gpu, "autoscaling": {**scale, "max_replicas": 2}},
+            "ingress": ingress,
         }
     else:
         raise ValueError(f"unknown profile {profile!r}: local, tiny or gpu")
@@ -93,8 +111,9 @@ def serve_config(profile: str, http_port: int = 8000, overrides: dict[str, Any] 
 
 def rayservice(profile: str = "gpu") -> dict[str, Any]:
     config = serve_config(profile)
-    head_env = [{"name": "AIFLOW_API_KEY", "valueFrom": {"secretKeyRef": {"name": "aiflow-api", "key": "api-key",
-                                                                          "optional": True}}}]
+    # Both keys from one secret; without an admin key, admin routes stay closed while an API key is set.
+    head_env = [{"name": env, "valueFrom": {"secretKeyRef": {"name": "aiflow-api", "key": key, "optional": True}}}
+                for env, key in (("AIFLOW_API_KEY", "api-key"), ("AIFLOW_ADMIN_KEY", "admin-key"))]
 
     def container(name: str, gpus: int) -> dict[str, Any]:
         resources: dict[str, Any] = {"limits": {"cpu": "8", "memory": "32Gi"},

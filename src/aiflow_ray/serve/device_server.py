@@ -22,74 +22,28 @@ from ray.exceptions import RayError
 
 from aiflow_ray.config import AppArgs, GenerateOptions
 from aiflow_ray.engines.base import Engine
-from aiflow_ray.errors import Refusal, RefusedError
-from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.errors import Refusal, RefusedError, TierUnavailable
+from aiflow_ray.logging_utils import clip, get_logger
 from aiflow_ray.network import wire
 from aiflow_ray.network.link import DuplexLink, RealClock
 from aiflow_ray.routing.router import GenerationReport
 from aiflow_ray.serve.common import router_handle, tier_engine
-from aiflow_ray.tiers.cloud import BeamAnswer, GroundedRequest, Retrieval, RetrieveRequest
+from aiflow_ray.serve.transports import ServeCloud, ServeTransport
 from aiflow_ray.tiers.device import DeviceDrafter, EdgeError, GenerationResult
 from aiflow_ray.tiers.links import LinkProber, LinkRegistry, Sample
 from aiflow_ray.tiers.paths import DeviceSide, PathUnavailable, TokenizerMismatch, check_tokenizers, run_path
+from aiflow_ray.tiers.resilience import Resilience
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult, TokenLogprob, name_logprobs
 
 log = get_logger(__name__)
 
 CALL_TIMEOUT_S = 10.0  # start-up and probe calls; generation calls wait as long as the work takes
 RECALIBRATE_IDLE_S = 60.0  # an idle drafter is re-timed this often: the router sees no drafting while idle
+LINK_WATCH_PERIOD_S = 0.5  # how soon a link change set through the admin API reaches requests in flight
 
 
 class Cancelled(Exception):
     """The client went away; the generation stops at the next round."""
-
-
-class ServeTransport:
-    """Device <-> edge over Serve handles, every payload passing the emulated link."""
-
-    def __init__(self, edge_handle: Any, link: DuplexLink) -> None:
-        self.edge = edge_handle
-        self.link = link
-        self.clock = link.clock
-
-    def _for(self, payload: bytes) -> Any:
-        return self.edge.options(multiplexed_model_id=payload[4:20].hex())
-
-    def exchange(self, payload: bytes) -> bytes:
-        self.link.up.transfer(len(payload))
-        reply: bytes = self._for(payload).verify.remote(payload).result()
-        self.link.down.transfer(len(reply))
-        return reply
-
-    def notify(self, payload: bytes) -> None:
-        self.link.up.schedule(len(payload))
-        self._for(payload).release.remote(payload)
-
-    def stream(self, payload: bytes) -> Iterator[tuple[bytes, float]]:
-        self.link.up.transfer(len(payload))
-        responses = self._for(payload).options(stream=True).generate_stream.remote(payload)
-        try:
-            for message in responses:
-                arrival = self.link.down.schedule(len(message))
-                self.clock.sleep_until(arrival)
-                yield message, arrival
-        finally:
-            responses.cancel()  # a no-op when the stream completed; stops the edge when we gave up
-
-
-class ServeCloud:
-    """The cloud tier over its Serve handle (``tiers.grounded.CloudTransport``)."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def retrieve(self, req: RetrieveRequest) -> Retrieval:
-        out: Retrieval = self.handle.retrieve.remote(req).result()
-        return out
-
-    def answer(self, req: GroundedRequest) -> BeamAnswer:
-        out: BeamAnswer = self.handle.answer.remote(req).result()
-        return out
 
 
 def _refusal_for(exc: Exception) -> Refusal:
@@ -100,6 +54,9 @@ def _refusal_for(exc: Exception) -> Refusal:
         return Refusal(400, str(exc), "path")
     if isinstance(exc, TokenizerMismatch):
         return Refusal(503, f"speculative paths are disabled: {exc}")
+    if isinstance(exc, TierUnavailable):
+        log.warning("generation failed: %s", exc)
+        return Refusal(503, f"the {exc.tier} tier did not answer in time ({exc.reason}); retry shortly", None, 1)
     if isinstance(exc, EdgeError | RayError | TimeoutError):
         return Refusal(503, "the edge or cloud tier failed during this request; retry shortly", None, 1)
     log.exception("generation failed", exc_info=exc)
@@ -107,7 +64,14 @@ def _refusal_for(exc: Exception) -> Refusal:
 
 
 def generation_report(link_id: str, result: GenerationResult) -> GenerationReport:
-    """What the router learns from one request: its link, acceptance and compute measurements."""
+    """What the router learns from one request: its link, acceptance and compute measurements, and the
+    link's outages (transfers that missed their deadline)."""
+    report = _generation_report(link_id, result)
+    outages = tuple((int(n), float(s)) for n, s in result.trace.link_outages if n >= 1 and s > 0)
+    return report.model_copy(update={"link_outages": outages, "link_id": link_id}) if outages else report
+
+
+def _generation_report(link_id: str, result: GenerationResult) -> GenerationReport:
     trace, stats = result.trace, result.stats
     if trace.path == "device-edge" and trace.rounds and stats is not None:
         # Round 1 carries both prefills; steady-state costs come from the rest.
@@ -135,7 +99,7 @@ class DeviceDrafterServer:
         self._embedder: Any = None
         self.device = DeviceSide(DeviceDrafter(self.engine), threading.Lock(), self._embed)
         self.edge_handle = edge_handle
-        self.cloud = ServeCloud(cloud_handle) if cloud_handle is not None else None
+        self.cloud_handle = cloud_handle
         # The edge-cloud link is the edge's backhaul: one per replica, as configured (not per device).
         self.cloud_link = DuplexLink.from_config(self.args.edge_cloud_link, RealClock())
         self.links = LinkRegistry(self.args.router.max_draft_len)
@@ -154,9 +118,28 @@ class DeviceDrafterServer:
         self.prober = LinkProber(self.links, self.args.link_probe, self.args.link, self._probe_exchange,
                                  self._emulated_settings, self._report_probe, on_tick=self.startup_chores)
         self.prober.start()
+        self._running_links: dict[str, int] = {}  # link id -> generations running on it
+        self._stop_watching = threading.Event()
+        threading.Thread(target=self._watch_links, name="aiflow-link-watch", daemon=True).start()
 
     def __del__(self) -> None:
         self.prober.stop()
+        self._stop_watching.set()
+
+    def _watch_links(self) -> None:
+        """Apply emulated-link changes to generations in flight (an outage set mid-request reaches it)."""
+        while not self._stop_watching.wait(LINK_WATCH_PERIOD_S):
+            with self._counts_lock:
+                running = [link_id for link_id, count in self._running_links.items() if count > 0]
+            for link_id in running:
+                try:
+                    current = self._emulated_settings(link_id)
+                except Exception as exc:  # the router may be restarting: keep the conditions as they are
+                    log.debug("could not refresh link %s: %s", clip(link_id), type(exc).__name__)
+                    continue
+                if current is not None:
+                    self.links.get(link_id, self.args.link.model_copy(
+                        update={"bandwidth_bps": current[0], "rtt_s": current[1]}))
 
     # -- start-up -------------------------------------------------------------------------------
     def _router_handle(self) -> Any:
@@ -204,10 +187,19 @@ class DeviceDrafterServer:
 
     # -- links ----------------------------------------------------------------------------------
     def _probe_exchange(self, link: DuplexLink, payload: bytes) -> bytes:
-        link.up.transfer(len(payload))
+        # Bounded like any call: a probe over a link in outage must not stall the prober's thread.
+        link.up.transfer(len(payload), timeout_s=CALL_TIMEOUT_S)
         reply: bytes = self.edge_handle.ping.remote(payload).result(timeout_s=CALL_TIMEOUT_S)
-        link.down.transfer(len(reply))
+        link.down.transfer(len(reply), timeout_s=CALL_TIMEOUT_S)
         return reply
+
+    def _edge_alive(self) -> bool:
+        """The router's view: some edge replica on a live node reported lately. Unknown counts as alive."""
+        try:
+            return bool(self._router_handle().tier_available.remote("edge").result(timeout_s=CALL_TIMEOUT_S / 5))
+        except Exception as exc:
+            log.debug("could not ask the router about the edge: %s", type(exc).__name__)
+            return True
 
     def _emulated_settings(self, link_id: str) -> tuple[float, float] | None:
         cfg = self._router_handle().emulated_link.remote(link_id).result(timeout_s=CALL_TIMEOUT_S)
@@ -238,9 +230,17 @@ class DeviceDrafterServer:
             if on_tokens is not None and emitted:
                 on_tokens(emitted, logprobs)
 
-        with self._count_active():
-            result = run_path(opts, self.device, ServeTransport(self.edge_handle, state.link), policy=state.policy,
-                              cloud=self.cloud, cloud_link=self.cloud_link, on_round=on_round)
+        deadlines = self.args.deadlines
+        deadline = time.monotonic() + min(opts.deadline_s or deadlines.request_s, deadlines.request_s)
+        resilience = Resilience(deadline, deadlines.max_failovers, fallback=opts.device_fallback,
+                                link_timeout_s=deadlines.link_outage_s if opts.device_fallback else None,
+                                edge_alive=self._edge_alive)
+        cloud = None if self.cloud_handle is None else ServeCloud(self.cloud_handle, deadlines.cloud_call_s, deadline,
+                                                                   deadlines.max_failovers + 1)
+        with self._count_active(opts.link_id):
+            result = run_path(opts, self.device, ServeTransport(self.edge_handle, state.link, deadlines.edge_call_s),
+                              policy=state.policy, cloud=cloud, cloud_link=self.cloud_link, on_round=on_round,
+                              resilience=resilience)
         if opts.path == "device-edge":  # its rounds are link measurements; a server-only stream is not
             state.last_traffic_at = time.monotonic()
         if opts.path in ("device-edge", "on-device"):  # the router measured the drafter from this request
@@ -317,9 +317,10 @@ class DeviceDrafterServer:
         return None if lp is None else name_logprobs(self._token_text, tokens, lp)
 
     @contextlib.contextmanager
-    def _count_active(self) -> Iterator[None]:
+    def _count_active(self, link_id: str) -> Iterator[None]:
         with self._counts_lock:
             self.active += 1
+            self._running_links[link_id] = self._running_links.get(link_id, 0) + 1
         try:
             yield
         except Cancelled:
@@ -330,6 +331,9 @@ class DeviceDrafterServer:
         finally:
             with self._counts_lock:
                 self.active -= 1
+                self._running_links[link_id] -= 1
+                if not self._running_links[link_id]:
+                    del self._running_links[link_id]
 
     async def stats(self) -> dict[str, Any]:
         return {"active": self.active, "cancelled": self.cancelled, "links": len(self.links),

@@ -1,19 +1,17 @@
 """EdgeVerifier deployment: the large model, per-session KV state, verification of drafts.
 
-Requests of one session carry the session id as Serve's multiplexed model id, so Serve's router
-prefers the replica that already holds that session. Affinity is only an optimisation: a replica
-without the session answers NEED_CONTEXT and the device resends the context.
+Requests of one session carry the session id as Serve's multiplexed model id, which the edge's
+request router (serve/affinity.py) hashes to the replica holding that session. Affinity is only an
+optimisation: a replica without the session answers NEED_CONTEXT and the device resends the
+context. The replica keeps at most ``edge_sessions_per_replica`` sessions (LRU, see tiers/edge.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
-
-from ray import serve
 
 from aiflow_ray.config import AppArgs
 from aiflow_ray.engines.base import Engine
@@ -22,21 +20,6 @@ from aiflow_ray.serve.common import LoadTracker, tier_engine
 from aiflow_ray.tiers.edge import EdgeVerifier, answer_ping
 
 log = get_logger(__name__)
-
-MAX_AFFINITY_SESSIONS = 256
-
-
-class _SessionMarker:
-    """What Serve's multiplexing caches per session; evicting it frees the session's KV cache."""
-
-    def __init__(self, edge: EdgeVerifier, session_hex: str) -> None:
-        self.edge = edge
-        self.session_hex = session_hex
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown
-            self.edge.drop_session(bytes.fromhex(self.session_hex))
-
 
 class EdgeVerifierServer:
     def __init__(self, args: dict[str, Any], engine: Engine | None = None, router: Any = None,
@@ -50,24 +33,12 @@ class EdgeVerifierServer:
         log.info("edge calibrated: %s", ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples))
         self.load = LoadTracker("edge", self.args, self.edge.service_samples, router, replica_id)
 
-    # Serve detects multiplexing on the class, so the bound is a constant here; the KV memory bound is
-    # EdgeVerifier's own max_sessions (edge_sessions_per_replica), which evicts independently.
-    @serve.multiplexed(max_num_models_per_replica=MAX_AFFINITY_SESSIONS)
-    async def _touch_session(self, session_hex: str) -> _SessionMarker:
-        return _SessionMarker(self.edge, session_hex)
-
-    async def _affinity(self) -> None:
-        self.load.start()
-        session_hex = serve.get_multiplexed_model_id()
-        if session_hex:
-            await self._touch_session(session_hex)
-
     def _verify_locked(self, payload: bytes) -> bytes:
         with self._engine_lock, self.load.busy():
             return self.edge.handle(payload)
 
     async def verify(self, payload: bytes) -> bytes:
-        await self._affinity()
+        self.load.start()
         with self.load.admitted():
             return await asyncio.to_thread(self._verify_locked, payload)
 
@@ -84,7 +55,7 @@ class EdgeVerifierServer:
 
     async def generate_stream(self, payload: bytes) -> AsyncIterator[bytes]:
         """Server-only path: tokens stream back as they are produced."""
-        await self._affinity()
+        self.load.start()
         with self.load.admitted():
             stream = self.edge.generate_stream(payload)
 

@@ -3,38 +3,107 @@
 It also keeps the *emulated* link conditions that the admin API sets, so that every device replica
 applies the same settings; the decision code never reads them (it sees only measured estimates).
 Every method takes and returns typed values (pydantic models, dataclasses), by keyword.
+
+State survives a restart of this replica: the emulated links (at once, when set) and the estimates
+(every few seconds, when they changed) are saved in the cluster's key-value store (GCS), which
+outlives any replica, and a new router starts from them. The ingress reads the same record to decide
+on its own while no router answers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from aiflow_ray.config import AppArgs, LinkConfig
+from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.routing.persistence import emulated_links_of, load_saved_state, save_state
 from aiflow_ray.routing.router import GenerationReport, LoadReport, Routed, RouteRequest, RouterState
+
+log = get_logger(__name__)
+
+SAVE_PERIOD_S = 2.0
+NODES_PERIOD_S = 2.0
+MAX_EMULATED_LINKS = 4096  # admin settings kept (and saved); the oldest is dropped beyond
 
 
 class RouterServer:
-    def __init__(self, args: dict[str, Any]) -> None:
+    def __init__(self, args: dict[str, Any], persist: bool = True) -> None:
+        """``persist=False`` (unit tests) keeps the state in memory only."""
         self.args = AppArgs.model_validate(args)
         self.state = RouterState(self.args.router)
-        self.emulated_links: dict[str, LinkConfig] = {}
+        self.persist = persist
+        saved = load_saved_state(self.args.name) if persist else None
+        if saved:
+            self.state.restore(saved)
+            log.info("router restored its saved state: %d links, %d emulated links",
+                     len(self.state.links), len(saved.get("emulated_links") or {}))
+        self.emulated_links: dict[str, LinkConfig] = emulated_links_of(self.args, saved)
+        self._dirty = False
+        self._task: asyncio.Task[None] | None = None
+
+    def _start(self) -> None:
+        if self._task is None and self.persist:
+            self._task = asyncio.get_running_loop().create_task(self._background())
+
+    def _export(self) -> dict[str, Any]:
+        state = self.state.export_state()
+        state["emulated_links"] = {k: {"bandwidth_bps": v.bandwidth_bps, "rtt_s": v.rtt_s}
+                                   for k, v in self.emulated_links.items()}
+        return state
+
+    async def _save(self) -> None:
+        self._dirty = False
+        await asyncio.to_thread(save_state, self.args.name, self._export())
+
+    async def _background(self) -> None:
+        """Save changed estimates, and learn which nodes died (their orphaned workers' load reports are void)."""
+        import ray
+
+        last_nodes = 0.0
+        while True:
+            await asyncio.sleep(min(SAVE_PERIOD_S, NODES_PERIOD_S))
+            try:
+                if self._dirty:
+                    await self._save()
+                if time.monotonic() - last_nodes >= NODES_PERIOD_S:
+                    nodes = await asyncio.to_thread(ray.nodes)
+                    self.state.dead_nodes = {n["NodeID"] for n in nodes if not n.get("Alive")}
+                    last_nodes = time.monotonic()
+            except Exception as exc:
+                log.warning("router background work failed: %s", type(exc).__name__)
 
     def _link(self, link_id: str) -> LinkConfig:
         return self.emulated_links.get(link_id, self.args.link)
 
     async def decide(self, req: RouteRequest) -> Routed:
+        self._start()
         return Routed(self.state.decide(req), self._link(req.link_id))
 
     async def report_generation(self, report: GenerationReport) -> None:
+        self._start()
         self.state.report_generation(report)
+        self._dirty = True
 
     async def report_load(self, report: LoadReport) -> None:
+        self._start()
         self.state.report_load(report)
+        self._dirty = self._dirty or bool(report.service_samples)
 
     async def set_emulated_link(self, link_id: str, bandwidth_bps: float, rtt_s: float) -> LinkConfig:
+        self.emulated_links.pop(link_id, None)  # re-inserted last: the oldest setting goes first when full
         self.emulated_links[link_id] = self.args.link.model_copy(update={"bandwidth_bps": bandwidth_bps,
                                                                           "rtt_s": rtt_s})
+        while len(self.emulated_links) > MAX_EMULATED_LINKS:
+            del self.emulated_links[next(iter(self.emulated_links))]
+        if self.persist:
+            await self._save()  # before answering: a setting the admin saw accepted survives a restart
         return self.emulated_links[link_id]
+
+    async def tier_available(self, tier: str) -> bool:
+        """Whether any replica of ``tier`` on a live node reported lately (the device asks before retrying)."""
+        return self.state.tier_load(tier).available
 
     async def emulated_link(self, link_id: str) -> LinkConfig | None:
         """The emulator's settings for a link set through the admin API, for the device replicas that
@@ -46,3 +115,6 @@ class RouterServer:
         snap["emulated_links"] = {k: {"bandwidth_bps": v.bandwidth_bps, "rtt_s": v.rtt_s}
                                   for k, v in self.emulated_links.items()}
         return snap
+
+    async def check_health(self) -> None:
+        self._start()

@@ -16,12 +16,14 @@ import numpy as np
 
 from aiflow_ray.config import SamplingConfig
 from aiflow_ray.engines.base import Engine
+from aiflow_ray.errors import TierUnavailable
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
-from aiflow_ray.network.link import Clock, DuplexLink, RealClock
+from aiflow_ray.network.link import Clock, DuplexLink, LinkTimeout, RealClock
 from aiflow_ray.speculative.policy import DraftLenPolicy, RoundFeedback
 from aiflow_ray.speculative.stats import SpecStats
 from aiflow_ray.tiers.edge import EdgeVerifier
+from aiflow_ray.tiers.resilience import Resilience
 from aiflow_ray.tiers.trace import Trace
 
 log = get_logger(__name__)
@@ -43,7 +45,10 @@ class Transport(Protocol):
     clock: Clock
     link: DuplexLink
 
-    def exchange(self, payload: bytes) -> bytes: ...
+    def exchange(self, payload: bytes, link_timeout_s: float | None = None) -> bytes:
+        """One request and its reply; raises ``LinkTimeout`` when a transfer stalls past ``link_timeout_s`` and
+        ``TierUnavailable`` when the edge fails or misses its deadline."""
+        ...
 
     def notify(self, payload: bytes) -> None: ...
 
@@ -58,10 +63,10 @@ class InProcessTransport:
         self.link = link
         self.clock = link.clock
 
-    def exchange(self, payload: bytes) -> bytes:
-        self.link.up.transfer(len(payload))
+    def exchange(self, payload: bytes, link_timeout_s: float | None = None) -> bytes:
+        self.link.up.transfer(len(payload), timeout_s=link_timeout_s)
         reply = self.edge.handle(payload)
-        self.link.down.transfer(len(reply))
+        self.link.down.transfer(len(reply), timeout_s=link_timeout_s)
         return reply
 
     def notify(self, payload: bytes) -> None:
@@ -150,9 +155,15 @@ class DeviceDrafter:
         min_tokens: int = 0,
         logprobs: int | None = None,
         draft_top_k: int = 0,
+        resilience: Resilience | None = None,
     ) -> GenerationResult:
         """The speculative loop; ``draft_top_k`` is the sparse draft distribution's size when sampling (the
         policy prices the uplink with it), ``logprobs`` asks the verifier for its log-probabilities."""
+        # Finishing on the device cannot give the verifier's log-probabilities.
+        can_fall_back = resilience is not None and resilience.fallback and logprobs is None
+        link_timeout_s = resilience.link_timeout_s if resilience is not None else None
+        fell_back: str | None = None  # why the device finished on its own
+        failovers = 0
         clock = transport.clock
         logprob_parts: list[wire.Logprobs] = []
         trace = Trace(path="device-edge")
@@ -168,6 +179,8 @@ class DeviceDrafter:
         started = clock.now()
         try:
             while len(out) < max_new_tokens:
+                if resilience is not None:
+                    resilience.check()
                 round_start = clock.now()
                 k = policy.next_draft_len(max_new_tokens - len(out), draft_top_k)
                 draft = self.engine.draft(sid, k, sampling, rng) if k > 0 else None
@@ -194,7 +207,23 @@ class DeviceDrafter:
                     payload = wire.encode_verify(req)
                     seq += 1
                     sent = clock.now()
-                    reply_bytes = transport.exchange(payload)
+                    try:
+                        reply_bytes = transport.exchange(payload, link_timeout_s)
+                    except (LinkTimeout, TierUnavailable) as exc:
+                        if resilience is None:
+                            raise
+                        failure = exc if isinstance(exc, TierUnavailable) else TierUnavailable("edge", "link outage")
+                        if isinstance(exc, LinkTimeout):
+                            trace.link_outages.append([exc.num_bytes, exc.waited_s])
+                        failovers += 1
+                        # A stalled link will not carry a retry either; a failed replica gets one retry first.
+                        if can_fall_back and (isinstance(exc, LinkTimeout) or failovers > 1):
+                            fell_back = failure.reason
+                            break
+                        trace.failovers += 1
+                        edge_has_session = False  # any replica can serve the retry: the context goes with it
+                        resilience.wait_before_retry(failovers, failure)
+                        continue
                     received = clock.now()
                     trace.bytes_up += len(payload)
                     trace.bytes_down += len(reply_bytes)
@@ -213,6 +242,9 @@ class DeviceDrafter:
                             raise EdgeError("edge keeps losing the session")
                         continue
                     break
+                if fell_back is not None:
+                    break
+                assert isinstance(reply, wire.VerifyResult)  # the loop above leaves only with one
                 prefill = context is not None
                 edge_has_session = True
                 accepted, next_token = reply.num_accepted, reply.next_token
@@ -254,12 +286,20 @@ class DeviceDrafter:
                     on_round(emitted, round_logprobs)
                 if hit_eos:
                     break
+            if fell_back is not None:
+                log.warning("session %s: the edge is lost (%s); the device finishes the output", sid[:8], fell_back)
+                trace.fallback, trace.fallback_at = fell_back, len(out)
+                self._finish_locally(sid, out, max_new_tokens, sampling, rng, clock, started, trace, on_round,
+                                     min_tokens)
         finally:
             self.engine.release(sid)
             if edge_has_session:
                 release = wire.encode_release(wire.Release(wire.Header(wire.MsgType.RELEASE, session, seq)))
                 trace.bytes_up += len(release)
-                transport.notify(release)
+                try:
+                    transport.notify(release)
+                except Exception as exc:  # the edge frees the session by LRU anyway
+                    log.debug("could not release session %s: %s", sid[:8], type(exc).__name__)
         trace.acceptance_rate = stats.acceptance_rate
         trace.alpha = stats.alpha
         trace.policy = policy.describe()
@@ -267,40 +307,90 @@ class DeviceDrafter:
         return GenerationResult(out, self.engine.decode(out), trace, stats, len(prompt_ids),
                                 wire.Logprobs.concat(logprob_parts))
 
+    def _finish_locally(self, sid: str, out: list[int], max_new_tokens: int, sampling: SamplingConfig,
+                        rng: np.random.Generator, clock: Clock, started: float, trace: Trace,
+                        on_round: OnRound | None, min_tokens: int) -> None:
+        """Continue session ``sid`` (holding the verified tokens) with the small model alone, into ``out``."""
+        while len(out) < max_new_tokens:
+            step = self.engine.draft(sid, 1, sampling, rng)
+            token = step.token_ids[0]
+            trace.draft_s += step.compute_s
+            self.engine.append(sid, [token])
+            out.append(token)
+            trace.token_times_s.append(clock.now() - started)
+            if on_round is not None:
+                on_round([token], None)
+            if token in self.engine.eos_token_ids and len(out) >= min_tokens:
+                break
+
 
 def generate_server_only(
     prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, transport: Transport,
     decode: Callable[[list[int]], str], on_token: OnRound | None = None, min_tokens: int = 0,
-    logprobs: int | None = None,
+    logprobs: int | None = None, resilience: Resilience | None = None,
+    finish_on_device: Callable[[list[int], int], list[int]] | None = None,
 ) -> GenerationResult:
-    """Baseline: the prompt's ids cross once; the large model decodes alone and streams tokens down."""
+    """Baseline: the prompt's ids cross once; the large model decodes alone and streams tokens down.
+
+    When the edge fails mid-stream (with ``resilience``), the request resumes on another replica from the
+    tokens already received: the prompt and those tokens go up as the new prompt, so greedy output is
+    unchanged and sampled output still follows the large model's distribution. When the small model's
+    output is acceptable (``resilience.fallback``) and the edge fails again after a retry, or the link
+    stalls, ``finish_on_device(tokens so far, tokens left)`` completes the output on the device.
+    """
     clock = transport.clock
     trace = Trace(path="server-only")
-    session = wire.new_session_id()
-    req = wire.GenerateRequest(
-        wire.Header(wire.MsgType.GENERATE, session, 0), np.asarray(prompt_ids, np.int32), max_new_tokens,
-        None if sampling.greedy else sampling, min_tokens, logprobs,
-    )
-    payload = wire.encode_generate(req)
     logprob_parts: list[wire.Logprobs] = []
-    trace.bytes_up += len(payload)
     started = clock.now()
     out: list[int] = []
     last_arrival = started
-    for message, arrival in transport.stream(payload):
-        trace.bytes_down += len(message)
-        tokens = wire.decode(message)
-        if isinstance(tokens, wire.ErrorMsg):
-            raise EdgeError(f"edge error {tokens.code}: {tokens.message}")
-        assert isinstance(tokens, wire.Tokens)
-        ids = tokens.token_ids.tolist()
-        out.extend(ids)
-        if tokens.logprobs is not None:
-            logprob_parts.append(tokens.logprobs)
-        trace.token_times_s.extend([arrival - started] * len(ids))
-        last_arrival = arrival
-        if on_token is not None:
-            on_token(ids, tokens.logprobs)
+    failovers = 0
+    finished = False
+    while not finished:
+        session = wire.new_session_id()
+        req = wire.GenerateRequest(
+            wire.Header(wire.MsgType.GENERATE, session, 0), np.asarray([*prompt_ids, *out], np.int32),
+            max_new_tokens - len(out), None if sampling.greedy else sampling, max(min_tokens - len(out), 0), logprobs,
+        )
+        payload = wire.encode_generate(req)
+        trace.bytes_up += len(payload)
+        try:
+            for message, arrival in transport.stream(payload):
+                trace.bytes_down += len(message)
+                tokens = wire.decode(message)
+                if isinstance(tokens, wire.ErrorMsg):
+                    raise EdgeError(f"edge error {tokens.code}: {tokens.message}")
+                assert isinstance(tokens, wire.Tokens)
+                ids = tokens.token_ids.tolist()
+                out.extend(ids)
+                if tokens.logprobs is not None:
+                    logprob_parts.append(tokens.logprobs)
+                trace.token_times_s.extend([arrival - started] * len(ids))
+                last_arrival = arrival
+                finished = tokens.done
+                if on_token is not None:
+                    on_token(ids, tokens.logprobs)
+                if resilience is not None and not finished:
+                    resilience.check()
+            finished = True
+        except (TierUnavailable, LinkTimeout) as exc:
+            if resilience is None:
+                raise
+            failure = exc if isinstance(exc, TierUnavailable) else TierUnavailable("edge", "link outage")
+            failovers += 1
+            if (resilience.fallback and finish_on_device is not None and logprobs is None
+                    and (isinstance(exc, LinkTimeout) or failovers > 1)):
+                log.warning("server-only stream: the edge is lost (%s); the device finishes the output",
+                            failure.reason)
+                trace.fallback, trace.fallback_at = failure.reason, len(out)
+                for token in finish_on_device(list(out), max_new_tokens - len(out)):
+                    out.append(token)
+                    trace.token_times_s.append(clock.now() - started)
+                last_arrival = clock.now()
+                break
+            trace.failovers += 1
+            resilience.wait_before_retry(failovers, failure)
+        finished = finished or len(out) >= max_new_tokens
     clock.sleep_until(last_arrival)
     trace.rounds = len(out)
     trace.finish()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiflow_ray.config import DraftPolicyConfig, LinkConfig, LinkProbeArgs
-from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.logging_utils import clip, get_logger
 from aiflow_ray.network.link import DuplexLink, RealClock
 from aiflow_ray.network.probe import probe_link
 from aiflow_ray.speculative.policy import AdaptiveDraftLen
@@ -123,7 +123,7 @@ class LinkProber:
                                         self.cfg.padding_bytes, self._seq)
                 self._seq += 2
             except Exception as exc:
-                log.debug("link probe on %s failed: %s", link_id, exc)
+                log.debug("link probe on %s failed: %s", clip(link_id), clip(exc, 200))
                 continue
             state.last_traffic_at = time.monotonic()
             state.policy.link.observe_pair(small, big)

@@ -18,8 +18,15 @@ import numpy as np
 
 from aiflow_ray.config import GenerateOptions
 from aiflow_ray.speculative.policy import DraftLenPolicy, FixedDraftLen, make_policy
-from aiflow_ray.tiers.device import DeviceDrafter, GenerationResult, OnRound, Transport, generate_server_only
+from aiflow_ray.tiers.device import (
+    DeviceDrafter,
+    GenerationResult,
+    OnRound,
+    Transport,
+    generate_server_only,
+)
 from aiflow_ray.tiers.grounded import CloudTransport, run_grounded
+from aiflow_ray.tiers.resilience import Resilience
 
 
 class PathUnavailable(RuntimeError):
@@ -66,8 +73,9 @@ def draft_policy_for(opts: GenerateOptions, adaptive: DraftLenPolicy | None) -> 
 
 def run_path(opts: GenerateOptions, device: DeviceSide, edge: Transport, *, policy: DraftLenPolicy | None = None,
              cloud: CloudTransport | None = None, cloud_link: Any = None,
-             on_round: OnRound | None = None) -> GenerationResult:
-    """Run ``opts`` on ``opts.path``; ``edge.link`` is the device's link (emulated, or measured)."""
+             on_round: OnRound | None = None, resilience: Resilience | None = None) -> GenerationResult:
+    """Run ``opts`` on ``opts.path``; ``edge.link`` is the device's link (emulated, or measured).
+    ``resilience`` (served tiers) retries failed edge calls and lets 'fast' requests finish on the device."""
     drafter = device.drafter
     sampled_top_k = 0 if opts.sampling.greedy else opts.sampling.draft_top_k
 
@@ -76,7 +84,7 @@ def run_path(opts: GenerateOptions, device: DeviceSide, edge: Transport, *, poli
         with device.locked():
             result = drafter.generate_speculative(
                 ids, opts.max_new_tokens, opts.sampling, draft_policy_for(opts, policy), edge, on_round=on_round,
-                min_tokens=opts.min_tokens, logprobs=opts.logprobs, draft_top_k=sampled_top_k)
+                min_tokens=opts.min_tokens, logprobs=opts.logprobs, draft_top_k=sampled_top_k, resilience=resilience)
         return result
 
     if opts.path == "on-device":
@@ -86,9 +94,16 @@ def run_path(opts: GenerateOptions, device: DeviceSide, edge: Transport, *, poli
                                           min_tokens=opts.min_tokens)
     if opts.path == "server-only":
         # Tokenized once, here: only ids cross the link (the edge's tokenizer was checked to agree).
-        return generate_server_only(device.encode(opts), opts.max_new_tokens, opts.sampling, edge,
-                                    drafter.engine.decode, on_token=on_round, min_tokens=opts.min_tokens,
-                                    logprobs=opts.logprobs)
+        prompt_ids = device.encode(opts)
+
+        def finish_on_device(so_far: list[int], left: int) -> list[int]:
+            with device.locked():
+                return drafter.generate_local(prompt_ids + so_far, left, opts.sampling, on_token=on_round,
+                                              min_tokens=max(opts.min_tokens - len(so_far), 0)).token_ids
+
+        return generate_server_only(prompt_ids, opts.max_new_tokens, opts.sampling, edge, drafter.engine.decode,
+                                    on_token=on_round, min_tokens=opts.min_tokens, logprobs=opts.logprobs,
+                                    resilience=resilience, finish_on_device=finish_on_device)
     if opts.path == "device-edge":
         return speculate()
     if cloud is None or cloud_link is None:

@@ -27,6 +27,10 @@ class Trace:
     verify_s: float = 0.0  # edge compute (reported by the edge)
     link_s: float = 0.0  # time spent on the link (RTT + serialisation + queueing)
     context_resends: int = 0
+    failovers: int = 0  # edge calls retried after a replica failed or missed its deadline
+    fallback: str = ""  # why the device finished the output on its own ("" = it did not)
+    fallback_at: int = -1  # output tokens verified before the fallback
+    link_outages: list[list[float]] = field(default_factory=list)  # [bytes, seconds waited] of stalled transfers
     num_tokens: int = 0
     policy: dict[str, float] = field(default_factory=dict)
     # Grounded answers: bytes and seconds per link, seconds per stage, and the chunks used.

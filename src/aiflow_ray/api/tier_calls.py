@@ -1,0 +1,112 @@
+"""The ingress's calls to the other deployments, each with its deadline.
+
+A tier that dies, is unreachable or misses its deadline raises ``TierUnavailable`` (a 503 with
+Retry-After at the boundary, never a bare 500). The router is one replica: while Serve replaces it,
+the ingress decides from the router's last saved state. The device tier gets one retry when its
+replica dies before answering: nothing has reached the client yet, and greedy or seeded output comes
+out the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ray.serve.exceptions import BackPressureError
+
+from aiflow_ray import calls
+from aiflow_ray.config import AppArgs, GenerateOptions
+from aiflow_ray.errors import Refusal
+from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.routing.router import LoadReport, Routed, RouteRequest, RouterState
+from aiflow_ray.tiers.results import TierResult
+
+log = get_logger(__name__)
+
+FALLBACK_STATE_TTL_S = 5.0  # how long the ingress reuses the router's saved state while the router is away
+DEVICE_GRACE_S = 10.0  # the device tier ends a request at its deadline; the ingress waits this much longer
+
+
+class TierCalls:
+    args: AppArgs
+    device: Any
+    cloud: Any
+    router: Any
+    _fallback: tuple[float, RouterState, dict[str, Any]] | None
+
+    async def _router_call(self, method: str, *args: Any) -> Any:
+        """A call to the router with its deadline; a dead or late router raises ``TierUnavailable``."""
+        try:
+            return await asyncio.wait_for(getattr(self.router, method).remote(*args),
+                                          self.args.deadlines.router_call_s)
+        except Exception as exc:
+            if calls.is_retryable(exc):
+                raise calls.TierUnavailable("router", calls.describe(exc)) from exc
+            raise
+
+    async def _decide_without_router(self, request: RouteRequest, exc: calls.TierUnavailable) -> Routed:
+        """No router answered: decide here, from the router's last saved state, as if every tier were up.
+
+        The router is one replica; while Serve replaces it, requests go on. A tier that is in fact down
+        still fails fast (every call has a deadline, edge calls fail over), so assuming it up costs little.
+        """
+        from aiflow_ray.routing.persistence import emulated_links_of, load_saved_state
+
+        now = time.monotonic()
+        if self._fallback is None or now - self._fallback[0] > FALLBACK_STATE_TTL_S:
+            saved = await asyncio.to_thread(load_saved_state, self.args.name)
+            state = RouterState(self.args.router)
+            if saved:
+                state.restore(saved)
+            self._fallback = (now, state, emulated_links_of(self.args, saved))
+        _, state, links = self._fallback
+        for tier in ("edge", "cloud"):
+            capacity = self.args.tier(tier).max_ongoing_requests * self.args.tier(tier).autoscaling.max_replicas
+            state.report_load(LoadReport(tier=tier, replica="assumed", ongoing=0, queued=0, capacity=capacity))
+        decision = state.decide(request)
+        decision.reason = f"decided by the ingress (router unavailable: {exc.reason}); {decision.reason}"
+        log.warning("router unavailable (%s): the ingress decided %s", exc.reason, decision.path)
+        return Routed(decision, links.get(request.link_id, self.args.link))
+
+    async def _call_device(self, opts: GenerateOptions) -> TierResult | Refusal:
+        """The device tier runs the request; a replica that dies before answering gets one retry elsewhere
+        (nothing was sent to the client yet, and greedy or seeded output comes out the same)."""
+        for attempt in (1, 2):
+            try:
+                result: TierResult | Refusal = await asyncio.wait_for(
+                    self.device.generate.remote(opts), self.args.deadlines.request_s + DEVICE_GRACE_S)
+                return result
+            except Exception as exc:
+                if not calls.is_retryable(exc) or isinstance(exc, BackPressureError | TimeoutError) or attempt == 2:
+                    raise
+                log.warning("the device tier failed (%s); retrying the request once", calls.describe(exc))
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    async def _open_device_stream(self, opts: GenerateOptions) -> tuple[Any, Any]:
+        """The device's stream and its first event, with the same single retry as ``_call_device``."""
+        for attempt in (1, 2):
+            stream = self.device.options(stream=True).generate_stream.remote(opts)
+            try:
+                first = await asyncio.wait_for(stream.__anext__(), self.args.deadlines.request_s + DEVICE_GRACE_S)
+                return stream, first
+            except Exception as exc:
+                stream.cancel()
+                if not calls.is_retryable(exc) or isinstance(exc, BackPressureError | TimeoutError) or attempt == 2:
+                    raise
+                log.warning("the device tier failed (%s); retrying the stream once", calls.describe(exc))
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    async def _cloud_call(self, method: str, *args: Any) -> Any:
+        """A call to the cloud tier with its deadline; a dead or late replica raises ``TierUnavailable``."""
+        try:
+            return await asyncio.wait_for(getattr(self.cloud, method).remote(*args),
+                                          self.args.deadlines.cloud_call_s)
+        except Exception as exc:
+            if calls.is_retryable(exc):
+                raise calls.TierUnavailable("cloud", calls.describe(exc)) from exc
+            raise
+
+    # -- knowledge base -------------------------------------------------------------------------

@@ -1,0 +1,205 @@
+"""Fault drills on a real local cluster: every request answers 200 (greedy output identical to a fault-free
+run) or an explicit retryable error (503/429 with Retry-After, JSON); none hangs, none is a bare 500.
+
+Run in file order: the node drill last, since it takes a whole tier away for a while.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.faults.conftest import CLIENT_TIMEOUT_S, Drill, Outcome
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+PROMPTS = [
+    "Write a Python function that reverses a list.",
+    "Explain what a hash map is in two sentences.",
+    "List three uses of a priority queue.",
+    "def fibonacci(n):",
+]
+
+
+def _body(prompt: str, **extra: object) -> dict[str, object]:
+    return {"prompt": prompt, "max_tokens": 40, "path": "device-edge", "draft_len": 3, "link_id": "drill",
+            **extra}
+
+
+def _reference(drill: Drill, **extra: object) -> dict[str, list[int]]:
+    out = {}
+    for prompt in PROMPTS:
+        outcome = drill.send(_body(prompt, **extra))
+        assert outcome.ok, (outcome.status, outcome.json)
+        out[prompt] = outcome.token_ids
+    return out
+
+
+def _check(outcomes: list[Outcome], reference: dict[str, list[int]] | None = None) -> None:
+    """The drill's contract: 200 (identical output when a reference is given) or a retryable refusal."""
+    for o in outcomes:
+        assert o.status != 500, f"bare 500: {o.error or o.json}"
+        assert o.elapsed_s < CLIENT_TIMEOUT_S - 1, f"request hung for {o.elapsed_s:.0f} s"
+        assert o.ok or o.retryable, f"status {o.status} {o.retry_after=} {o.json or o.error}"
+        if o.ok and reference is not None:
+            assert o.token_ids == reference[str(o.body["prompt"])], "output differs from the fault-free run"
+
+
+@pytest.fixture(scope="module")
+def slow_link(drill: Drill) -> None:
+    # Rounds of ~60 ms: a request lasts about a second, so kills land mid-verify.
+    drill.set_link("drill", 2e6, 60)
+
+
+def test_session_affinity_two_edge_replicas(drill: Drill, slow_link: None) -> None:
+    """Every round of a session reaches the replica holding it: context resends under 5% of rounds."""
+    rounds = resends = 0
+    outcomes, _, _ = drill.load([_body(p, max_tokens=32) for p in PROMPTS * 3], concurrency=4)
+    for o in outcomes:
+        assert o.ok, (o.status, o.json)
+        rounds += o.json["trace"]["rounds"]
+        resends += o.json["trace"]["context_resends"]
+    assert rounds > 50
+    assert resends / rounds < 0.05, f"{resends} context resends in {rounds} rounds"
+    drill.record("none (2 edge replicas, affinity)", outcomes, None,
+                 f"context resends {resends} of {rounds} rounds ({100 * resends / rounds:.1f}%)")
+
+
+def test_edge_replica_killed_mid_verify(drill: Drill, slow_link: None) -> None:
+    """Speculative rounds and server-only streams (in flight at the edge for their whole length) while a
+    replica is killed: rounds fail over with the context resent, streams resume on the other replica."""
+    stream = {"path": "server-only", "max_tokens": 160, "ignore_eos": True}
+    reference = {**_reference(drill), **{f"s:{p}": drill.send(_body(p, **stream)).token_ids for p in PROMPTS}}
+    bodies = [b for p in PROMPTS * 2 for b in (_body(p), _body(p), _body(p, **stream))]
+    outcomes, pid, fault_at = drill.load(bodies, concurrency=9, fault=lambda: drill.kill_replica("EdgeVerifier"),
+                                         fault_after_s=0.6)
+    for o in outcomes:
+        key = f"s:{o.body['prompt']}" if o.body["path"] == "server-only" else str(o.body["prompt"])
+        _check([o], {str(o.body["prompt"]): reference[key]})
+    failed_over = sum(o.json.get("trace", {}).get("failovers", 0) for o in outcomes if o.ok)
+    resent = sum(o.json.get("trace", {}).get("context_resends", 0) for o in outcomes if o.ok)
+    assert sum(o.ok for o in outcomes) >= len(outcomes) - 2, "most requests must fail over, not be refused"
+    drill.wait_healthy({"EdgeVerifier": 2})
+    recovery_s = time.monotonic() - fault_at
+    drill.record("edge replica killed mid-verify and mid-stream (SIGKILL)", outcomes, recovery_s,
+                 f"{failed_over} calls failed over, {resent} sessions resent their context; outputs identical")
+    assert pid > 0
+
+
+def test_cloud_replica_killed_during_grounded_requests(drill: Drill) -> None:
+    body = {"prompt": "How high do spring tides reach at the harbour?", "path": "device-edge-cloud",
+            "quality": "grounded", "max_tokens": 24, "link_id": "drill-cloud"}
+    outcomes, _, fault_at = drill.load([body] * 8, concurrency=3,
+                                       fault=lambda: drill.kill_replica("CloudService"), fault_after_s=0.4)
+    _check(outcomes)
+    assert sum(o.ok for o in outcomes) >= 6
+    drill.wait_healthy({"CloudService": 2})
+    recovery_s = time.monotonic() - fault_at
+    drill.record("cloud replica killed during grounded requests", outcomes, recovery_s)
+
+
+def test_router_killed_decisions_go_on_and_state_survives(drill: Drill) -> None:
+    drill.set_link("kept-link", 123_456.0, 33)
+    before = drill.router()
+    assert before["emulated_links"]["kept-link"]["bandwidth_bps"] == 123_456.0
+    bodies = [{"prompt": p, "max_tokens": 16, "link_id": "drill"} for p in PROMPTS * 3]
+    outcomes, _, fault_at = drill.load(bodies, concurrency=3, fault=lambda: drill.kill_replica("Router"),
+                                       fault_after_s=0.1)
+    _check(outcomes)
+    assert sum(o.ok for o in outcomes) >= len(outcomes) - 1, "decisions must go on without the router"
+    drill.wait_healthy({"Router": 1})
+    recovery_s = time.monotonic() - fault_at
+    after = drill.router()
+    assert after["emulated_links"]["kept-link"] == before["emulated_links"]["kept-link"]
+    assert "drill" in after["links"], "the link estimates must survive the restart"
+    by_ingress = sum("router unavailable" in str(o.json.get("route", {}).get("reason", "")) for o in outcomes)
+    drill.record("router replica killed", outcomes, recovery_s,
+                 f"{by_ingress} decisions taken by the ingress from the saved state; link settings and "
+                 "estimates restored")
+
+
+def test_link_outage_fast_request_finishes_on_device(drill: Drill) -> None:
+    drill.set_link("outage", 2e6, 40)
+    reference = drill.send({"prompt": PROMPTS[0], "max_tokens": 96, "path": "device-edge", "draft_len": 2,
+                            "link_id": "outage"})
+    assert reference.ok
+    body = {"prompt": PROMPTS[0], "max_tokens": 96, "path": "device-edge", "draft_len": 2, "quality": "fast",
+            "link_id": "outage"}
+    outcomes, _, _ = drill.load([body], concurrency=1, fault=lambda: drill.set_link("outage", 0, 40),
+                                fault_after_s=0.5)
+    drill.set_link("outage", 2e6, 40)
+    _check(outcomes)
+    (o,) = outcomes
+    assert o.ok, (o.status, o.json)
+    trace = o.json["trace"]
+    assert trace["fallback"] == "link outage", trace
+    cut = trace["fallback_at"]
+    assert 0 < cut < len(o.token_ids)
+    assert o.token_ids[:cut] == reference.token_ids[:cut], "tokens verified before the outage are the large model's"
+    estimate = drill.router()["links"]["outage"]["bandwidth_bps"]
+    drill.record("link outage mid-generation, quality fast", outcomes, None,
+                 f"fell back to the device after {cut} verified tokens; router's estimate then {estimate:.0f} B/s")
+
+
+def test_link_outage_exact_request_waits_and_stays_exact(drill: Drill) -> None:
+    drill.set_link("outage-exact", 2e6, 40)
+    body = {"prompt": PROMPTS[1], "max_tokens": 64, "path": "device-edge", "draft_len": 2, "link_id": "outage-exact"}
+    reference = drill.send(body)
+    assert reference.ok
+
+    def outage() -> None:
+        drill.set_link("outage-exact", 0, 40)
+        time.sleep(2.0)  # within the edge call's 5 s deadline
+        drill.set_link("outage-exact", 2e6, 40)
+
+    outcomes, _, _ = drill.load([body], concurrency=1, fault=outage, fault_after_s=0.4)
+    _check(outcomes, {PROMPTS[1]: reference.token_ids})
+    assert outcomes[0].ok and outcomes[0].json["trace"]["fallback"] == ""
+    drill.record("link outage of 2 s mid-generation, quality exact", outcomes, 2.0,
+                 "waited for the link; output identical")
+
+
+def test_backpressure_is_503_with_retry_after(drill: Drill) -> None:
+    """A burst past every queue: rejections are JSON 503s with Retry-After, not Serve's plain text."""
+    bodies = [{"prompt": PROMPTS[i % 4], "max_tokens": 24, "path": "server-only", "link_id": "drill"}
+              for i in range(60)]
+    outcomes, _, _ = drill.load(bodies, concurrency=60)
+    _check(outcomes)
+    drill.record("burst of 60 concurrent requests", outcomes, None)
+
+
+def test_proxy_restart(drill: Drill) -> None:
+    bodies = [{"prompt": PROMPTS[i % 4], "max_tokens": 16, "link_id": "drill"} for i in range(12)]
+    outcomes, _, fault_at = drill.load(bodies, concurrency=2, fault=drill.kill_proxy, fault_after_s=0.5)
+    for o in outcomes:  # a connection cut by the dying proxy is not an HTTP answer; anything else keeps the contract
+        assert o.status != 500 and o.elapsed_s < CLIENT_TIMEOUT_S - 1
+        assert o.status == 0 or o.ok or o.retryable, (o.status, o.json)
+    drill.wait_until("the proxy answering again", lambda: drill.send(bodies[0]).ok, 120)
+    recovery_s = time.monotonic() - fault_at
+    drill.record("HTTP proxy killed", outcomes, recovery_s,
+                 "requests in flight on the dying proxy lose their connection (client sees a reset)")
+
+
+def test_node_stopped_and_restarted(drill: Drill, slow_link: None) -> None:
+    from aiflow_ray import cluster
+
+    reference = _reference(drill)
+    stopped_at = time.monotonic()
+    cluster.node_command(drill.state_dir, "stop", "edge")
+    try:
+        exact = [drill.send(_body(p)) for p in PROMPTS[:2]]
+        fast = [drill.send({"prompt": p, "max_tokens": 24, "quality": "fast", "link_id": "drill"}) for p in PROMPTS[:2]]
+        _check(exact, reference)
+        _check(fast)
+        assert all(o.ok for o in fast), [(o.status, o.json) for o in fast]
+        drill.wait_until("/readyz reporting the edge down", lambda: not drill.ready(), 30)
+    finally:
+        cluster.node_command(drill.state_dir, "start", "edge")
+    recovery_s = drill.wait_healthy({"EdgeVerifier": 2}, timeout_s=240)
+    after = [drill.send(_body(p)) for p in PROMPTS]
+    _check(after, reference)
+    assert all(o.ok for o in after)
+    drill.record("edge node stopped, then started", exact + fast + after, time.monotonic() - stopped_at,
+                 f"exact: {sum(o.ok for o in exact)} answered, {sum(o.retryable for o in exact)} retryable 503; "
+                 f"fast: answered on the device; back {recovery_s:.0f} s after the restart")
