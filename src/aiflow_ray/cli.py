@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_up.add_argument("--dashboard-port", type=int, default=8265)
     cluster_sub.add_parser("down", help="stop exactly the processes `up` started")
     cluster_sub.add_parser("status", help="print the recorded cluster")
-    node = cluster_sub.add_parser("node", help="stop (hard, as a failed machine) or start a tier's node: fault drills")
-    node.add_argument("action", choices=["stop", "start"])
+    node = cluster_sub.add_parser("node", help="stop, crash or start a tier's node: fault drills")
+    node.add_argument("action", choices=["stop", "crash", "start"],
+                      help="stop: the whole node; crash: its raylet only (orphaned workers live on); start: a new one")
     node.add_argument("tier", choices=list(TIERS))
 
     deploy = sub.add_parser("deploy", help="deploy a profile to the running local cluster and wait until healthy")

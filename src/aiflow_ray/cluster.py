@@ -199,14 +199,18 @@ def _commands_dir(state_dir: Path) -> Path:
     return state_dir / "commands"
 
 
+NODE_ACTIONS = ("stop", "crash", "start")
+
+
 def node_command(state_dir: Path, action: str, tier: str, timeout_s: float = 60.0) -> None:
-    """Stop (hard: its raylet and workers are killed, as when a machine fails) or start the node of ``tier``.
+    """Stop (hard: its raylet and workers are killed, as when a machine fails), crash (its raylet alone is
+    killed: the workers live on, orphaned, as when the node agent dies) or start the node of ``tier``.
 
     The supervisor owns the nodes, so the command goes to it as a file; it answers by removing the file
     (or replacing it with an error). For fault drills: `aiflow cluster node stop edge`, then `start`.
     """
-    if action not in ("stop", "start") or tier not in TIERS:
-        raise ValueError(f"node command must be stop|start for a tier in {TIERS}")
+    if action not in NODE_ACTIONS or tier not in TIERS:
+        raise ValueError(f"node command must be one of {NODE_ACTIONS} for a tier in {TIERS}")
     info = load(state_dir)
     if info is None or not supervisor_alive(info):
         raise RuntimeError("no local cluster is running")
@@ -237,6 +241,9 @@ def _run_node_commands(state_dir: Path, cluster: Any, nodes: dict[str, Any], com
             if action == "stop" and tier in nodes:
                 log.info("stopping the %s node (hard)", tier)
                 cluster.remove_node(nodes.pop(tier), allow_graceful=False)
+            elif action == "crash" and tier in nodes:
+                log.info("killing the %s node's raylet; its workers live on", tier)
+                nodes.pop(tier).kill_raylet()
             elif action == "start" and tier not in nodes:
                 log.info("starting a %s node", tier)
                 nodes[tier] = cluster.add_node(**common, labels={"tier": tier})

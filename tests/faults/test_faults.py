@@ -181,6 +181,43 @@ def test_proxy_restart(drill: Drill) -> None:
                  "requests in flight on the dying proxy lose their connection (client sees a reset)")
 
 
+def test_edge_raylet_killed_with_orphaned_workers(drill: Drill, slow_link: None) -> None:
+    """The edge node's raylet dies and its workers live on, orphaned, still reporting load: the router must
+    not count them, /readyz must say so, and no request may hang."""
+    from aiflow_ray import cluster
+
+    reference = _reference(drill)
+    crashed_at = time.monotonic()
+    cluster.node_command(drill.state_dir, "crash", "edge")
+    exact: list[Outcome] = []
+    fast: list[Outcome] = []
+    down_s = None
+    try:
+        while time.monotonic() - crashed_at < 20:
+            exact.append(drill.send(_body(PROMPTS[len(exact) % len(PROMPTS)])))
+            fast.append(drill.send({"prompt": PROMPTS[len(fast) % len(PROMPTS)], "max_tokens": 24, "quality": "fast",
+                                    "link_id": "drill"}))
+            if down_s is None and not drill.ready():
+                down_s = time.monotonic() - crashed_at
+        _check(exact, reference)
+        _check(fast)
+        assert all(o.ok for o in fast), [(o.status, o.json) for o in fast]
+        if down_s is None:
+            drill.wait_until("/readyz reporting the edge down", lambda: not drill.ready(), 60)
+            down_s = time.monotonic() - crashed_at
+    finally:
+        cluster.node_command(drill.state_dir, "start", "edge")
+    back_s = drill.wait_healthy({"EdgeVerifier": 2}, timeout_s=240)
+    after = [drill.send(_body(p)) for p in PROMPTS]
+    _check(after, reference)
+    assert all(o.ok for o in after)
+    drill.record("edge raylet killed (workers orphaned), node started again", exact + fast + after,
+                 time.monotonic() - crashed_at,
+                 f"exact: {sum(o.ok for o in exact)} answered, {sum(o.retryable for o in exact)} retryable 503; "
+                 f"fast: all answered; /readyz 503 {down_s:.0f} s after the crash; back {back_s:.0f} s after the "
+                 "restart")
+
+
 def test_node_stopped_and_restarted(drill: Drill, slow_link: None) -> None:
     from aiflow_ray import cluster
 
