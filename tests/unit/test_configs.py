@@ -64,3 +64,17 @@ def test_deploy_overrides_change_one_argument_and_refuse_misspelt_ones() -> None
         serve_config("local", overrides=parse_overrides(["edge.engnie=hf"]))
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["edge.engine"])
+
+
+@pytest.mark.parametrize("profile", ["local", "tiny", "gpu"])
+def test_scale_down_never_cuts_a_request_short_of_its_deadline(profile: str) -> None:
+    """A replica being scaled down drains for at least as long as any request may run (the issue's 22 s request
+    was killed by Serve's 20 s default)."""
+    from aiflow_ray.serve.builder import deployment_options
+    from aiflow_ray.serve.configs import profile_args
+
+    args = AppArgs.model_validate(profile_args(profile))
+    for tier in ("device", "edge", "cloud", "ingress"):
+        options = deployment_options(args.tier(tier), tier)
+        assert options["graceful_shutdown_timeout_s"] >= args.deadlines.request_s, tier
+        assert options["backpressure_config"]["retry_after_s"] >= 1, tier
