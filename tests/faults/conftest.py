@@ -24,14 +24,13 @@ from typing import Any
 import httpx
 import pytest
 
-from aiflow_ray import cluster
 from aiflow_ray.serve.configs import profile_args
+from tests.served_cluster import APP, served_cluster
 
 GCS_PORT = 6394
 DASHBOARD_PORT = 8268
 HTTP_PORT = 8128
 DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"  # named: other clusters may run on this machine
-APP = "aiflow"
 API_KEY = "faults-api-key"
 ADMIN_KEY = "faults-admin-key"
 CLIENT_TIMEOUT_S = 60.0  # no drill request may take longer: past it, it counts as lost
@@ -220,52 +219,25 @@ def _write_report(records: list[dict[str, Any]], path: Path) -> None:
 
 @pytest.fixture(scope="package")
 def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
-    os.environ.update(cluster.LOOPBACK_ENV)
-    previous = {name: os.environ.get(name) for name in ("AIFLOW_API_KEY", "AIFLOW_ADMIN_KEY")}
-    os.environ.update({"AIFLOW_API_KEY": API_KEY, "AIFLOW_ADMIN_KEY": ADMIN_KEY})
     state = tmp_path_factory.mktemp("faults-cluster")
-    info = cluster.up(state, gcs_port=GCS_PORT, dashboard_port=DASHBOARD_PORT, cpus_per_node=4)
-    drill_obj: Drill | None = None
-    try:
-        import ray
-        from ray import serve
-
-        from aiflow_ray.serve import build_app
-
-        ray.init(address=info.address, _node_ip_address="127.0.0.1", _temp_dir=info.temp_dir, log_to_driver=False)
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": HTTP_PORT})
-        args = profile_args("tiny")
-        two = {"min_replicas": 2, "max_replicas": 2}
-        args["edge"] = {**args.get("edge", {}), "autoscaling": two}
-        args["cloud"] = {**args.get("cloud", {}), "autoscaling": two}
-        args["device"] = {**args.get("device", {}), "max_ongoing_requests": 16,
-                          "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-        args["kb"] = {"path": str(state / "kb.sqlite"), "refresh_interval_s": 0.2}
-        args["deadlines"] = {"request_s": 45, "edge_call_s": 5, "cloud_call_s": 10, "router_call_s": 1,
-                             "link_outage_s": 1}
-        serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{HTTP_PORT}"
+    args = profile_args("tiny")
+    two = {"min_replicas": 2, "max_replicas": 2}
+    args["edge"] = {**args.get("edge", {}), "autoscaling": two}
+    args["cloud"] = {**args.get("cloud", {}), "autoscaling": two}
+    args["device"] = {**args.get("device", {}), "max_ongoing_requests": 16,
+                      "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    args["kb"] = {"path": str(state / "kb.sqlite"), "refresh_interval_s": 0.2}
+    args["deadlines"] = {"request_s": 45, "edge_call_s": 5, "cloud_call_s": 10, "router_call_s": 1,
+                         "link_outage_s": 1}
+    keys = {"AIFLOW_API_KEY": API_KEY, "AIFLOW_ADMIN_KEY": ADMIN_KEY}
+    with served_cluster(state, GCS_PORT, DASHBOARD_PORT, HTTP_PORT, keys, args) as url:
         drill_obj = Drill(url, state)
-        drill_obj.wait_until("the application answering /readyz", drill_obj.ready, 300)
-        response = drill_obj.admin.post("/v1/admin/kb/documents", json={"documents": KB_DOCS})
-        assert response.status_code == 200, response.text
-        yield drill_obj
-    finally:
         try:
-            import ray
-            from ray import serve
-
-            if drill_obj is not None:
-                report = os.environ.get("AIFLOW_FAULT_REPORT")
-                if report and drill_obj.records:
-                    _write_report(drill_obj.records, Path(report))
-            if ray.is_initialized():
-                serve.shutdown()
-                ray.shutdown()
+            drill_obj.wait_until("the application answering /readyz", drill_obj.ready, 300)
+            response = drill_obj.admin.post("/v1/admin/kb/documents", json={"documents": KB_DOCS})
+            assert response.status_code == 200, response.text
+            yield drill_obj
         finally:
-            cluster.down(Path(state))
-            for name, value in previous.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            report = os.environ.get("AIFLOW_FAULT_REPORT")
+            if report and drill_obj.records:
+                _write_report(drill_obj.records, Path(report))

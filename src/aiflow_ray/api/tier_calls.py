@@ -35,15 +35,19 @@ class TierCalls:
     router: Any
     _fallback: tuple[float, RouterState, dict[str, Any]] | None
 
-    async def _router_call(self, method: str, *args: Any) -> Any:
-        """A call to the router with its deadline; a dead or late router raises ``TierUnavailable``."""
+    @staticmethod
+    async def _call(tier: str, handle: Any, method: str, timeout_s: float, *args: Any) -> Any:
+        """A call to a deployment with its deadline; a dead, unreachable or late replica raises
+        ``TierUnavailable``."""
         try:
-            return await asyncio.wait_for(getattr(self.router, method).remote(*args),
-                                          self.args.deadlines.router_call_s)
+            return await asyncio.wait_for(getattr(handle, method).remote(*args), timeout_s)
         except Exception as exc:
             if calls.is_retryable(exc):
-                raise calls.TierUnavailable("router", calls.describe(exc)) from exc
+                raise calls.TierUnavailable(tier, calls.describe(exc)) from exc
             raise
+
+    async def _router_call(self, method: str, *args: Any) -> Any:
+        return await self._call("router", self.router, method, self.args.deadlines.router_call_s, *args)
 
     async def _decide_without_router(self, request: RouteRequest, exc: calls.TierUnavailable) -> Routed:
         """No router answered: decide here, from the router's last saved state, as if every tier were up.
@@ -100,13 +104,6 @@ class TierCalls:
         raise AssertionError("unreachable")
 
     async def _cloud_call(self, method: str, *args: Any) -> Any:
-        """A call to the cloud tier with its deadline; a dead or late replica raises ``TierUnavailable``."""
-        try:
-            return await asyncio.wait_for(getattr(self.cloud, method).remote(*args),
-                                          self.args.deadlines.cloud_call_s)
-        except Exception as exc:
-            if calls.is_retryable(exc):
-                raise calls.TierUnavailable("cloud", calls.describe(exc)) from exc
-            raise
+        return await self._call("cloud", self.cloud, method, self.args.deadlines.cloud_call_s, *args)
 
     # -- knowledge base -------------------------------------------------------------------------

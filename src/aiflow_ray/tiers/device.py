@@ -127,17 +127,7 @@ class DeviceDrafter:
         started = clock.now()
         out: list[int] = []
         try:
-            while len(out) < max_new_tokens:
-                draft = self.engine.draft(sid, 1, sampling, rng)
-                token = draft.token_ids[0]
-                trace.draft_s += draft.compute_s
-                self.engine.append(sid, [token])
-                out.append(token)
-                trace.token_times_s.append(clock.now() - started)
-                if on_token is not None:
-                    on_token([token], None)
-                if token in self.engine.eos_token_ids and len(out) >= min_tokens:
-                    break
+            self._decode_alone(sid, out, max_new_tokens, sampling, rng, clock, started, trace, on_token, min_tokens)
         finally:
             self.engine.release(sid)
         trace.finish()
@@ -289,7 +279,7 @@ class DeviceDrafter:
             if fell_back is not None:
                 log.warning("session %s: the edge is lost (%s); the device finishes the output", sid[:8], fell_back)
                 trace.fallback, trace.fallback_at = fell_back, len(out)
-                self._finish_locally(sid, out, max_new_tokens, sampling, rng, clock, started, trace, on_round,
+                self._decode_alone(sid, out, max_new_tokens, sampling, rng, clock, started, trace, on_round,
                                      min_tokens)
         finally:
             self.engine.release(sid)
@@ -307,10 +297,11 @@ class DeviceDrafter:
         return GenerationResult(out, self.engine.decode(out), trace, stats, len(prompt_ids),
                                 wire.Logprobs.concat(logprob_parts))
 
-    def _finish_locally(self, sid: str, out: list[int], max_new_tokens: int, sampling: SamplingConfig,
-                        rng: np.random.Generator, clock: Clock, started: float, trace: Trace,
-                        on_round: OnRound | None, min_tokens: int) -> None:
-        """Continue session ``sid`` (holding the verified tokens) with the small model alone, into ``out``."""
+    def _decode_alone(self, sid: str, out: list[int], max_new_tokens: int, sampling: SamplingConfig,
+                      rng: np.random.Generator, clock: Clock, started: float, trace: Trace,
+                      on_round: OnRound | None, min_tokens: int) -> None:
+        """Continue session ``sid`` with the small model alone, into ``out``: on-device generation, and the
+        rest of a speculative one whose edge was lost (the session then holds the verified tokens)."""
         while len(out) < max_new_tokens:
             step = self.engine.draft(sid, 1, sampling, rng)
             token = step.token_ids[0]
