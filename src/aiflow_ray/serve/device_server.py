@@ -23,7 +23,7 @@ from ray.exceptions import RayError
 from aiflow_ray.config import AppArgs, GenerateOptions
 from aiflow_ray.engines.base import Engine
 from aiflow_ray.errors import Refusal, RefusedError, TierUnavailable
-from aiflow_ray.logging_utils import clip, get_logger
+from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
 from aiflow_ray.network.link import DuplexLink, RealClock
 from aiflow_ray.routing.router import GenerationReport
@@ -131,15 +131,16 @@ class DeviceDrafterServer:
         while not self._stop_watching.wait(LINK_WATCH_PERIOD_S):
             with self._counts_lock:
                 running = [link_id for link_id, count in self._running_links.items() if count > 0]
-            for link_id in running:
-                try:
-                    current = self._emulated_settings(link_id)
-                except Exception as exc:  # the router may be restarting: keep the conditions as they are
-                    log.debug("could not refresh link %s: %s", clip(link_id), type(exc).__name__)
-                    continue
-                if current is not None:
-                    self.links.get(link_id, self.args.link.model_copy(
-                        update={"bandwidth_bps": current[0], "rtt_s": current[1]}))
+            if not running:
+                continue
+            try:
+                settings = self._router_handle().emulated_links_for.remote(running).result(timeout_s=CALL_TIMEOUT_S)
+            except Exception as exc:  # the router may be restarting: keep the conditions as they are
+                log.debug("could not refresh %d links: %s", len(running), type(exc).__name__)
+                continue
+            for link_id, (bandwidth_bps, rtt_s) in settings.items():
+                self.links.get(link_id, self.args.link.model_copy(update={"bandwidth_bps": bandwidth_bps,
+                                                                          "rtt_s": rtt_s}))
 
     # -- start-up -------------------------------------------------------------------------------
     def _router_handle(self) -> Any:

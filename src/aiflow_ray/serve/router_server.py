@@ -105,6 +105,11 @@ class RouterServer:
         """Whether any replica of ``tier`` on a live node reported lately (the device asks before retrying)."""
         return self.state.tier_load(tier).available
 
+    async def emulated_links_for(self, link_ids: list[str]) -> dict[str, tuple[float, float]]:
+        """(bandwidth_bps, rtt_s) of those of ``link_ids`` set through the admin API: one call per device
+        replica and tick, whatever the number of links in flight."""
+        return {lid: (cfg.bandwidth_bps, cfg.rtt_s) for lid in link_ids if (cfg := self.emulated_links.get(lid))}
+
     async def emulated_link(self, link_id: str) -> LinkConfig | None:
         """The emulator's settings for a link set through the admin API, for the device replicas that
         emulate it (not for decisions)."""
