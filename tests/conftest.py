@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from aiflow_ray.config import ModelPairConfig
+from aiflow_ray.engines.base import Engine
 from aiflow_ray.tiers.pipeline import Pipeline
 
 PROMPTS = [
@@ -34,3 +37,19 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def tiny_pipeline() -> Pipeline:
     return Pipeline.load(ModelPairConfig.for_preset("tiny"))
+
+
+@pytest.fixture(scope="session")
+def vllm_pair() -> Iterator[tuple[Engine, Engine]]:
+    """The real 0.5B/1.5B pair on vLLM's CPU build, started once per test session (about a minute)."""
+    from aiflow_ray.config import VllmArgs
+    from aiflow_ray.engines.loader import load_engine
+
+    settings = VllmArgs(kv_cache_bytes=1 << 30, max_model_len=2048)
+    drafter = load_engine("qwen2.5-coder-0.5b-instruct", engine="vllm", vllm=settings)
+    verifier = load_engine("qwen2.5-coder-1.5b-instruct", engine="vllm", vllm=settings)
+    try:
+        yield drafter, verifier
+    finally:
+        for engine in (drafter, verifier):
+            engine.shutdown()  # type: ignore[attr-defined]

@@ -1,8 +1,9 @@
 """One conformance suite for every engine behind the Engine protocol.
 
 Pairs under test: the HF reference on the tiny fp32 pair (exact arithmetic: every comparison is
-equality), and llama.cpp on the real Qwen2.5-Coder 0.5B/1.5B Q4_K_M GGUF files. llama.cpp's block
-evaluation is not bit-identical to one-token decoding, so with it two greedy sequences may part only
+equality), llama.cpp on the real Qwen2.5-Coder 0.5B/1.5B Q4_K_M GGUF files, and vLLM (its CPU build
+here, `pytest -m vllm`) on the real bf16 weights. Neither llama.cpp's block evaluation nor vLLM's bf16
+kernels are bit-identical to one-token decoding, so with them two greedy sequences may part only
 at a near-tie: where they first differ, the verifier's top two logits (one-token decode) must lie
 within TIE_LOGITS of each other (ARCHITECTURE.md section 8 measured block-vs-step logit differences
 of 0.5-0.7).
@@ -35,10 +36,15 @@ class Pair:
     exact: bool  # exact arithmetic: block = step and speculative = target, with no tolerance
 
 
-@pytest.fixture(scope="module", params=["hf-tiny", pytest.param("llama_cpp-real", marks=pytest.mark.real_model)])
+@pytest.fixture(scope="module", params=["hf-tiny", pytest.param("llama_cpp-real", marks=pytest.mark.real_model),
+                                        pytest.param("vllm-real", marks=[pytest.mark.real_model, pytest.mark.vllm])])
 def pair(request: pytest.FixtureRequest, tiny_pipeline: Pipeline) -> Iterator[Pair]:
     if request.param == "hf-tiny":
         yield Pair("hf-tiny", tiny_pipeline.drafter_engine, tiny_pipeline.verifier_engine, exact=True)
+        return
+    if request.param == "vllm-real":
+        drafter, verifier = request.getfixturevalue("vllm_pair")
+        yield Pair("vllm-real", drafter, verifier, exact=False)
         return
     from aiflow_ray.engines.loader import load_engine
 
@@ -164,6 +170,45 @@ def test_distributions_are_normalised(pair: Pair) -> None:
     finally:
         pair.drafter.release("d")
         pair.verifier.release("v")
+
+
+def test_sampled_verification_follows_the_target(pair: Pair) -> None:
+    """Sampled speculative output follows the target distribution p, in two parts. (1) The engine's p at
+    every draft position, from one block score, is the target's distribution after that prefix decoded
+    alone (temperature and top-k applied). (2) The edge's rejection sampling over that p and the drafter's
+    q emits tokens distributed as p (chi-square over many draws with the real rows)."""
+    from aiflow_ray.speculative.sampling import target_probs
+    from aiflow_ray.speculative.verify import verify_sampled
+
+    ids = pair.verifier.encode_prompt(PROMPTS[4], chat=False)
+    pair.drafter.open_session("sd", ids)
+    pair.verifier.open_session("sv", ids)
+    try:
+        draft = pair.drafter.draft("sd", 2, SAMPLED, np.random.default_rng(1))
+        block = pair.verifier.score("sv", draft.token_ids, SAMPLED).probs
+    finally:
+        pair.drafter.release("sd")
+        pair.verifier.release("sv")
+    assert block is not None and draft.q_ids is not None and draft.q_probs is not None
+    for i in range(len(draft.token_ids) + 1):
+        alone = target_probs(_step_logits(pair.verifier, ids + draft.token_ids[:i])[None, :], SAMPLED)[0]
+        assert np.count_nonzero(block[i]) <= SAMPLED.top_k
+        total_variation = 0.5 * np.abs(block[i] - alone).sum()
+        assert total_variation < (1e-5 if pair.exact else 0.1), f"{pair.name}: position {i} TV {total_variation:.3f}"
+    # The first emitted token follows p at position 0: each draw drafts its token from the drafter's q, as a
+    # device does, and the edge accepts it or draws the correction (row 1 only matters for a bonus token).
+    rng = np.random.default_rng(7)
+    draws = 20_000
+    counts = np.zeros(block.shape[1])
+    q_ids, q_probs = draft.q_ids[:1], draft.q_probs[:1]
+    for _ in range(draws):
+        token = int(rng.choice(q_ids[0], p=q_probs[0]))
+        accepted, correction = verify_sampled([token], q_ids, q_probs, block[:2], rng)
+        counts[token if accepted else correction] += 1
+    support = block[0] > 1e-3
+    expected = block[0][support] * draws
+    chi2 = ((counts[support] - expected) ** 2 / expected).sum()
+    assert chi2 < 50.0, f"{pair.name}: chi-square {chi2:.1f} over {support.sum()} tokens"
 
 
 @pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[3]])

@@ -11,6 +11,7 @@ from aiflow_ray.config.app import (
     LinkProbeArgs,
     RouterArgs,
     TierArgs,
+    VllmArgs,
 )
 from aiflow_ray.config.generation import (
     DEFAULT_MAX_DRAFT_LEN,
@@ -40,5 +41,5 @@ __all__ = [
     "DEFAULT_MAX_DRAFT_LEN", "LOGPROB_PATHS", "MAX_DRAFT_LEN", "MAX_NEW_TOKENS", "PATHS", "TIERS", "AppArgs",
     "AutoscalingArgs", "ChatTurn", "DraftPolicyConfig", "EngineName", "GenerateOptions", "GroundingOptions", "KbArgs",
     "LinkConfig", "LinkProbeArgs", "ModelPairConfig", "ModelPreset", "PathChoice", "PathName", "Quality",
-    "RouterArgs", "SamplingConfig", "StrictModel", "TierArgs", "TierName", "TraceStep",
+    "RouterArgs", "SamplingConfig", "StrictModel", "TierArgs", "TierName", "TraceStep", "VllmArgs",
 ]

@@ -51,6 +51,21 @@ class AutoscalingArgs(StrictModel):
         return self
 
 
+class VllmArgs(StrictModel):
+    """Settings of a tier's vLLM engine (``engine: vllm``); see engines/vllm.py for how sessions map onto it."""
+
+    max_model_len: int = Field(4096, ge=256, le=131_072, description="Longest sequence (prompt + output).")
+    kv_cache_bytes: int | None = Field(
+        None, ge=1 << 26, description="KV cache size in bytes. CPU: default 1 GiB (vLLM would reserve 92% of "
+        "the node's memory). GPU: null = sized by gpu_memory_utilization.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=0.98, description="GPU memory share for weights and "
+                                          "KV cache when kv_cache_bytes is null.")
+    max_num_seqs: int = Field(64, ge=1, le=1024, description="Requests batched into one engine step.")
+    enforce_eager: bool | None = Field(None, description="No CUDA graphs / compilation (default: eager on CPU, "
+                                       "graphs on GPU, where they remove the launch overhead).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto = bfloat16.")
+
+
 class TierArgs(StrictModel):
     label_selector: dict[str, str] = Field(
         default_factory=dict, description="Ray node labels a replica must run on, e.g. {tier: edge}."
@@ -59,7 +74,9 @@ class TierArgs(StrictModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (GPU clusters).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. H100.")
     engine: EngineName = Field("hf", description="Runtime of the tier's model: hf (torch/transformers, the exact "
-                               "reference) or llama_cpp (the quantized GGUF as released).")
+                               "reference), llama_cpp (the quantized GGUF as released) or vllm (continuous "
+                               "batching: verifications of many devices share engine steps).")
+    vllm: VllmArgs = Field(default_factory=VllmArgs, description="vLLM settings, used when engine is vllm.")
     threads: int | None = Field(
         None, ge=1, description="Compute threads of the tier's engine, torch or llama.cpp (default: all cores of "
         "the node; Ray would "

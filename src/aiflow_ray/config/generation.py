@@ -24,7 +24,7 @@ TierName = Literal["device", "edge", "cloud"]
 TIERS: tuple[TierName, ...] = get_args(TierName)
 # Paths whose output tokens all come from the verifier's distribution, which logprobs report.
 LOGPROB_PATHS: tuple[PathName, ...] = ("device-edge", "server-only")
-EngineName = Literal["hf", "llama_cpp"]  # the runtimes behind the Engine protocol
+EngineName = Literal["hf", "llama_cpp", "vllm"]  # the runtimes behind the Engine protocol
 ModelPreset = Literal["default", "tiny"]  # which model pair; not to be confused with a deployment profile
 
 

@@ -1,7 +1,10 @@
 """Beam search for the cloud tier, on whichever engine it runs.
 
 HF: transformers' implementation (``engines.hf.beam_search``). llama.cpp: ours below, because
-llama-cpp-python has none. Every step evaluates all live beams, plus the greedy path, in one
+llama-cpp-python has none. vLLM: ``vllm_beam_search`` below, the way vLLM's own serving layer does it:
+each step is one ``max_tokens=1`` request per live beam (and the greedy path) with the top-``width``
+log-probabilities, submitted together so they share an engine step and, through prefix caching, the
+KV of their common prefix. Every step evaluates all live beams, plus the greedy path, in one
 ``llama_decode`` of one token per sequence: on this CPU a step of 4 sequences costs about 1.3 decodes
 of one (1.5B: 154-192 ms against 121-129 ms), where transformers' beam search of width 4 costs
 730-810 ms a token (measured side by side). Beams share their prefix's KV cells: in llama.cpp's
@@ -42,6 +45,9 @@ def beam_search(engine: Engine, prompt_ids: Sequence[int], beam_width: int, max_
 
     if isinstance(engine, HFEngine):
         return hf_beam_search(engine, prompt_ids, beam_width, max_new_tokens, length_penalty)
+    if hasattr(engine, "beam_search"):  # vLLM: batched requests per step (vllm_beam_search)
+        result: BeamResult = engine.beam_search(prompt_ids, beam_width, max_new_tokens, length_penalty)
+        return result
     raise TypeError(f"engine {engine.name!r} ({type(engine).__name__}) has no beam search")
 
 
@@ -119,3 +125,49 @@ def llama_beam_search(engine: Any, prompt_ids: Sequence[int], beam_width: int, m
     finally:
         for seq in seqs[:need]:
             ll.llama_memory_seq_rm(mem, seq, -1, -1)
+
+
+async def vllm_beam_search(engine: Any, prompt_ids: Sequence[int], beam_width: int, max_new_tokens: int,
+                           length_penalty: float = 1.0) -> BeamResult:
+    """The same search as ``llama_beam_search`` (greedy alongside, early stopping), on a ``VllmEngine``."""
+    import asyncio
+
+    started = time.perf_counter()
+    eos = engine.eos_token_ids
+    prompt = [int(t) for t in prompt_ids]
+
+    async def top(tokens: list[int]) -> tuple[int, list[tuple[int, float]]]:
+        """(argmax, the best beam_width (token, logprob)) after prompt + tokens."""
+        out = (await engine._request(prompt + tokens, logprobs=beam_width)).outputs[0]
+        ranked = sorted(out.logprobs[0].items(), key=lambda kv: (-kv[1].logprob, kv[0]))
+        return int(out.token_ids[0]), [(int(t), float(lp.logprob)) for t, lp in ranked[:beam_width]]
+
+    _, first = await top([])
+    live = [([t], lp) for t, lp in first]
+    greedy = live[0]
+    greedy_done = greedy[0][-1] in eos
+    finished = [b for b in live if b[0][-1] in eos]
+    live = [b for b in live if b[0][-1] not in eos]
+    step = 1
+    while step < max_new_tokens and (live or not greedy_done):
+        steps = await asyncio.gather(*(top(tokens) for tokens, _ in live),
+                                     *(() if greedy_done else (top(greedy[0]),)))
+        if not greedy_done:
+            best, ranked = steps[-1]
+            greedy = (greedy[0] + [best], greedy[1] + dict(ranked).get(best, 0.0))
+            greedy_done = best in eos
+        step += 1
+        cands = sorted(((score + lp, i, t) for i, (_, score) in enumerate(live) for t, lp in steps[i][1]),
+                       reverse=True)
+        children: list[tuple[list[int], float]] = []
+        for score, parent, token in cands:
+            if len(children) == beam_width:
+                break
+            tokens = live[parent][0] + [token]
+            (finished if token in eos else children).append((tokens, score))
+        live = children
+        if len(finished) >= beam_width:
+            live = []
+    hypotheses = finished + live + [greedy]
+    tokens, logprob = max(hypotheses, key=lambda h: _objective(h[1], len(h[0]), length_penalty))
+    return BeamResult(tokens, logprob, time.perf_counter() - started)

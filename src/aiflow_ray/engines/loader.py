@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiflow_ray.config import EngineName, ModelPairConfig
 from aiflow_ray.engines.base import Engine
 from aiflow_ray.models.fetch import fetch_model
 from aiflow_ray.models.registry import UnknownModelError, get_entry, known_names
 from aiflow_ray.models.tiny import build_tiny_pair
+
+if TYPE_CHECKING:
+    from aiflow_ray.config import VllmArgs
 
 
 def resolve_model_path(name: str, fetch: bool = True) -> Path | str:
@@ -52,10 +56,25 @@ def resolve_gguf(name: str, fetch: bool = True) -> Path:
 
 
 def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: bool = True,
-                engine: EngineName = "hf", threads: int | None = None, beams: bool = False) -> Engine:
-    """``engine`` picks the runtime: ``hf`` (torch/transformers, the reference) or ``llama_cpp`` (the GGUF
-    as released, quantized; ``dtype`` and ``device`` do not apply). ``beams``: size a llama.cpp engine
-    for beam search up to the widest beam the API allows (sequences whose prefixes share KV cells)."""
+                engine: EngineName = "hf", threads: int | None = None, beams: bool = False,
+                vllm: VllmArgs | None = None) -> Engine:
+    """``engine`` picks the runtime: ``hf`` (torch/transformers, the reference), ``llama_cpp`` (the GGUF
+    as released, quantized; ``dtype`` and ``device`` do not apply) or ``vllm`` (the safetensors weights,
+    settings from ``vllm``). ``beams``: size a llama.cpp engine for beam search up to the widest beam the
+    API allows (sequences whose prefixes share KV cells)."""
+    if engine == "vllm":
+        from aiflow_ray.config import VllmArgs
+        from aiflow_ray.engines.vllm import VllmEngine, cuda_available
+
+        settings = vllm or VllmArgs()
+        kv_bytes = settings.kv_cache_bytes
+        if kv_bytes is None and not cuda_available():
+            kv_bytes = 1 << 30
+        vllm_dtype = settings.dtype if settings.dtype != "auto" else (dtype if dtype != "auto" else "bfloat16")
+        return VllmEngine(resolve_model_path(name, fetch), name=name, dtype=vllm_dtype,
+                          max_model_len=settings.max_model_len, kv_cache_bytes=kv_bytes,
+                          gpu_memory_utilization=settings.gpu_memory_utilization, enforce_eager=settings.enforce_eager,
+                          max_num_seqs=settings.max_num_seqs, threads=threads)
     if engine == "llama_cpp":
         from aiflow_ray.engines.beam import MAX_BEAM_WIDTH, beam_sequences
         from aiflow_ray.engines.llama_cpp import LlamaCppEngine

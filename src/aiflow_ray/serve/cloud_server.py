@@ -17,7 +17,7 @@ from typing import Any
 
 from aiflow_ray.config import AppArgs
 from aiflow_ray.engines.base import Engine
-from aiflow_ray.serve.common import LoadTracker, tier_engine
+from aiflow_ray.serve.common import EngineGate, LoadTracker, tier_engine
 from aiflow_ray.tiers.cloud import BeamAnswer, CloudService, GroundedRequest, IngestRequest, Retrieval, RetrieveRequest
 
 
@@ -27,9 +27,9 @@ class CloudServer:
         """``engine``, ``embedder``, ``router`` and ``replica_id`` are injected by unit tests."""
         self.args = AppArgs.model_validate(args)
         self.cloud = CloudService(tier_engine(self.args, "cloud", "verifier", engine), self.args.kb, embedder)
-        self._engine_lock = threading.Lock()
         self._ingest_lock = threading.Lock()  # one writer per replica; SQLite serialises across replicas
         self.load = LoadTracker("cloud", self.args, self.cloud.service_samples, router, replica_id)
+        self.gate = EngineGate(self.cloud.engine, self.args.cloud.max_ongoing_requests, self.load, "cloud")
 
     async def retrieve(self, req: RetrieveRequest | dict[str, Any]) -> Retrieval:
         self.load.start()
@@ -37,16 +37,13 @@ class CloudServer:
         with self.load.admitted(), self.load.busy():  # retrieval does not wait for the engine
             return await asyncio.to_thread(self.cloud.retrieve, query)
 
-    def _answer_locked(self, req: GroundedRequest) -> BeamAnswer:
-        with self._engine_lock, self.load.busy():
-            return self.cloud.answer(req)
-
     async def answer(self, req: GroundedRequest | dict[str, Any]) -> BeamAnswer:
         """A grounded answer: retrieval, the augmented prompt, beam search."""
         self.load.start()
         grounded = GroundedRequest.model_validate(req)
         with self.load.admitted():
-            return await asyncio.to_thread(self._answer_locked, grounded)
+            answer: BeamAnswer = await self.gate.run(self.cloud.answer, grounded)
+            return answer
 
     def _ingest_locked(self, req: IngestRequest) -> dict[str, Any]:
         with self._ingest_lock:

@@ -46,7 +46,7 @@ def tier_engine(args: AppArgs, tier: TierName, role: Literal["drafter", "verifie
 
     pair = args.model_pair()
     return load_engine(pair.drafter if role == "drafter" else pair.verifier, pair.dtype, pair.device,
-                       engine=settings.engine, threads=threads, beams=tier == "cloud")
+                       engine=settings.engine, threads=threads, beams=tier == "cloud", vllm=settings.vllm)
 
 
 def router_handle(args: AppArgs) -> Any:
@@ -141,3 +141,31 @@ def _serve_replica_id() -> str:
     from ray import serve
 
     return str(serve.get_replica_context().replica_id.unique_id)
+
+
+class EngineGate:
+    """Runs a replica's engine work off its event loop, in a pool of its own.
+
+    Engines that are not thread-safe (HF, llama.cpp: one forward at a time) run behind one lock.
+    Engines that batch (``concurrent = True``: vLLM) run without it: every admitted call gets a thread,
+    so the calls of different sessions are in the engine together and share its steps. The pool is
+    sized to the replica's ``max_ongoing_requests`` (asyncio's default pool has cores + 4 threads, which
+    on a 2-core node would cap a vLLM edge at 6 concurrent verifies).
+    """
+
+    def __init__(self, engine: Any, workers: int, load: LoadTracker, name: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.concurrent = bool(getattr(engine, "concurrent", False))
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext() if self.concurrent else threading.Lock())
+        self._pool = ThreadPoolExecutor(max_workers=workers + 2, thread_name_prefix=f"{name}-engine")
+        self._load = load
+
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        with self._lock, self._load.busy():
+            return fn(*args)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` with the engine, awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn, args)

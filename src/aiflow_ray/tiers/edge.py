@@ -8,10 +8,12 @@ exception across the link.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +48,9 @@ class EdgeVerifier:
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[bytes, _SessionState] = OrderedDict()
         self._seed_rng = np.random.default_rng(seed)
+        # Guards the session table only, never a forward: an engine that batches (vLLM) verifies many
+        # sessions at once from the server's threads.
+        self._lock = threading.Lock()
         self.context_requests = 0
         # (tokens fed, seconds) of recent forwards, drained by whoever reports service times.
         self.service_samples: deque[tuple[int, float]] = deque(maxlen=256)
@@ -83,17 +88,19 @@ class EdgeVerifier:
         sampling = sampling or GREEDY
         rng = np.random.default_rng(sampling.seed if sampling.seed is not None else self._seed_rng.integers(2**63))
         self.engine.open_session(self._sid(session_id), context.tolist())
-        state = self._sessions[session_id] = _SessionState(sampling, rng, logprobs)
-        self._sessions.move_to_end(session_id)
-        while len(self._sessions) > self.max_sessions:
+        with self._lock:
+            state = self._sessions[session_id] = _SessionState(sampling, rng, logprobs)
+            self._sessions.move_to_end(session_id)
+            evicted = [self._sessions.popitem(last=False)[0] for _ in range(len(self._sessions) - self.max_sessions)]
+        for old in evicted:
             # Evicting is safe: the device will be asked for the context again.
-            evicted, _ = self._sessions.popitem(last=False)
-            self.engine.release(self._sid(evicted))
-            log.info("evicted session %s (limit %d)", evicted.hex()[:8], self.max_sessions)
+            self.engine.release(self._sid(old))
+            log.info("evicted session %s (limit %d)", old.hex()[:8], self.max_sessions)
         return state
 
     def drop_session(self, session_id: bytes) -> None:
-        self._sessions.pop(session_id, None)
+        with self._lock:
+            self._sessions.pop(session_id, None)
         self.engine.release(self._sid(session_id))
 
     def drop_all_sessions(self) -> None:
@@ -121,18 +128,29 @@ class EdgeVerifier:
             header = wire.Header(wire.MsgType.ERROR, payload[4:20] if len(payload) >= 20 else bytes(16), 0)
             return wire.encode_error(wire.ErrorMsg(header, 400, str(exc)))
 
+    def _held(self, sid: bytes, base_len: int) -> _SessionState | None:
+        """The session's state when this replica holds it at the device's committed length."""
+        with self._lock:
+            state = self._sessions.get(sid)
+            if state is not None:
+                self._sessions.move_to_end(sid)
+        try:
+            if state is None or self.engine.session_length(self._sid(sid)) != base_len:
+                return None
+        except SessionNotFound:
+            return None
+        return state
+
     def verify(self, req: wire.VerifyRequest) -> wire.VerifyResult:
         sid = req.header.session_id
         header = wire.Header(wire.MsgType.VERIFY_RESULT, sid, req.header.seq)
         if req.context is not None:
-            self._start(sid, req.context, req.sampling, req.logprobs)
-        elif sid not in self._sessions or not self.engine.has_session(self._sid(sid)) or (
-            self.engine.session_length(self._sid(sid)) != req.base_len
-        ):
+            state: _SessionState | None = self._start(sid, req.context, req.sampling, req.logprobs)
+        else:
+            state = self._held(sid, req.base_len)
+        if state is None:
             self.context_requests += 1
             return wire.VerifyResult(header, wire.VerifyStatus.NEED_CONTEXT)
-        self._sessions.move_to_end(sid)
-        state = self._sessions[sid]
         sampling, rng = state.sampling, state.rng
         self._check_ids(req.draft_ids, "draft")
         draft = req.draft_ids.tolist()
@@ -153,14 +171,17 @@ class EdgeVerifier:
             q_probs = wire.normalize_q(req.q_probs) if req.q_probs is not None else np.zeros((0, 1))
             accepted, next_token = verify_sampled(draft, q_ids, q_probs, scores.probs, rng)
         emitted = [*draft[:accepted], next_token]
-        self.engine.append(self._sid(sid), emitted)
+        try:
+            self.engine.append(self._sid(sid), emitted)
+            length = self.engine.session_length(self._sid(sid))
+        except SessionNotFound:  # evicted by another session's start while this one was scored
+            self.context_requests += 1
+            return wire.VerifyResult(header, wire.VerifyStatus.NEED_CONTEXT)
         elapsed_s = time.perf_counter() - started
         self.service_samples.append((len(draft) + 1, elapsed_s))
         verify_us = int(elapsed_s * 1e6)
-        return wire.VerifyResult(
-            header, wire.VerifyStatus.OK, accepted, next_token, verify_us,
-            self.engine.session_length(self._sid(sid)), _logprobs(scores.logprobs, emitted, state.logprobs),
-        )
+        return wire.VerifyResult(header, wire.VerifyStatus.OK, accepted, next_token, verify_us, length,
+                                 _logprobs(scores.logprobs, emitted, state.logprobs))
 
     def generate_stream(self, payload: bytes) -> Iterator[bytes]:
         """Server-only: the prompt's ids arrive once; tokens stream back one message each."""
@@ -170,6 +191,12 @@ class EdgeVerifier:
         sid = msg.header.session_id
         state = self._start(sid, msg.prompt_ids, msg.sampling, msg.logprobs)
         sampling, rng = state.sampling, state.rng
+        native = getattr(self.engine, "stream_greedy", None)
+        if native is not None and sampling.greedy and msg.logprobs is None:
+            # vLLM decodes the whole stream as one request, batched with every other stream and verify.
+            self.drop_session(sid)
+            yield from self._native_stream(native, msg)
+            return
         try:
             for i in range(msg.max_new_tokens):
                 started = time.perf_counter()
@@ -191,6 +218,24 @@ class EdgeVerifier:
                     break
         finally:
             self.drop_session(sid)
+
+
+    def _native_stream(self, native: Any, msg: wire.GenerateRequest) -> Iterator[bytes]:
+        sid = msg.header.session_id
+        tokens = native(msg.prompt_ids.tolist(), msg.max_new_tokens)
+        try:
+            started = time.perf_counter()
+            for i, token in enumerate(tokens):
+                if i:  # the first token includes the prompt's prefill
+                    self.service_samples.append((1, time.perf_counter() - started))
+                started = time.perf_counter()
+                done = (token in self.engine.eos_token_ids and i + 1 >= msg.min_tokens) or i == msg.max_new_tokens - 1
+                yield wire.encode_tokens(wire.Tokens(wire.Header(wire.MsgType.TOKENS, sid, i),
+                                                     np.asarray([token], np.int32), done, None))
+                if done:
+                    break
+        finally:
+            tokens.close()
 
 
 def answer_ping(payload: bytes) -> bytes:
