@@ -156,7 +156,7 @@ def test_the_edge_reports_requests_waiting_for_its_engine_as_queued(servers: Any
                                                     np.asarray([5, 6], np.int32),
                                                     np.asarray(ids, np.int32)))
     replies: list[bytes] = []
-    with edge._engine_lock:  # a forward in progress
+    with edge.gate._lock:  # a forward in progress
         worker = threading.Thread(target=lambda: replies.append(asyncio.run(edge.verify(payload))))
         worker.start()
         deadline = time.monotonic() + 10
