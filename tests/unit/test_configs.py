@@ -78,3 +78,16 @@ def test_scale_down_never_cuts_a_request_short_of_its_deadline(profile: str) -> 
         options = deployment_options(args.tier(tier), tier)
         assert options["graceful_shutdown_timeout_s"] >= args.deadlines.request_s, tier
         assert options["backpressure_config"]["retry_after_s"] >= 1, tier
+
+
+def test_the_gpu_profile_serves_every_tier_on_vllm_with_a_gpu_per_replica() -> None:
+    config = yaml.safe_load((ROOT / "deployments" / "gpu.yaml").read_text())
+    args = AppArgs.model_validate(config["applications"][0]["args"])
+    for tier in ("device", "edge", "cloud"):
+        settings = args.tier(tier)
+        assert settings.engine == "vllm" and settings.num_gpus == 1 and settings.accelerator_type
+        assert settings.vllm.kv_cache_bytes is None and 0 < settings.vllm.gpu_memory_utilization < 1
+    # The vLLM edge batches: it admits many more verifies than one-forward-at-a-time engines.
+    assert args.edge.max_ongoing_requests >= 32 and args.edge.vllm.max_num_seqs >= args.edge.max_ongoing_requests
+    with pytest.raises(ValueError, match="vllm"):
+        AppArgs.model_validate({"edge": {"vllm": {"max_num_seqs": 8, "typo": 1}}})

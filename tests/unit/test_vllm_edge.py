@@ -112,3 +112,16 @@ def test_server_only_streams_decode_natively_and_together(edge: EdgeVerifierServ
 
     assert asyncio.run(both()) == want
     assert engine.num_sessions == held, "a server-only stream left its session behind"
+
+
+def test_beam_search_on_vllm(vllm_pair: tuple[Engine, Engine]) -> None:
+    """The cloud's beam search on vLLM (each step's beams one batch): width 1 is the greedy path, and wider
+    beams score at least as well by the objective (sum log-probability with length_penalty 0)."""
+    from aiflow_ray.engines.beam import beam_search
+
+    engine: Any = vllm_pair[1]
+    ids = engine.encode_prompt(PROMPTS[8], chat=True)
+    one = beam_search(engine, ids, beam_width=1, max_new_tokens=10)
+    assert one.token_ids == _greedy_path(engine, ids, 10)[: len(one.token_ids)]
+    wide = beam_search(engine, ids, beam_width=3, max_new_tokens=10, length_penalty=0.0)
+    assert wide.sum_logprob >= one.sum_logprob - 1e-3
