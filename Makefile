@@ -24,7 +24,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF
 LLAMA_WHEELS := $(or $(AIFLOW_HOME),$(HOME)/.cache/aiflow)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-avx512-noamx
 
-.PHONY: help install models kb run stop test lint typecheck unit bench-tpot load-test fault-report configs clean
+.PHONY: help install models kb run stop test lint typecheck unit bench-tpot bench-capacity load-test fault-report gpu-check configs clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ test: models lint typecheck ## lint, typecheck and the whole test suite (real-mo
 bench-tpot: models ## TPOT vs draft length at 500KB/s, 1MB/s, 2MB/s (about 75 minutes on 2 cores)
 	$(PY) -m aiflow_ray.bench.tpot --draft-lens 1-6,8,10,12,16,20,24
 
+bench-capacity: models ## edge capacity: 1-16 devices on one edge, per engine (hf, llama_cpp, vllm), vs server-only (~20 min)
+	$(PY) -m aiflow_ray.bench.capacity
+
 # The load test's own ports, so that it never meets `make run`'s (6390/8265/8000) or the integration tests'.
 LOAD_HTTP_PORT ?= 8129
 LOAD_GCS_PORT ?= 6395
@@ -99,6 +102,13 @@ load-test: install ## bounded locust step load to 2x the sustainable rate; write
 	@if [ "$(PROFILE)" != "tiny" ]; then $(AIFLOW) models fetch; $(KB_INGEST); else $(AIFLOW) models fetch tiny-verifier; fi
 	$(PY) -m load_tests.run --profile $(PROFILE) --http-port $(LOAD_HTTP_PORT) --gcs-port $(LOAD_GCS_PORT) \
 		--dashboard-port $(LOAD_DASHBOARD_PORT) $(LOAD_ARGS)
+
+# The system's python3 (CUDA torch + transformers), not the venv's CPU torch; results go to $OUT, else
+# docs/benchmarks/gpu-run. GPU_CHECK_ARGS reach the check, e.g. "--budget-s 900" or "--device cpu --quick".
+GPU_CHECK_ARGS ?=
+
+gpu-check: ## on a CUDA machine (~2-7 min): exactness on CUDA, forward curves eager vs CUDA graphs, predicted TPOT and capacity (docs/benchmarks/gpu.md)
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 fault-report: models ## the fault drills (tests/faults: replicas, router, proxy, link, node) -> docs/benchmarks/faults.md
 	AIFLOW_FAULT_REPORT=docs/benchmarks/faults.md $(PY) -m pytest -q tests/faults
