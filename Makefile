@@ -89,7 +89,7 @@ test: models lint typecheck ## lint, typecheck and the whole test suite (real-mo
 bench-tpot: models ## TPOT vs draft length at 500KB/s, 1MB/s, 2MB/s (about 75 minutes on 2 cores)
 	$(PY) -m aiflow_ray.bench.tpot --draft-lens 1-6,8,10,12,16,20,24
 
-bench-capacity: models ## edge capacity: 1-16 devices on one edge, per engine (hf, llama_cpp, vllm), vs server-only (~20 min)
+bench-capacity: models ## edge capacity: 1-16 devices on one edge verifier per engine (hf, llama_cpp, vllm) vs server-only (~25 min)
 	$(PY) -m aiflow_ray.bench.capacity
 
 # The load test's own ports, so that it never meets `make run`'s (6390/8265/8000) or the integration tests'.

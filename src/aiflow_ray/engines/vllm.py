@@ -166,6 +166,10 @@ class VllmEngine(SessionTable):
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (benchmarks that replay the same sequences start cold)."""
+        self._run(self._llm.reset_prefix_cache())
+
     # -- text -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
         from aiflow_ray.engines.hf import encode_with_tokenizer
