@@ -71,6 +71,25 @@ def encode_with_tokenizer(tokenizer: Any, prompt: str | list[dict[str, str]], ch
     return [int(i) for i in tokenizer.encode(prompt, add_special_tokens=False)]
 
 
+class TokenizerText:
+    """Text in and out through an HF tokenizer (``self.tokenizer``): the HF and vLLM engines share it."""
+
+    tokenizer: Any
+    _fingerprint: str | None = None
+
+    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
+        return encode_with_tokenizer(self.tokenizer, prompt, chat)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def vocab_fingerprint(self) -> str:
+        """How this tokenizer encodes the probe set (see ``engines.base.tokenizer_fingerprint``)."""
+        if self._fingerprint is None:
+            self._fingerprint = tokenizer_fingerprint(self.encode_prompt)
+        return self._fingerprint
+
+
 @dataclass
 class _Session:
     tokens: list[int]  # committed token ids
@@ -79,7 +98,7 @@ class _Session:
     agree: int = 0  # cached[:agree] == tokens[:agree] is known to hold
 
 
-class HFEngine(SessionTable):
+class HFEngine(TokenizerText, SessionTable):
     """Engine over a transformers causal LM; see ``aiflow_ray.engines.base`` for the contract."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, device: torch.device) -> None:
@@ -116,19 +135,6 @@ class HFEngine(SessionTable):
             elif source:
                 ids.update(int(i) for i in source)
         return frozenset(ids)
-
-    # -- text -----------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
-        return encode_with_tokenizer(self.tokenizer, prompt, chat)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
-
-    def vocab_fingerprint(self) -> str:
-        """How this tokenizer encodes the probe set (see ``engines.base.tokenizer_fingerprint``)."""
-        if self._fingerprint is None:
-            self._fingerprint = tokenizer_fingerprint(self.encode_prompt)
-        return self._fingerprint
 
     # -- sessions (the rest is SessionTable's) ------------------------------------------------
     def _new_session(self, tokens: list[int]) -> _Session:

@@ -47,7 +47,8 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.base import BeamResult, DraftOutput, ScoreOutput, SessionTable, tokenizer_fingerprint
+from aiflow_ray.engines.base import BeamResult, DraftOutput, ScoreOutput, SessionTable
+from aiflow_ray.engines.hf import TokenizerText
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
 
@@ -80,7 +81,7 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-class VllmEngine(SessionTable):
+class VllmEngine(TokenizerText, SessionTable):
     """See the module docstring. ``kv_cache_bytes`` sizes the KV cache (CPU: the only sensible knob);
     on GPUs ``gpu_memory_utilization`` does instead when ``kv_cache_bytes`` is None."""
 
@@ -169,20 +170,6 @@ class VllmEngine(SessionTable):
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (benchmarks that replay the same sequences start cold)."""
         self._run(self._llm.reset_prefix_cache())
-
-    # -- text -----------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
-        from aiflow_ray.engines.hf import encode_with_tokenizer
-
-        return encode_with_tokenizer(self.tokenizer, prompt, chat)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
-
-    def vocab_fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = tokenizer_fingerprint(self.encode_prompt)
-        return self._fingerprint
 
     def _new_session(self, tokens: list[int]) -> _Session:
         return _Session(tokens)
