@@ -136,11 +136,13 @@ async def vllm_beam_search(engine: Any, prompt_ids: Sequence[int], beam_width: i
     eos = engine.eos_token_ids
     prompt = [int(t) for t in prompt_ids]
 
-    async def top(tokens: list[int]) -> tuple[int, list[tuple[int, float]]]:
-        """(argmax, the best beam_width (token, logprob)) after prompt + tokens."""
+    async def top(tokens: list[int]) -> tuple[tuple[int, float], list[tuple[int, float]]]:
+        """((argmax, its logprob), the best beam_width (token, logprob)) after prompt + tokens."""
         out = (await engine._request(prompt + tokens, logprobs=beam_width)).outputs[0]
-        ranked = sorted(out.logprobs[0].items(), key=lambda kv: (-kv[1].logprob, kv[0]))
-        return int(out.token_ids[0]), [(int(t), float(lp.logprob)) for t, lp in ranked[:beam_width]]
+        row = out.logprobs[0]  # the top beam_width and the chosen (argmax) token
+        ranked = sorted(row.items(), key=lambda kv: (-kv[1].logprob, kv[0]))
+        best = int(out.token_ids[0])
+        return (best, float(row[best].logprob)), [(int(t), float(lp.logprob)) for t, lp in ranked[:beam_width]]
 
     _, first = await top([])
     live = [([t], lp) for t, lp in first]
@@ -153,8 +155,8 @@ async def vllm_beam_search(engine: Any, prompt_ids: Sequence[int], beam_width: i
         steps = await asyncio.gather(*(top(tokens) for tokens, _ in live),
                                      *(() if greedy_done else (top(greedy[0]),)))
         if not greedy_done:
-            best, ranked = steps[-1]
-            greedy = (greedy[0] + [best], greedy[1] + dict(ranked).get(best, 0.0))
+            (best, best_logprob), _ = steps[-1]
+            greedy = (greedy[0] + [best], greedy[1] + best_logprob)
             greedy_done = best in eos
         step += 1
         cands = sorted(((score + lp, i, t) for i, (_, score) in enumerate(live) for t, lp in steps[i][1]),
