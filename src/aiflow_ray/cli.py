@@ -282,7 +282,8 @@ def _deploy(args: argparse.Namespace) -> int:
 def _kb(args: argparse.Namespace) -> int:
     from aiflow_ray import envs
     from aiflow_ray.rag import corpora
-    from aiflow_ray.rag.store import IngestError, KnowledgeBase, QueryError, Retriever, read_documents
+    from aiflow_ray.rag.retriever import Retriever
+    from aiflow_ray.rag.store import IngestError, KnowledgeBase, QueryError, read_documents
 
     path = args.kb_path or envs.kb_path()
     if args.kb_command == "fetch":

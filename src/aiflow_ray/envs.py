@@ -48,6 +48,13 @@ def admin_key() -> str | None:
     return os.environ.get("AIFLOW_ADMIN_KEY") or None
 
 
+def kb_snapshots_dir() -> Path | None:
+    """Where a cluster keeps its knowledge base as versioned snapshots (rag/snapshots.py), if it does: set on
+    the pods that mount the shared volume (k8s/)."""
+    raw = os.environ.get("AIFLOW_KB_SNAPSHOTS")
+    return Path(raw).expanduser() if raw else None
+
+
 def kb_path() -> Path:
     """The knowledge base file that the CLI and the cloud tier share (SQLite, see rag/store.py)."""
     raw = os.environ.get("AIFLOW_KB_PATH")

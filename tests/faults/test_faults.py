@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 
 from tests.faults.conftest import CLIENT_TIMEOUT_S, Drill, Outcome
@@ -205,6 +206,9 @@ def test_edge_raylet_killed_with_orphaned_workers(drill: Drill, slow_link: None)
         if down_s is None:
             drill.wait_until("/readyz reporting the edge down", lambda: not drill.ready(), 60)
             down_s = time.monotonic() - crashed_at
+        # What a Kubernetes readiness probe asks (k8s/): still serving, so the pod keeps its traffic.
+        serving = httpx.get(f"{drill.url}/readyz", params={"serving": "true"}, timeout=10)
+        assert serving.status_code == 200 and serving.json()["status"] == "degraded", serving.text
     finally:
         cluster.node_command(drill.state_dir, "start", "edge")
     back_s = drill.wait_healthy({"EdgeVerifier": 2}, timeout_s=240)

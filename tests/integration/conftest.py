@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,13 +27,19 @@ ADMIN_KEY = "integration-admin-key"
 
 
 @pytest.fixture(scope="session")
-def serve_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def kb_snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kb-snapshots")
+
+
+@pytest.fixture(scope="session")
+def serve_url(tmp_path_factory: pytest.TempPathFactory, kb_snapshots: Path) -> Iterator[str]:
     state = tmp_path_factory.mktemp("cluster")
     args = profile_args("tiny")
     one = {"min_replicas": 1, "max_replicas": 1}
     args["edge"] = {**args.get("edge", {}), "max_ongoing_requests": 2, "autoscaling": one}
     args["device"] = {**args.get("device", {}), "max_ongoing_requests": 8, "autoscaling": one}
-    args["kb"] = {"path": str(state / "kb.sqlite"), "refresh_interval_s": 0.2}  # a knowledge base of its own
+    # A knowledge base of its own, kept as versioned snapshots, as a cluster on several machines keeps it.
+    args["kb"] = {"snapshots_dir": str(kb_snapshots), "refresh_interval_s": 0.2}
     # The 'fast' objective sits well between the large model's latency per token for 12 tokens on a 2 MB/s
     # link (2-3 ms; 8-10 ms when this VM runs 3x slower, as it sometimes does) and on a 10 KB/s one with a
     # 2.4 KB prompt (over 22 ms: its upload alone is 20 ms a token), so a slower CI box cannot blur it.
@@ -66,8 +73,9 @@ def admin_api(serve_url: str) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def cluster_info(serve_url: str) -> dict[str, str]:
-    return {"dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}", "serve_url": serve_url}
+def cluster_info(serve_url: str, kb_snapshots: Path) -> dict[str, str]:
+    return {"dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}", "serve_url": serve_url,
+            "kb_snapshots": str(kb_snapshots)}
 
 
 def _wait_for_loads(url: str) -> None:

@@ -86,7 +86,7 @@ def test_requests_while_the_tiers_load_get_503_with_retry_after() -> None:
         response = client.post(route, json=body)
         assert response.status_code == 503 and response.headers["Retry-After"] == "2"
         assert "still starting (waiting for: device, cloud)" in response.json()["error"]["message"]
-    assert client.get("/readyz").status_code == 503
+    assert client.get("/readyz").status_code == client.get("/readyz?serving=true").status_code == 503  # never ready
     assert client.get("/health").status_code == client.get("/healthz").status_code == 200
 
 

@@ -13,7 +13,8 @@ import pytest
 from aiflow_ray.rag.chunking import chunk_text
 from aiflow_ray.rag.corpora import parse_foldoc, pydoc_documents
 from aiflow_ray.rag.index import ExactIndex, HnswIndex
-from aiflow_ray.rag.store import Document, IngestError, KnowledgeBase, QueryError, Retriever, read_documents
+from aiflow_ray.rag.retriever import Retriever
+from aiflow_ray.rag.store import Document, IngestError, KnowledgeBase, QueryError, read_documents
 
 DOCS = [
     Document("test:tcp", "TCP is a connection-oriented transport protocol that retransmits lost packets.", "tcp"),

@@ -232,14 +232,16 @@ class Ingress(TierCalls):
         link = await self._router_call("set_emulated_link", link_id, bps, update.rtt_ms / 1000.0)
         return {"link_id": link_id, "bandwidth_bps": link.bandwidth_bps, "rtt_s": link.rtt_s}
 
-    async def readyz(self) -> Any:
+    async def readyz(self, serving: bool = False) -> Any:
         """Ready while every tier reports (its replicas alive, on live nodes) and the router answers; /healthz
-        and /health answer as soon as the ingress runs."""
+        and /health answer as soon as the ingress runs. ``serving``: also 200 when degraded, i.e. ready once
+        and still answering (on the paths left): the question a load balancer or a Kubernetes readiness probe
+        asks, where a 503 would turn a lost tier into a lost service."""
         waiting = await self._waiting_for()
         if waiting:
             status = "degraded" if self._ready else "starting"
-            return JSONResponse({"status": status, "waiting_for": waiting}, status_code=503,
-                                headers={"Retry-After": "2"})
+            return JSONResponse({"status": status, "waiting_for": waiting},
+                                status_code=200 if serving and self._ready else 503, headers={"Retry-After": "2"})
         return {"status": "ready"}
 
     async def kb_search(self, body: KbSearchBody) -> Any:
@@ -337,8 +339,8 @@ def build_api(args: AppArgs, ingress: Callable[[], Ingress]) -> FastAPI:
 
     @api.get("/readyz", responses={503: {"description": "Not ready: which tiers are starting or down.",
                                          "content": {"application/json": {"schema": {"type": "object"}}}}})
-    async def readyz() -> Any:
-        return await ingress().readyz()
+    async def readyz(serving: bool = False) -> Any:
+        return await ingress().readyz(serving)
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> Any:

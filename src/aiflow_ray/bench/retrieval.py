@@ -25,7 +25,8 @@ from aiflow_ray import envs
 from aiflow_ray.data import load_retrieval_eval
 from aiflow_ray.rag import corpora
 from aiflow_ray.rag.embedder import Embedder
-from aiflow_ray.rag.store import KnowledgeBase, Retriever, read_documents
+from aiflow_ray.rag.retriever import Retriever
+from aiflow_ray.rag.store import KnowledgeBase, read_documents
 
 
 def _percentile(values: list[float], q: float) -> float:

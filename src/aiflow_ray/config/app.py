@@ -98,11 +98,19 @@ class KbArgs(StrictModel):
     chunk_chars: int = Field(1000, ge=100, le=8000, description="Chunk size for documents ingested over HTTP.")
     overlap_chars: int = Field(200, ge=0, le=2000, description="Overlap of consecutive chunks.")
     refresh_interval_s: float = Field(1.0, gt=0, description="How often a replica checks for new ingestions.")
+    snapshots_dir: str | None = Field(None, description="Directory of versioned read-only snapshots on a volume all "
+                                      "cloud replicas mount (rag/snapshots.py; default: AIFLOW_KB_SNAPSHOTS when "
+                                      "set): how several pods share one knowledge base. Unset: the file at path.")
 
     def path_or_default(self) -> Path:
         from aiflow_ray import envs
 
         return Path(self.path).expanduser() if self.path else envs.kb_path()
+
+    def snapshots_or_default(self) -> Path | None:
+        from aiflow_ray import envs
+
+        return Path(self.snapshots_dir).expanduser() if self.snapshots_dir else envs.kb_snapshots_dir()
 
 
 class LinkProbeArgs(StrictModel):

@@ -6,6 +6,10 @@ ingests. It is the system of record; the vector index is derived from it. Each r
 in-memory snapshot (a matrix of vectors plus row ids) and rebuilds it in the background when the
 knowledge base's version changes, swapping it in whole, so a query never waits for ingestion.
 
+On several machines (cloud replicas on Kubernetes pods) the knowledge base is a series of versioned,
+read-only snapshots of such a file on a shared volume instead (rag/snapshots.py): WAL needs shared
+memory that network file systems do not give, while an immutable file needs no locks at all.
+
 Ingestion is idempotent: a document is keyed by its source; re-ingesting the same text (with the
 same chunking) changes nothing, changed text replaces that document's chunks.
 
@@ -35,7 +39,6 @@ import numpy as np
 
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.rag.chunking import chunk_text
-from aiflow_ray.rag.index import VectorIndex, build_index
 
 log = get_logger(__name__)
 
@@ -152,28 +155,54 @@ def fts_query(text: str) -> str | None:
 
 
 class KnowledgeBase:
-    def __init__(self, path: Path, chunk_chars: int = 1000, overlap_chars: int = 200) -> None:
+    def __init__(self, path: Path, chunk_chars: int = 1000, overlap_chars: int = 200,
+                 snapshot_version: int | None = None) -> None:
+        """``snapshot_version``: the file is a published snapshot of that version, opened read-only and
+        immutable (no locks, no journal: safe on read-only and network volumes); see rag/snapshots.py."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.chunk_chars = chunk_chars
         self.overlap_chars = overlap_chars
+        self.snapshot_version = snapshot_version
         self._local = threading.local()
-        with self._conn() as conn:
-            conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('version', '0')")
+        if snapshot_version is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._conn() as conn:
+                conn.executescript(_SCHEMA)
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('version', '0')")
 
     def _conn(self) -> sqlite3.Connection:
         # One connection per thread: sqlite3 connections must not be shared across threads.
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60)
-            conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for the ingesting writer
-            conn.execute("PRAGMA synchronous=NORMAL")
+            if self.snapshot_version is not None:
+                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+            else:
+                conn = sqlite3.connect(self.path, timeout=60)
+                conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for the ingesting writer
+                conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
 
+    def seal(self) -> None:
+        """Fold the write-ahead log into the file and leave WAL mode, so the file alone is the whole knowledge
+        base (a snapshot to publish), then close this thread's connection."""
+        conn = self._conn()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.close()
+        self._local.conn = None
+
+    # -- the source a Retriever follows (rag/retriever.py) ------------------------------------------
+    def latest_version(self) -> int:
+        return self.version()
+
+    def open_latest(self) -> KnowledgeBase:
+        return self  # one live file: the reader is the writer's file, read in WAL mode
+
     # -- reads ----------------------------------------------------------------------------------
     def version(self) -> int:
+        if self.snapshot_version is not None:
+            return self.snapshot_version
         row = self._conn().execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
         return int(row[0]) if row else 0
 
@@ -230,6 +259,8 @@ class KnowledgeBase:
 
     def ingest(self, documents: Iterable[Document], embedder: EmbedderLike, progress: bool = False,
                batch_documents: int = 256) -> IngestStats:
+        if self.snapshot_version is not None:
+            raise IngestError(f"{self.path} is published snapshot v{self.snapshot_version}: read-only")
         existing = self.embedder_name()
         if existing is not None and existing != embedder.name:
             raise IngestError(f"{self.path} holds {existing} embeddings; cannot add {embedder.name} ones")
@@ -250,21 +281,37 @@ class KnowledgeBase:
         bar.close()
         return stats
 
+    def _known_hashes(self, docs: Sequence[Document]) -> dict[str, str]:
+        marks = ",".join("?" * len(docs))
+        return dict(self._conn().execute(f"SELECT source, content_hash FROM documents WHERE source IN ({marks})",
+                                         [d.source for d in docs]).fetchall())
+
+    def pending(self, docs: Sequence[Document]) -> list[Document]:
+        """The documents an ingestion would (re-)embed: new sources and changed texts."""
+        out: list[Document] = []
+        for start in range(0, len(docs), 500):  # SQLite caps the parameters of one statement
+            part = docs[start : start + 500]
+            known = self._known_hashes(part)
+            out += [d for d in part if known.get(d.source) != self._hash(d)]
+        return out
+
+    def texts_to_embed(self, doc: Document) -> list[str]:
+        # The title goes into what is embedded: a chunk from the middle of a long document often
+        # never names its subject.
+        chunks = chunk_text(doc.text, self.chunk_chars, self.overlap_chars)
+        return [f"{doc.title}: {c}" if doc.title else c for c in chunks]
+
     def _ingest_batch(self, docs: list[Document], embedder: EmbedderLike, stats: IngestStats) -> None:
         conn = self._conn()
         hashes = {d.source: self._hash(d) for d in docs}
-        marks = ",".join("?" * len(docs))
-        known = dict(conn.execute(f"SELECT source, content_hash FROM documents WHERE source IN ({marks})",
-                                  [d.source for d in docs]).fetchall())
+        known = self._known_hashes(docs)
         todo = [d for d in docs if known.get(d.source) != hashes[d.source]]
         stats.documents += len(docs)
         stats.unchanged += len(docs) - len(todo)
         if not todo:
             return
         chunked = [(d, chunk_text(d.text, self.chunk_chars, self.overlap_chars)) for d in todo]
-        # The title goes into what is embedded: a chunk from the middle of a long document often
-        # never names its subject.
-        texts = [f"{d.title}: {c}" if d.title else c for d, chunks in chunked for c in chunks]
+        texts = [t for d, _ in chunked for t in self.texts_to_embed(d)]
         vectors = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
         now = time.time()
         with conn:  # one transaction per batch: readers see all of it or none of it
@@ -290,108 +337,3 @@ class KnowledgeBase:
                              (doc.source, doc.title, hashes[doc.source], len(chunks), now))
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('embedder', ?)", (embedder.name,))
             conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'version'")
-
-
-@dataclass
-class _Snapshot:
-    version: int
-    row_ids: np.ndarray
-    index: VectorIndex
-
-
-class Retriever:
-    """Search over a knowledge base's latest snapshot; rebuilds happen off the query path."""
-
-    def __init__(self, kb: KnowledgeBase, embedder: EmbedderLike, index_kind: str = "exact",
-                 refresh_interval_s: float = 1.0) -> None:
-        self.kb = kb
-        self.embedder = embedder
-        self.index_kind = index_kind
-        self.refresh_interval_s = refresh_interval_s
-        self._snapshot = self._build()
-        self._checked_at = time.monotonic()
-        self._rebuilding = threading.Lock()
-
-    def _build(self) -> _Snapshot:
-        version, row_ids, vectors = self.kb.load_vectors()
-        if len(row_ids) and vectors.shape[1] != self.embedder.dim:
-            raise QueryError(f"knowledge base vectors have {vectors.shape[1]} dimensions, the embedder "
-                             f"{self.embedder.dim}")
-        index = build_index(self.index_kind, vectors if len(row_ids) else np.zeros((0, self.embedder.dim),
-                                                                                     np.float32))
-        log.info("knowledge base snapshot v%d: %d chunks (%s index)", version, len(row_ids), self.index_kind)
-        return _Snapshot(version, row_ids, index)
-
-    def _refresh_in_background(self) -> None:
-        if not self._rebuilding.acquire(blocking=False):
-            return  # a rebuild is already running
-
-        def work() -> None:
-            try:
-                self._snapshot = self._build()  # a single reference swap: queries see old or new
-            except Exception as exc:
-                log.warning("knowledge base refresh failed: %s", exc)
-            finally:
-                self._rebuilding.release()
-
-        threading.Thread(target=work, name="aiflow-kb-refresh", daemon=True).start()
-
-    def maybe_refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at < self.refresh_interval_s:
-            return
-        self._checked_at = now
-        if self.kb.version() != self._snapshot.version:
-            self._refresh_in_background()
-
-    @property
-    def num_chunks(self) -> int:
-        return len(self._snapshot.row_ids)
-
-    def embed_query(self, query: str) -> np.ndarray:
-        if not query.strip():
-            raise QueryError("query must not be empty")
-        if len(query) > MAX_QUERY_CHARS:
-            raise QueryError(f"query is longer than {MAX_QUERY_CHARS} characters")
-        return self.embedder.embed([query])[0]
-
-    def search(self, query: str | None = None, top_k: int = 5, query_vector: np.ndarray | None = None,
-               mode: str = "hybrid") -> list[Hit]:
-        """Best chunks for a query, one per source: hybrid (dense + BM25) when the text is given, dense
-        when only an embedding is (``mode="dense"`` forces it, for comparison)."""
-        if not 1 <= top_k <= 100:
-            raise QueryError("top_k must be within 1..100")
-        if mode not in ("hybrid", "dense"):
-            raise QueryError("mode must be hybrid or dense")
-        if query_vector is None:
-            query_vector = self.embed_query(query or "")
-        vector = np.asarray(query_vector, dtype=np.float32).reshape(-1)
-        if vector.shape[0] != self.embedder.dim or not np.all(np.isfinite(vector)):
-            raise QueryError(f"query embedding must be {self.embedder.dim} finite numbers")
-        self.maybe_refresh()
-        snap = self._snapshot
-        if len(snap.row_ids) == 0:
-            return []
-        positions, _ = snap.index.search(vector[None, :], max(CANDIDATES, 4 * top_k))
-        dense = [int(snap.row_ids[p]) for p in positions[0] if p >= 0]
-        fused: dict[int, float] = {}
-        for rank, row in enumerate(dense):
-            fused[row] = fused.get(row, 0.0) + 1.0 / (RRF_K + rank + 1)
-        if mode == "hybrid" and query:
-            for rank, row in enumerate(self.kb.lexical(query, max(CANDIDATES, 4 * top_k))):
-                fused[row] = fused.get(row, 0.0) + 1.0 / (RRF_K + rank + 1)
-        ranked = sorted(fused, key=fused.__getitem__, reverse=True)
-        rows = self.kb.chunks_by_row(ranked[: 8 * top_k + CANDIDATES])
-        hits: list[Hit] = []
-        seen: set[str] = set()
-        for row in ranked:
-            if row not in rows:  # replaced since the snapshot was built: skipped, not wrong
-                continue
-            chunk_id, source, text, title = rows[row]
-            if source in seen:
-                continue
-            seen.add(source)
-            hits.append(Hit(chunk_id, source, fused[row], text, title))
-            if len(hits) == top_k:
-                break
-        return hits

@@ -20,7 +20,9 @@ from aiflow_ray.config import KbArgs, StrictModel
 from aiflow_ray.engines.base import Engine
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.rag.prompting import grounded_messages
-from aiflow_ray.rag.store import Document, KnowledgeBase, Retriever
+from aiflow_ray.rag.retriever import Retriever
+from aiflow_ray.rag.snapshots import SnapshotStore
+from aiflow_ray.rag.store import Document, KnowledgeBase
 
 log = get_logger(__name__)
 
@@ -101,7 +103,10 @@ class CloudService:
         from aiflow_ray.rag.embedder import Embedder
 
         self.engine = engine
-        self.kb = KnowledgeBase(kb_args.path_or_default(), kb_args.chunk_chars, kb_args.overlap_chars)
+        snapshots = kb_args.snapshots_or_default()
+        self.kb: KnowledgeBase | SnapshotStore = (
+            SnapshotStore(snapshots, kb_args.chunk_chars, kb_args.overlap_chars) if snapshots
+            else KnowledgeBase(kb_args.path_or_default(), kb_args.chunk_chars, kb_args.overlap_chars))
         self.embedder = embedder or Embedder()
         self.retriever = Retriever(self.kb, self.embedder, kb_args.index, kb_args.refresh_interval_s)
         # (tokens, seconds) of each beam search and (0, seconds) of each retrieval, for the router.
@@ -136,10 +141,15 @@ class CloudService:
 
     def ingest(self, req: IngestRequest) -> dict[str, Any]:
         docs = [Document(source=d.source, text=d.text, title=d.title) for d in req.documents]
-        stats = self.kb.ingest(docs, self.embedder)
+        if isinstance(self.kb, SnapshotStore):
+            stats, _ = self.kb.ingest(docs, self.embedder)  # a new version for every replica
+        else:
+            stats = self.kb.ingest(docs, self.embedder)
+        self.retriever.refresh_now()  # this replica's next query reads what it just wrote
         log.info("ingested %d documents (%d chunks added)", stats.documents, stats.chunks_added)
         return {**stats.__dict__, **self.kb.stats()}
 
     def stats(self) -> dict[str, Any]:
         return {**self.kb.stats(), "snapshot_chunks": self.retriever.num_chunks, "index": self.retriever.index_kind,
-                "embedder": self.embedder.name}
+                "embedder": self.embedder.name, "serving_version": self.retriever.version,
+                "store": "snapshots" if isinstance(self.kb, SnapshotStore) else "sqlite"}

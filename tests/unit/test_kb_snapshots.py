@@ -1,0 +1,139 @@
+"""Versioned read-only knowledge-base snapshots (rag/snapshots.py): publication, races, swap, prune, rollback.
+
+The real embedder and real SQLite files; several writers and readers are separate store objects, as
+separate pods would be. The Ray Data ingestion into a served cluster is in
+tests/integration/test_kb_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from aiflow_ray.rag.retriever import Retriever
+from aiflow_ray.rag.snapshots import DB_NAME, EmbeddingCache, SnapshotStore
+from aiflow_ray.rag.store import Document, IngestError
+from tests.unit.test_rag import DOCS
+
+NEW = Document("test:raft", "Raft elects a leader by randomized election timeouts and majority votes.", "raft")
+
+
+@pytest.fixture(scope="module")
+def embedder():  # type: ignore[no-untyped-def]
+    from aiflow_ray.rag.embedder import Embedder
+
+    return EmbeddingCache.around(Embedder())  # shared by the tests: each text is embedded once
+
+
+def test_each_ingestion_publishes_one_complete_immutable_version(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
+    store = SnapshotStore(tmp_path / "kb", chunk_chars=200, overlap_chars=40)
+    assert store.latest_version() == 0 and store.open_latest().stats()["chunks"] == 0  # replicas start empty
+    stats, version = store.ingest(DOCS, embedder)
+    assert (version, stats.added, store.versions()) == (1, 4, [1])
+    again, same = store.ingest(DOCS, embedder)
+    assert (same, again.unchanged, store.versions()) == (1, 4, [1])  # nothing changed: nothing published
+    changed = Document("test:gc", "Garbage collectors find unreachable objects and free them.", "gc")
+    stats, version = store.ingest([changed, NEW], embedder)
+    assert (version, stats.replaced, stats.added) == (2, 1, 1)
+    manifest = store.manifest(2)
+    assert (manifest["parent"], manifest["documents"], manifest["chunks"]) == (1, 5, 5)
+    # Every published directory holds exactly the file and its manifest: no journal or WAL files beside it,
+    # and the bytes are the ones the manifest names.
+    for v in (1, 2):
+        assert sorted(p.name for p in (tmp_path / "kb" / f"v{v:06d}").iterdir()) == ["MANIFEST.json", DB_NAME]
+        store.verify(v)
+    old, new = store.open_version(1), store.open_version(2)
+    assert old.stats()["documents"] == 4 and new.stats()["documents"] == 5 and new.version() == 2
+    (row,) = new.lexical("unreachable objects", 1)
+    assert "unreachable" in new.chunks_by_row([row])[row][2]  # the lexical index came with the file
+    with pytest.raises(IngestError, match="read-only"):
+        new.ingest([NEW], embedder)
+    assert not list((tmp_path / "kb").glob(".staging-*"))
+
+
+def test_a_writer_that_loses_the_race_reapplies_its_documents_on_the_winners_version(
+        tmp_path: Path, embedder, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "kb"
+    first, second = SnapshotStore(root), SnapshotStore(root)  # two pods
+    second.ingest(DOCS[:2], embedder)
+    publish = first._publish
+    calls: list[int] = []
+
+    def other_writer_wins_first(db: Path, base: int, counts: dict, restored_from: int | None = None) -> int:  # type: ignore[type-arg]
+        if not calls:  # the other pod publishes between this one's ingestion and its rename
+            second.ingest([NEW], embedder)
+        calls.append(base)
+        return publish(db, base, counts, restored_from)
+
+    monkeypatch.setattr(first, "_publish", other_writer_wins_first)
+    stats, version = first.ingest(DOCS[2:], embedder)
+    assert calls == [1, 2] and version == 3 and stats.added == 2
+    latest = first.open_latest().stats()
+    assert latest["documents"] == 5  # both writers' documents, neither lost
+    assert [first.manifest(v)["parent"] for v in (1, 2, 3)] == [None, 1, 2]
+
+
+def test_a_retriever_swaps_new_versions_in_while_queries_keep_answering(tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "kb"
+    SnapshotStore(root).ingest(DOCS, embedder)
+    retriever = Retriever(SnapshotStore(root), embedder, refresh_interval_s=0.02)
+    assert retriever.version == 1
+    errors: list[BaseException] = []
+    answered = []
+    stop = threading.Event()
+
+    def queries() -> None:
+        while not stop.is_set():
+            try:
+                hits = retriever.search("leader election", top_k=2)
+                answered.append((retriever.version, hits[0].source))
+            except BaseException as exc:  # any failure at all is what this test looks for
+                errors.append(exc)
+
+    reader = threading.Thread(target=queries)
+    reader.start()
+    try:
+        writer = SnapshotStore(root)  # another pod
+        for i in range(4):
+            writer.ingest([Document(f"extra:{i}", f"Note {i} on consensus and replicated logs, number {i}.")], embedder)
+        writer.ingest([NEW], embedder)
+        deadline = time.monotonic() + 20
+        while retriever.version != 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        reader.join(timeout=30)
+    assert errors == [] and retriever.version == 6
+    assert answered and answered[-1] == (6, "test:raft")
+    assert {v for v, _ in answered} >= {1, 6}  # it answered before and after the swaps
+
+
+def test_prune_waits_out_the_grace_period_and_rollback_publishes_an_old_version_again(
+        tmp_path: Path, embedder) -> None:  # type: ignore[no-untyped-def]
+    store = SnapshotStore(tmp_path / "kb")
+    for doc in (*DOCS, NEW):
+        store.ingest([doc], embedder)
+    assert store.versions() == [1, 2, 3, 4, 5]
+    assert store.prune(keep=2, grace_s=600) == []  # superseded moments ago: a replica may still read them
+    future = time.time() + 3600
+    assert store.prune(keep=2, grace_s=600, now=future) == [1, 2, 3] and store.versions() == [4, 5]
+    version = store.rollback(4)
+    assert version == 6 and store.manifest(6)["restored_from"] == 4
+    assert store.open_latest().stats()["documents"] == 4 and store.versions() == [4, 5, 6]
+    with pytest.raises(IngestError, match="no published version 1"):
+        store.rollback(1)
+    stale = tmp_path / "kb" / ".staging-dead"
+    stale.mkdir()
+    store.prune(keep=3, grace_s=600, now=time.time() + 7200)  # its writer died an hour or more ago
+    assert not stale.exists()
+    # A version directory whose file was cut short is refused, naming it, not served.
+    db = tmp_path / "kb" / "v000006" / DB_NAME
+    db.write_bytes(db.read_bytes()[:4096])
+    with pytest.raises(IngestError, match="manifest says"):
+        store.open_version(6)
+    assert json.loads((tmp_path / "kb" / "v000006" / "MANIFEST.json").read_text())["version"] == 6
