@@ -40,6 +40,8 @@ $(STAMP): requirements.lock requirements-nodeps.txt requirements-vllm.txt pyproj
 		--no-cache-dir llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(LLAMA_WHEELS); }
 	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(PY) -m pip install --quiet --no-deps -e .
+	@command -v kubectl >/dev/null || echo "note: kubectl (with kustomize v5) renders and checks k8s/ in make test;" \
+		"install it: https://kubernetes.io/docs/tasks/tools/ (a static binary, no cluster needed)"
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install pinned dependencies (CPU torch)
@@ -71,7 +73,7 @@ run: install ## start the local cluster (head + device/edge/cloud nodes) and ser
 stop: ## stop exactly the local cluster that `make run` started
 	@$(AIFLOW) cluster down
 
-configs: install ## regenerate deployments/*.yaml and k8s/rayservice.yaml from the builder profiles
+configs: install ## regenerate deployments/*.yaml and the k8s/ manifests from the builder profiles
 	$(AIFLOW) configs render
 
 lint: install ## ruff

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("tier", choices=list(TIERS))
 
     deploy = sub.add_parser("deploy", help="deploy a profile to the running local cluster and wait until healthy")
-    deploy.add_argument("--profile", choices=["local", "tiny"], default="local")
+    deploy.add_argument("--profile", choices=["local", "tiny", "dev"], default="local")
     deploy.add_argument("--http-port", type=int, default=8000)
     deploy.add_argument("--timeout-s", type=float, default=900.0)
     deploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

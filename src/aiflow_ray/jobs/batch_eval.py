@@ -63,15 +63,27 @@ def run(input_path: Path, output_path: Path, url: str, defaults: dict[str, Any])
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, required=True)
+    parser.add_argument("--input", type=Path, default=None, help="prompt JSONL (default: the bundled prompts)")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--path", default="auto")
     parser.add_argument("--quality", default="exact")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.input is None:
+        from aiflow_ray.data import load_prompts
+
+        args.input = args.output.parent / "prompts.jsonl"
+        args.input.parent.mkdir(parents=True, exist_ok=True)
+        bundled = [json.dumps({"id": p["id"], "prompt": p["prompt"]}) for p in load_prompts()]
+        args.input.write_text("\n".join(bundled) + "\n")
     summary = run(args.input, args.output, args.url,
                   {"max_tokens": args.max_tokens, "path": args.path, "quality": args.quality})
     print(json.dumps(summary, indent=2))

@@ -91,7 +91,7 @@ def run(inputs: list[Path], snapshots: Path, actors: int = 4, batch_size: int = 
             **{k: v for k, v in store.stats().items() if k in ("documents", "chunks", "path")}}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aiflow_ray.jobs.ingest", description=__doc__.split("\n")[0])
     parser.add_argument("--input", type=Path, nargs="+", required=True, help="files or directories to ingest")
     parser.add_argument("--snapshots", type=Path, default=None,
@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap-chars", type=int, default=200)
     parser.add_argument("--keep", type=int, default=3, help="versions kept when pruning (at least 1)")
     parser.add_argument("--grace-s", type=float, default=600.0, help="how long a superseded version stays")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     from aiflow_ray import envs
 

@@ -71,7 +71,7 @@ def run(client: AiflowClient, prompts: list[dict[str, str]], bandwidths_bps: lis
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--output", type=Path, required=True, help="directory for tpot_sweep.csv and summary.json")
@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rtt-ms", type=float, default=20.0)
     parser.add_argument("--link-id", default="sweep")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     bandwidths = [parse_bandwidth_bps(b) for b in args.bandwidths.split(",") if b.strip()]
     summary = run(AiflowClient(args.url), load_prompts(args.prompts), bandwidths, parse_int_ranges(args.draft_lens),

@@ -1,4 +1,4 @@
-"""Generated deployment files: Serve configs in deployments/ and KubeRay manifests in k8s/.
+"""Generated deployment files: Serve configs in deployments/ and KubeRay manifests in k8s/ (serve/kube.py).
 
 Both come from ``AppArgs`` profiles here, so the YAML and the RayService's ``serveConfigV2`` carry the
 same import path and args and cannot drift. ``aiflow configs render`` rewrites them; a test checks
@@ -15,9 +15,8 @@ import yaml
 from aiflow_ray.config.app import AppArgs
 
 IMPORT_PATH = "aiflow_ray.serve:build_app"
+PROFILES = ("local", "tiny", "gpu", "dev")
 RAY_VERSION = "2.60.0"
-# Built from k8s/Dockerfile: the Ray image plus this package and its pinned dependencies.
-IMAGE = "aiflow-ray:0.1.0"
 
 
 def profile_args(profile: str) -> dict[str, Any]:
@@ -45,6 +44,13 @@ def profile_args(profile: str) -> dict[str, Any]:
                                       "autoscaling": {"target_ongoing_requests": target[tier]}}
                                for tier in ("device", "edge", "cloud")}
         raw["ingress"] = {**ingress, **on_head}
+    elif profile == "dev":
+        # One machine, no tier labels (`ray start --head` on a laptop, or the k8s dev overlay's single pod):
+        # the tiers of the local profile, one replica each, wherever the node has room.
+        raw = {tier: {"label_selector": {}, "engine": "llama_cpp", "threads": 2,
+                      "autoscaling": {"min_replicas": 1, "max_replicas": 1}} for tier in ("device", "edge", "cloud")}
+        raw["ingress"] = {"num_cpus": 0.5, "max_ongoing_requests": 64}
+        raw["check_labels"] = False
     elif profile == "tiny":
         raw = {
             "model_preset": "tiny",
@@ -78,7 +84,7 @@ def profile_args(profile: str) -> dict[str, Any]:
             "ingress": ingress,
         }
     else:
-        raise ValueError(f"unknown profile {profile!r}: local, tiny or gpu")
+        raise ValueError(f"unknown profile {profile!r}: {', '.join(PROFILES)}")
     return AppArgs.model_validate(raw).model_dump(mode="json", exclude_defaults=True)
 
 
@@ -112,51 +118,8 @@ def serve_config(profile: str, http_port: int = 8000, overrides: dict[str, Any] 
         args = AppArgs.model_validate(_merge(args, overrides)).model_dump(mode="json", exclude_defaults=True)
     return {
         "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1" if profile != "gpu" else "0.0.0.0", "port": http_port},
+        "http_options": {"host": "127.0.0.1" if profile in ("local", "tiny") else "0.0.0.0", "port": http_port},
         "applications": [{"name": "aiflow", "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}],
-    }
-
-
-def rayservice(profile: str = "gpu") -> dict[str, Any]:
-    config = serve_config(profile)
-    # Both keys from one secret; without an admin key, admin routes stay closed while an API key is set.
-    head_env = [{"name": env, "valueFrom": {"secretKeyRef": {"name": "aiflow-api", "key": key, "optional": True}}}
-                for env, key in (("AIFLOW_API_KEY", "api-key"), ("AIFLOW_ADMIN_KEY", "admin-key"))]
-
-    def container(name: str, gpus: int) -> dict[str, Any]:
-        resources: dict[str, Any] = {"limits": {"cpu": "8", "memory": "32Gi"},
-                                     "requests": {"cpu": "4", "memory": "16Gi"}}
-        if gpus:
-            resources["limits"]["nvidia.com/gpu"] = str(gpus)
-            resources["requests"]["nvidia.com/gpu"] = str(gpus)
-        return {"name": name, "image": IMAGE, "resources": resources, "env": head_env}
-
-    def worker_group(tier: str, replicas: int, max_replicas: int) -> dict[str, Any]:
-        return {
-            "groupName": tier, "replicas": replicas, "minReplicas": replicas, "maxReplicas": max_replicas,
-            "rayStartParams": {"labels": f"tier={tier}"},
-            "template": {"spec": {"containers": [container("ray-worker", 1)]}},
-        }
-
-    head_container = container("ray-head", 0)
-    head_container["ports"] = [{"containerPort": 6379, "name": "gcs-server"},
-                               {"containerPort": 8265, "name": "dashboard"},
-                               {"containerPort": 8000, "name": "serve"}]
-    return {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayService",
-        "metadata": {"name": "aiflow"},
-        "spec": {
-            "serveConfigV2": yaml.safe_dump({"applications": config["applications"]}, sort_keys=False),
-            "rayClusterConfig": {
-                "rayVersion": RAY_VERSION,
-                "enableInTreeAutoscaling": True,
-                "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                                  "template": {"spec": {"containers": [head_container]}}},
-                "workerGroupSpecs": [worker_group("device", 1, 4), worker_group("edge", 1, 4),
-                                     worker_group("cloud", 1, 2)],
-            },
-        },
     }
 
 
@@ -164,12 +127,15 @@ HEADER = "# Generated by `aiflow configs render` from aiflow_ray/serve/configs.p
 
 
 def rendered_files() -> dict[str, str]:
+    from aiflow_ray.serve import kube
+
     dump = lambda obj: HEADER + yaml.safe_dump(obj, sort_keys=False)  # noqa: E731
     return {
         "deployments/local.yaml": dump(serve_config("local")),
         "deployments/tiny.yaml": dump(serve_config("tiny")),
         "deployments/gpu.yaml": dump(serve_config("gpu")),
-        "k8s/rayservice.yaml": dump(rayservice("gpu")),
+        "deployments/dev.yaml": dump(serve_config("dev")),
+        **{rel: dump(obj) for rel, obj in kube.manifests().items()},
     }
 
 
