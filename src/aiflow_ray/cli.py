@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     kb = sub.add_parser("kb", help="knowledge base: fetch demo corpora, ingest files, search")
     kb.add_argument("--kb", dest="kb_path", type=Path, default=None,
                     help="knowledge base file (default: AIFLOW_KB_PATH or AIFLOW_HOME/kb/default.sqlite)")
+    kb.add_argument("--snapshots", type=Path, default=None, help="a directory of versioned snapshots instead "
+                    "(rag/snapshots.py; default: AIFLOW_KB_SNAPSHOTS when set)")
     kb_sub = kb.add_subparsers(dest="kb_command", required=True)
     kb_fetch = kb_sub.add_parser("fetch", help="write the demo corpora (pydoc, foldoc) as JSONL and print their paths")
     kb_fetch.add_argument("corpora", nargs="*", default=["pydoc", "foldoc"])
@@ -118,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(kb_search, "--top-k", KbSearchBody, "top_k", type=int)
     kb_search.add_argument("--json", action="store_true", help="print a JSON list of hits")
     kb_sub.add_parser("stats", help="documents, chunks and version of the knowledge base")
+    kb_sub.add_parser("versions", help="snapshots: the published versions and their manifests")
+    kb_sub.add_parser("rollback", help="snapshots: publish an old version again as the newest").add_argument(
+        "version", type=int)
+    kb_prune = kb_sub.add_parser("prune", help="snapshots: delete versions superseded longer than --grace-s ago")
+    kb_prune.add_argument("--keep", type=int, default=3)
+    kb_prune.add_argument("--grace-s", type=float, default=600.0)
 
     models = sub.add_parser("models", help="list or fetch models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -283,20 +291,37 @@ def _kb(args: argparse.Namespace) -> int:
     from aiflow_ray import envs
     from aiflow_ray.rag import corpora
     from aiflow_ray.rag.retriever import Retriever
+    from aiflow_ray.rag.snapshots import SnapshotStore
     from aiflow_ray.rag.store import IngestError, KnowledgeBase, QueryError, read_documents
 
     path = args.kb_path or envs.kb_path()
+    snapshots = args.snapshots or envs.kb_snapshots_dir()
     if args.kb_command == "fetch":
         for name in args.corpora:
             print(corpora.fetch(name))
         return 0
+    chunking = [getattr(args, "chunk_chars", 1000), getattr(args, "overlap_chars", 200)]
+    kb: KnowledgeBase | SnapshotStore = SnapshotStore(snapshots, *chunking) if snapshots else \
+        KnowledgeBase(path, *chunking)
+    if args.kb_command in ("versions", "rollback", "prune"):
+        if not isinstance(kb, SnapshotStore):
+            print(f"aiflow: kb {args.kb_command} needs --snapshots DIR (or AIFLOW_KB_SNAPSHOTS)", file=sys.stderr)
+            return 2
+        try:
+            out: Any = ([kb.manifest(v) for v in kb.versions()] if args.kb_command == "versions" else
+                        {"published": kb.rollback(args.version)} if args.kb_command == "rollback" else
+                        {"deleted": kb.prune(args.keep, args.grace_s)})
+        except IngestError as exc:
+            print(f"aiflow: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(out, indent=2))
+        return 0
     if args.kb_command == "stats":
-        print(json.dumps(KnowledgeBase(path).stats(), indent=2))
+        print(json.dumps(kb.stats(), indent=2))
         return 0
     from aiflow_ray.rag.embedder import Embedder
 
     if args.kb_command == "ingest":
-        kb = KnowledgeBase(path, args.chunk_chars, args.overlap_chars)
         try:
             # Read every file first, so a bad file fails the command before anything is written.
             documents = [doc for p in args.paths for doc in read_documents(p)]
@@ -304,9 +329,10 @@ def _kb(args: argparse.Namespace) -> int:
             print(f"aiflow: cannot ingest {exc}", file=sys.stderr)
             return 2
         stats = kb.ingest(documents, Embedder(), progress=True)
+        if isinstance(stats, tuple):  # a snapshot store also says which version holds the documents
+            stats = stats[0]
         print(json.dumps({**stats.__dict__, **kb.stats()}, indent=2))
         return 0
-    kb = KnowledgeBase(path)
     try:
         hits = Retriever(kb, Embedder()).search(args.query, top_k=args.top_k)
     except QueryError as exc:

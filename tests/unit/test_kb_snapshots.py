@@ -137,3 +137,29 @@ def test_prune_waits_out_the_grace_period_and_rollback_publishes_an_old_version_
     with pytest.raises(IngestError, match="manifest says"):
         store.open_version(6)
     assert json.loads((tmp_path / "kb" / "v000006" / "MANIFEST.json").read_text())["version"] == 6
+
+
+def test_the_cli_ingests_into_snapshots_lists_rolls_back_and_prunes(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from aiflow_ray.cli import main
+
+    root = tmp_path / "kb"
+    (tmp_path / "a.md").write_text("Raft elects a leader with randomized timeouts.")
+    (tmp_path / "b.md").write_text("Paxos reaches consensus with proposers and acceptors.")
+    assert main(["kb", "--snapshots", str(root), "ingest", str(tmp_path / "a.md")]) == 0
+    assert main(["kb", "--snapshots", str(root), "ingest", str(tmp_path / "b.md")]) == 0
+    capsys.readouterr()
+    assert main(["kb", "--snapshots", str(root), "versions"]) == 0
+    assert [m["documents"] for m in json.loads(capsys.readouterr().out)] == [1, 2]
+    assert main(["kb", "--snapshots", str(root), "rollback", "1"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"published": 3}
+    assert main(["kb", "--snapshots", str(root), "stats"]) == 0
+    assert json.loads(capsys.readouterr().out)["documents"] == 1
+    assert main(["kb", "--snapshots", str(root), "search", "leader election", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["source"].endswith("a.md")
+    assert main(["kb", "--snapshots", str(root), "prune", "--keep", "1", "--grace-s", "0"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": [1, 2]}
+    assert main(["kb", "--snapshots", str(root), "rollback", "1"]) == 2
+    assert "no published version 1" in capsys.readouterr().err
+    assert main(["kb", "--kb", str(tmp_path / "kb.sqlite"), "versions"]) == 2
+    assert "--snapshots" in capsys.readouterr().err
