@@ -24,7 +24,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF
 LLAMA_WHEELS := $(or $(AIFLOW_HOME),$(HOME)/.cache/aiflow)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-avx512-noamx
 
-.PHONY: help install models kb run stop test lint typecheck unit bench-tpot bench-capacity load-test fault-report gpu-check configs images clean
+.PHONY: help install models kb run stop test lint typecheck unit bench-tpot bench-capacity load-test fault-report gpu-check configs images bench-kb clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ stop: ## stop exactly the local cluster that `make run` started
 
 configs: install ## regenerate deployments/*.yaml and the k8s/ manifests from the builder profiles
 	$(AIFLOW) configs render
+
+bench-kb: install ## knowledge-base ingestion (one process vs Ray Data) and the snapshot swap -> docs/benchmarks/kb_ingest.*
+	$(PY) -m aiflow_ray.bench.kb_ingest --out docs/benchmarks
 
 images: ## build the CPU and CUDA images the k8s/ manifests name (needs Docker with BuildKit; see k8s/README.md)
 	docker build -f k8s/images/Dockerfile.cpu -t aiflow-ray:0.1.0-cpu .

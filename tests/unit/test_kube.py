@@ -65,6 +65,12 @@ def test_each_overlay_renders_objects_that_validate(overlay: str) -> None:
     (service,) = [o for o in objects if o["kind"] == "RayService"]
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == RAY_VERSION
+    # An upgrade keeps the old cluster until any request it still holds has reached its deadline.
+    from aiflow_ray.config.app import AppArgs
+
+    args = AppArgs.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"])
+    assert service["spec"]["rayClusterDeletionDelaySeconds"] > args.deadlines.request_s
+    assert service["spec"]["upgradeStrategy"]["type"] == "NewCluster"
     head = cluster["headGroupSpec"]["template"]["spec"]
     env = {e["name"]: e for e in head["containers"][0]["env"]}
     assert env["AIFLOW_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "aiflow-api", "key": "api-key",
@@ -177,3 +183,23 @@ def test_the_head_readiness_probe_waits_for_a_ready_application_but_never_blocks
     finally:
         for server in servers:
             server.shutdown()
+
+
+def test_the_guides_own_overlay_renders_with_its_registry_and_storage_class(tmp_path: Path) -> None:
+    """k8s/README.md tells users to layer their registry and storage class over ours: that overlay works."""
+    guide = (ROOT / "k8s" / "README.md").read_text()
+    body = guide.split("cat > my-aiflow/kustomization.yaml <<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
+    (tmp_path / "my-aiflow").mkdir()
+    (tmp_path / "my-aiflow" / "kustomization.yaml").write_text(body)
+    out = subprocess.run([shutil.which("kubectl") or "kubectl", "kustomize", str(tmp_path / "my-aiflow")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    objects = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    for obj in objects:
+        validate(obj)
+    (service,) = [o for o in objects if o["kind"] == "RayService"]
+    images = {c["image"] for t in _pod_templates(service) for c in t["spec"]["containers"]}
+    assert images == {f"registry.example.com/aiflow-ray:{kube.TAGS['cuda']}"}
+    (claim,) = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["storageClassName"] == "nfs-client"

@@ -87,7 +87,7 @@ def _container(name: str, cpus: int, memory_gi: int, gpus: int = 0, kb: bool = F
     return container
 
 
-def _pod(container: dict[str, Any], kb: bool, gpu: bool = False) -> dict[str, Any]:
+def _pod(container: dict[str, Any], kb: bool, gpu: bool = False, component: str = "serving") -> dict[str, Any]:
     spec: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100},
         "terminationGracePeriodSeconds": 120,
@@ -98,7 +98,8 @@ def _pod(container: dict[str, Any], kb: bool, gpu: bool = False) -> dict[str, An
     if gpu:
         spec["nodeSelector"] = {"nvidia.com/gpu.present": "true"}
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    return {"metadata": {"labels": {"app.kubernetes.io/name": NAME}}, "spec": spec}
+    return {"metadata": {"labels": {"app.kubernetes.io/name": NAME, "app.kubernetes.io/component": component}},
+            "spec": spec}
 
 
 def _head(cpus: int, memory_gi: int, ray_cpus: int, labels: str, image_tag: str) -> dict[str, Any]:
@@ -156,14 +157,23 @@ def cluster_spec(overlay: str) -> dict[str, Any]:
             "headGroupSpec": head, "workerGroupSpecs": groups}
 
 
+def _longest_request_s(overlay: str) -> int:
+    from aiflow_ray.config.app import AppArgs
+    from aiflow_ray.serve.configs import profile_args
+
+    return int(AppArgs.model_validate(profile_args(OVERLAY_PROFILES[overlay])).deadlines.request_s)
+
+
 def rayservice(overlay: str = "cpu") -> dict[str, Any]:
     return {
         "apiVersion": "ray.io/v1", "kind": "RayService",
         "metadata": {"name": NAME, "labels": {"app.kubernetes.io/name": NAME}},
         "spec": {
             "serveConfigV2": _serve_config_v2(OVERLAY_PROFILES[overlay]),
-            # Zero-downtime upgrades: a changed cluster spec starts a new cluster, traffic moves when it is ready.
+            # Zero-downtime upgrades: a changed cluster spec starts a new cluster, traffic moves when it is ready,
+            # and the old one stays until the longest request it may still hold has ended.
             "upgradeStrategy": {"type": "NewCluster"},
+            "rayClusterDeletionDelaySeconds": _longest_request_s(overlay) + 60,
             "rayClusterConfig": cluster_spec(overlay),
         },
     }
@@ -172,7 +182,8 @@ def rayservice(overlay: str = "cpu") -> dict[str, Any]:
 def _patch(overlay: str) -> dict[str, Any]:
     full = rayservice(overlay)
     return {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": NAME},
-            "spec": {key: full["spec"][key] for key in ("serveConfigV2", "rayClusterConfig")}}
+            "spec": {key: full["spec"][key] for key in ("serveConfigV2", "rayClusterDeletionDelaySeconds",
+                                                        "rayClusterConfig")}}
 
 
 def data_volume(access_mode: str = "ReadWriteMany", size: str = "20Gi") -> dict[str, Any]:
@@ -184,6 +195,7 @@ def data_volume(access_mode: str = "ReadWriteMany", size: str = "20Gi") -> dict[
 def _job_cluster(workers: dict[str, Any] | None) -> dict[str, Any]:
     head = _head(2, 4, 1, "", TAGS["cpu"])
     del head["template"]["spec"]["containers"][0]["readinessProbe"]  # no application on a job's cluster
+    head["template"]["metadata"]["labels"]["app.kubernetes.io/component"] = "job"
     spec: dict[str, Any] = {"rayVersion": RAY_VERSION, "headGroupSpec": head, "workerGroupSpecs": []}
     if workers:
         spec["enableInTreeAutoscaling"] = True
@@ -210,6 +222,7 @@ def rayjob(name: str) -> dict[str, Any]:
     if workers:
         embed = _group("embed", (0, 8), 4, 8)
         embed["rayStartParams"] = {"num-cpus": "4"}
+        embed["template"]["metadata"]["labels"]["app.kubernetes.io/component"] = "job"
         embed["template"]["spec"]["containers"][0]["volumeMounts"] = [{"name": "data", "mountPath": DATA_MOUNT}]
         embed["template"]["spec"]["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": DATA_PVC}}]
     return {
