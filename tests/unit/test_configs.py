@@ -25,7 +25,7 @@ def test_serve_configs_reach_the_one_builder_with_valid_args(rel: str) -> None:
     (app,) = config["applications"]
     assert app["import_path"] == IMPORT_PATH
     AppArgs.model_validate(app["args"])
-    if "gpu" not in rel and "dev" not in rel:
+    if "gpu" not in rel:
         assert config["http_options"]["host"] == "127.0.0.1"
 
 

@@ -118,7 +118,7 @@ def serve_config(profile: str, http_port: int = 8000, overrides: dict[str, Any] 
         args = AppArgs.model_validate(_merge(args, overrides)).model_dump(mode="json", exclude_defaults=True)
     return {
         "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1" if profile in ("local", "tiny") else "0.0.0.0", "port": http_port},
+        "http_options": {"host": "0.0.0.0" if profile == "gpu" else "127.0.0.1", "port": http_port},
         "applications": [{"name": "aiflow", "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}],
     }
 
