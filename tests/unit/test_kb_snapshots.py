@@ -125,6 +125,10 @@ def test_prune_waits_out_the_grace_period_and_rollback_publishes_an_old_version_
     version = store.rollback(4)
     assert version == 6 and store.manifest(6)["restored_from"] == 4
     assert store.open_latest().stats()["documents"] == 4 and store.versions() == [4, 5, 6]
+    # A reader keeps serving a version pruned under it (replicas never depend on the grace period to read).
+    serving = store.open_version(4)
+    assert store.prune(keep=1, grace_s=0) == [4, 5]
+    assert serving.stats()["documents"] == 4 and serving.lexical("leader", 1) == []
     with pytest.raises(IngestError, match="no published version 1"):
         store.rollback(1)
     stale = tmp_path / "kb" / ".staging-dead"
@@ -163,3 +167,22 @@ def test_the_cli_ingests_into_snapshots_lists_rolls_back_and_prunes(tmp_path: Pa
     assert "no published version 1" in capsys.readouterr().err
     assert main(["kb", "--kb", str(tmp_path / "kb.sqlite"), "versions"]) == 2
     assert "--snapshots" in capsys.readouterr().err
+
+
+def test_a_cloud_replica_reads_its_own_ingestion_at_once_and_keeps_versions_bounded(tmp_path: Path,
+                                                                                     embedder) -> None:  # type: ignore[no-untyped-def]
+    from aiflow_ray.config import KbArgs
+    from aiflow_ray.tiers.cloud import CloudService, IngestRequest, RetrieveRequest
+
+    args = KbArgs(snapshots_dir=str(tmp_path / "kb"), snapshots_keep=2, snapshots_grace_s=0, refresh_interval_s=60)
+    cloud = CloudService(engine=None, kb_args=args, embedder=embedder)  # type: ignore[arg-type]  # retrieval only
+    other = CloudService(engine=None, kb_args=args, embedder=embedder)  # type: ignore[arg-type]  # another pod
+    for i, doc in enumerate((*DOCS, NEW), start=1):
+        out = cloud.ingest(IngestRequest(documents=({"source": doc.source, "text": doc.text, "title": doc.title},)))
+        assert out["version"] == i and cloud.stats()["serving_version"] == i  # no wait for its own write
+        assert len(SnapshotStore(tmp_path / "kb").versions()) <= 2
+    hits = cloud.retrieve(RetrieveRequest(query="leader election", top_k=1)).hits
+    assert hits[0].source == "test:raft" and cloud.stats()["store"] == "snapshots"
+    assert other.stats()["serving_version"] == 0  # the other replica moves on at its next refresh
+    other.retriever.refresh_now()
+    assert other.retrieve(RetrieveRequest(query="leader election", top_k=1)).hits[0].source == "test:raft"

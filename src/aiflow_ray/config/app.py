@@ -101,6 +101,10 @@ class KbArgs(StrictModel):
     snapshots_dir: str | None = Field(None, description="Directory of versioned read-only snapshots on a volume all "
                                       "cloud replicas mount (rag/snapshots.py; default: AIFLOW_KB_SNAPSHOTS when "
                                       "set): how several pods share one knowledge base. Unset: the file at path.")
+    snapshots_keep: int = Field(3, ge=1, le=1000, description="Versions kept when an ingestion prunes; older ones "
+                                "go once superseded for snapshots_grace_s.")
+    snapshots_grace_s: float = Field(600.0, ge=0, description="How long a superseded version stays readable for "
+                                     "replicas that have not moved on yet.")
 
     def path_or_default(self) -> Path:
         from aiflow_ray import envs

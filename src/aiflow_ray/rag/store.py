@@ -164,22 +164,28 @@ class KnowledgeBase:
         self.overlap_chars = overlap_chars
         self.snapshot_version = snapshot_version
         self._local = threading.local()
-        if snapshot_version is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._conn() as conn:
-                conn.executescript(_SCHEMA)
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('version', '0')")
+        self._shared: sqlite3.Connection | None = None
+        if snapshot_version is not None:
+            # One connection for all threads, opened now: it holds the file open, so a version pruned while
+            # this reader still serves it stays readable (an unlinked file lives while it is open), and a
+            # read-only immutable database needs no per-thread state (SQLite is built serialized here).
+            self._shared = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True,
+                                           check_same_thread=False)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._conn() as conn:
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('version', '0')")
 
     def _conn(self) -> sqlite3.Connection:
-        # One connection per thread: sqlite3 connections must not be shared across threads.
+        if self._shared is not None:
+            return self._shared
+        # One connection per thread: a writable connection must not be shared across threads.
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            if self.snapshot_version is not None:
-                conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
-            else:
-                conn = sqlite3.connect(self.path, timeout=60)
-                conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for the ingesting writer
-                conn.execute("PRAGMA synchronous=NORMAL")
+            conn = sqlite3.connect(self.path, timeout=60)
+            conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for the ingesting writer
+            conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
 
@@ -221,10 +227,14 @@ class KnowledgeBase:
     def load_vectors(self) -> tuple[int, np.ndarray, np.ndarray]:
         """(version, row ids [n], vectors [n, d]) read in one transaction, so they agree."""
         conn = self._conn()
-        with conn:
-            conn.execute("BEGIN")
+        if self._shared is not None:  # immutable: nothing can change between the two reads
             version = self.version()
             rows = conn.execute("SELECT id, vector FROM chunks ORDER BY id").fetchall()
+        else:
+            with conn:
+                conn.execute("BEGIN")
+                version = self.version()
+                rows = conn.execute("SELECT id, vector FROM chunks ORDER BY id").fetchall()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         if not rows:
             return version, ids, np.zeros((0, 0), dtype=np.float32)

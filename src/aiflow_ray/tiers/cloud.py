@@ -103,6 +103,7 @@ class CloudService:
         from aiflow_ray.rag.embedder import Embedder
 
         self.engine = engine
+        self.kb_args = kb_args
         snapshots = kb_args.snapshots_or_default()
         self.kb: KnowledgeBase | SnapshotStore = (
             SnapshotStore(snapshots, kb_args.chunk_chars, kb_args.overlap_chars) if snapshots
@@ -143,6 +144,7 @@ class CloudService:
         docs = [Document(source=d.source, text=d.text, title=d.title) for d in req.documents]
         if isinstance(self.kb, SnapshotStore):
             stats, _ = self.kb.ingest(docs, self.embedder)  # a new version for every replica
+            self.kb.prune(self.kb_args.snapshots_keep, self.kb_args.snapshots_grace_s)  # versions stay bounded
         else:
             stats = self.kb.ingest(docs, self.embedder)
         self.retriever.refresh_now()  # this replica's next query reads what it just wrote
