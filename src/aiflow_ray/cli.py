@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     kb_sub.add_parser("rollback", help="snapshots: publish an old version again as the newest").add_argument(
         "version", type=int)
     kb_prune = kb_sub.add_parser("prune", help="snapshots: delete versions superseded longer than --grace-s ago")
-    kb_prune.add_argument("--keep", type=int, default=3)
-    kb_prune.add_argument("--grace-s", type=float, default=600.0)
+    _add(kb_prune, "--keep", KbArgs, "snapshots_keep", type=int)
+    _add(kb_prune, "--grace-s", KbArgs, "snapshots_grace_s", type=float)
 
     models = sub.add_parser("models", help="list or fetch models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -310,7 +310,7 @@ def _kb(args: argparse.Namespace) -> int:
         try:
             out: Any = ([kb.manifest(v) for v in kb.versions()] if args.kb_command == "versions" else
                         {"published": kb.rollback(args.version)} if args.kb_command == "rollback" else
-                        {"deleted": kb.prune(args.keep, args.grace_s)})
+                        {"deleted": kb.prune(args.snapshots_keep, args.snapshots_grace_s)})
         except IngestError as exc:
             print(f"aiflow: {exc}", file=sys.stderr)
             return 2

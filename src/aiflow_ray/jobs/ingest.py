@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from aiflow_ray.config import KbArgs
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.rag.snapshots import EmbeddingCache, SnapshotStore
 from aiflow_ray.rag.store import IngestError, read_documents
@@ -98,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the snapshot directory on the shared volume (default: AIFLOW_KB_SNAPSHOTS)")
     parser.add_argument("--actors", type=int, default=4, help="most embedding actors (one CPU each)")
     parser.add_argument("--batch-size", type=int, default=64, help="chunks per embedding batch")
-    parser.add_argument("--chunk-chars", type=int, default=1000)
-    parser.add_argument("--overlap-chars", type=int, default=200)
-    parser.add_argument("--keep", type=int, default=3, help="versions kept when pruning (at least 1)")
-    parser.add_argument("--grace-s", type=float, default=600.0, help="how long a superseded version stays")
+    # Defaults from the one place the served knowledge base takes them (KbArgs).
+    for flag, field, kind in (("--chunk-chars", "chunk_chars", int), ("--overlap-chars", "overlap_chars", int),
+                              ("--keep", "snapshots_keep", int), ("--grace-s", "snapshots_grace_s", float)):
+        info = KbArgs.model_fields[field]
+        parser.add_argument(flag, dest=field, type=kind, default=info.default,
+                            help=f"{info.description} (default: {info.default})")
     return parser
 
 
@@ -113,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     snapshots = args.snapshots or envs.kb_snapshots_dir()
     if snapshots is None:
         parser.error("--snapshots is required when AIFLOW_KB_SNAPSHOTS is not set")
-    if args.actors < 1 or args.batch_size < 1 or args.keep < 1:
+    if args.actors < 1 or args.batch_size < 1 or args.snapshots_keep < 1:
         parser.error("--actors, --batch-size and --keep must be at least 1")
     try:
         summary = run(args.input, snapshots, args.actors, args.batch_size, args.chunk_chars, args.overlap_chars,
-                      args.keep, args.grace_s)
+                      args.snapshots_keep, args.snapshots_grace_s)
     except IngestError as exc:
         print(f"ingest: {exc}", file=sys.stderr)
         return 2
