@@ -26,7 +26,6 @@ Choices a reader of the manifests would ask about:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import yaml
@@ -228,7 +227,7 @@ def rayjob(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": {"name": f"{NAME}-{name}", "labels": {"app.kubernetes.io/name": NAME},
-                     "annotations": {"aiflow/what": what}},
+                     "annotations": {"aiflow-ray/description": what}},
         "spec": {
             "entrypoint": entrypoint,
             "submissionMode": "K8sJobMode",
@@ -267,6 +266,3 @@ def manifests() -> dict[str, Any]:
         out[f"k8s/jobs/{name}.yaml"] = rayjob(name)
     return out
 
-
-def describe() -> str:
-    return json.dumps({name: what for name, (_, _, what) in JOBS.items()}, indent=2)
