@@ -97,6 +97,8 @@ def test_each_overlay_renders_objects_that_validate(overlay: str) -> None:
             assert gpus == "1" and pod["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
         else:
             assert gpus is None and "nodeSelector" not in pod
+        assert {"containerPort": 8080, "name": "metrics"} in pod["containers"][0]["ports"]
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
         mounts = [m["mountPath"] for m in pod["containers"][0].get("volumeMounts", [])]
         assert (kube.DATA_MOUNT in mounts) == (tier == "cloud")  # the knowledge base's volume, where it is read
     if overlay == "gpu":
