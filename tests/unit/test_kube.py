@@ -205,3 +205,17 @@ def test_the_guides_own_overlay_renders_with_its_registry_and_storage_class(tmp_
     assert images == {f"registry.example.com/aiflow-ray:{kube.TAGS['cuda']}"}
     (claim,) = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
     assert claim["spec"]["storageClassName"] == "nfs-client"
+
+
+def test_the_batch_eval_job_defaults_to_the_bundled_prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch-eval RayJob names no input: the job writes the bundled prompts as valid request lines."""
+    import json
+
+    from aiflow_ray.data import load_prompts
+    from aiflow_ray.jobs import batch_eval
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(batch_eval, "run", lambda path, out, url, defaults: seen.update(path=path) or {"ok": 1})
+    assert batch_eval.main(["--output", str(tmp_path / "eval" / "results.jsonl"), "--url", "http://127.0.0.1:9"]) == 0
+    lines = [json.loads(line) for line in seen["path"].read_text().splitlines()]
+    assert len(lines) == len(load_prompts()) and all(set(line) == {"id", "prompt"} for line in lines)
