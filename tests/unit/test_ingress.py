@@ -90,6 +90,19 @@ def test_requests_while_the_tiers_load_get_503_with_retry_after() -> None:
     assert client.get("/health").status_code == client.get("/healthz").status_code == 200
 
 
+def test_readyz_for_a_load_balancer_keeps_a_degraded_application_in_service() -> None:
+    """/readyz says 503 while a tier is down; ?serving=true (the Kubernetes probe, k8s/) says 200 once the
+    application was ready, so a lost tier does not take the whole service out of rotation."""
+    router = Router(ready=True)
+    client = _client(router, Device())
+    assert client.get("/readyz?serving=true").json() == {"status": "ready"}  # a probe, before any request
+    router.ready = False  # a tier stops reporting
+    degraded = client.get("/readyz")
+    assert degraded.status_code == 503 and degraded.json()["status"] == "degraded"
+    serving = client.get("/readyz?serving=true")
+    assert serving.status_code == 200 and serving.json()["waiting_for"] == ["device", "cloud"]
+
+
 @pytest.mark.parametrize("refusal", [Refusal(400, "path 'on-device' cannot give quality 'exact'", "quality"),
                                      Refusal(503, "no tier can serve this request now: edge saturated", None, 1)])
 def test_router_refusals_reach_the_client_as_one_sentence(refusal: Refusal) -> None:

@@ -242,6 +242,7 @@ class Ingress(TierCalls):
             status = "degraded" if self._ready else "starting"
             return JSONResponse({"status": status, "waiting_for": waiting},
                                 status_code=200 if serving and self._ready else 503, headers={"Retry-After": "2"})
+        self._ready = True  # a probe may see the application ready before any request does
         return {"status": "ready"}
 
     async def kb_search(self, body: KbSearchBody) -> Any:
