@@ -44,6 +44,7 @@ KB_SNAPSHOTS = f"{DATA_MOUNT}/kb"
 SERVE_URL = f"http://{NAME}-serve-svc:8000"  # the Service KubeRay creates for a RayService's traffic
 OVERLAY_PROFILES = {"cpu": "local", "gpu": "gpu", "dev": "dev"}
 TIERS = ("device", "edge", "cloud")
+POD_HOST = "0.0.0.0"  # in a pod the proxy listens on every interface of the pod (the local profiles: 127.0.0.1)
 
 # The head's readiness, see the module docstring: KubeRay's own checks, then the application once it answers
 # (no answer or 404: not deployed yet, which must not block KubeRay from deploying it).
@@ -130,8 +131,7 @@ def _group(tier: str, replicas: tuple[int, int], cpus: int, memory_gi: int, gpus
 
 def _serve_config_v2(profile: str) -> str:
     config = serve_config(profile)
-    # In a pod the proxy listens on every interface of the pod (the local profiles bind 127.0.0.1).
-    config["http_options"] = {"host": "0.0.0.0", "port": 8000}
+    config["http_options"] = {"host": POD_HOST, "port": 8000}
     return yaml.safe_dump(config, sort_keys=False)
 
 
