@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from aiflow_ray.logging_utils import get_logger
-from aiflow_ray.rag.store import Document, EmbedderLike, IngestError, IngestStats, KnowledgeBase
+from aiflow_ray.rag.store import Document, EmbedderLike, IngestError, IngestStats, KnowledgeBase, texts_to_embed
 
 log = get_logger(__name__)
 
@@ -171,7 +171,7 @@ class SnapshotStore:
         return self.open_latest().pending(documents)
 
     def texts_to_embed(self, doc: Document) -> list[str]:
-        return KnowledgeBase.texts_to_embed(self.open_latest(), doc)
+        return texts_to_embed(doc, self.chunk_chars, self.overlap_chars)
 
     def ingest(self, documents: Iterable[Document], embedder: EmbedderLike, progress: bool = False,
                attempts: int = 8) -> tuple[IngestStats, int]:

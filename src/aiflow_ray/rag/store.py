@@ -154,6 +154,12 @@ def fts_query(text: str) -> str | None:
     return " OR ".join(f'"{t}"' for t in terms) or None
 
 
+def texts_to_embed(doc: Document, chunk_chars: int, overlap_chars: int) -> list[str]:
+    """What is embedded for a document's chunks. The title goes in: a chunk from the middle of a long
+    document often never names its subject."""
+    return [f"{doc.title}: {c}" if doc.title else c for c in chunk_text(doc.text, chunk_chars, overlap_chars)]
+
+
 class KnowledgeBase:
     def __init__(self, path: Path, chunk_chars: int = 1000, overlap_chars: int = 200,
                  snapshot_version: int | None = None) -> None:
@@ -306,10 +312,7 @@ class KnowledgeBase:
         return out
 
     def texts_to_embed(self, doc: Document) -> list[str]:
-        # The title goes into what is embedded: a chunk from the middle of a long document often
-        # never names its subject.
-        chunks = chunk_text(doc.text, self.chunk_chars, self.overlap_chars)
-        return [f"{doc.title}: {c}" if doc.title else c for c in chunks]
+        return texts_to_embed(doc, self.chunk_chars, self.overlap_chars)
 
     def _ingest_batch(self, docs: list[Document], embedder: EmbedderLike, stats: IngestStats) -> None:
         conn = self._conn()
