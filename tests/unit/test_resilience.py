@@ -15,7 +15,7 @@ from aiflow_ray import calls
 from aiflow_ray.config import GenerateOptions, LinkConfig
 from aiflow_ray.errors import TierUnavailable
 from aiflow_ray.network.link import DuplexLink, LinkTimeout
-from aiflow_ray.routing.router import LoadReport, RouterState
+from aiflow_ray.routing.router import LoadReport, RouteRequest, RouterState
 from aiflow_ray.serve.affinity import rendezvous_rank
 from aiflow_ray.tiers.device import InProcessTransport
 from aiflow_ray.tiers.paths import DeviceSide, run_path
@@ -226,6 +226,35 @@ def test_router_state_survives_export_and_restore() -> None:
     assert restored.inputs("phone").compute.verify_s(4) == pytest.approx(state.inputs("phone").compute.verify_s(4),
                                                                           rel=0.05)
     RouterState().restore({"version": 99, "links": "garbage"})  # another version's record: ignored
+
+
+def test_a_restarted_router_decides_from_the_saved_tiers_until_they_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seconds between a router restart and the replicas' next load reports: decisions take the tiers
+    as saved (they were up), not as down; readiness keeps the measured view; the window closes."""
+    from aiflow_ray.routing import router as router_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: clock[0])
+    state = RouterState()
+    state.report_load(LoadReport(tier="edge", replica="a", ongoing=1, queued=0, capacity=4))
+    saved = state.export_state()
+    assert saved["tier_capacity"] == {"edge": 4}  # the cloud never reported: nothing to assume for it
+    exact = RouteRequest(request_id="r", link_id="phone", quality="exact")
+
+    restored = RouterState()
+    restored.restore(saved)
+    decision = restored.decide(exact)
+    assert decision.refusal is None and decision.path in ("device-edge", "server-only"), decision.reason
+    assert not restored.tier_load("edge").available, "readiness must not count an assumed tier as reported"
+    assert not restored.tier_load("cloud", assume_saved=True).available
+    clock[0] += 10  # no report within the staleness window: the edge is down after all
+    assert restored.decide(exact).refusal is not None
+
+    again = RouterState()
+    again.restore(saved)
+    again.report_load(LoadReport(tier="edge", replica="b", ongoing=0, queued=0, capacity=2))
+    assert again.tier_load("edge", assume_saved=True).capacity == 2, "a report replaces the assumption"
+    assert RouterState().decide(exact).refusal is not None, "a first start assumes nothing"
 
 
 def test_loads_from_dead_nodes_do_not_count() -> None:

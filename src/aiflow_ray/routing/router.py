@@ -103,6 +103,9 @@ class RouterState:
         self.cloud_retrieval_s = Ewma(0.2)
         self.decisions: deque[dict[str, Any]] = deque(maxlen=self.cfg.decisions_kept)
         self.decision_counts: dict[str, int] = {}
+        # After a restart, until each tier's replicas report again: the capacities saved before it.
+        self._assumed: dict[str, TierLoad] = {}
+        self._assumed_until = 0.0
 
     # -- reports --------------------------------------------------------------------------------
     def report_generation(self, report: GenerationReport) -> None:
@@ -147,13 +150,21 @@ class RouterState:
             elif tier == "cloud":  # (0, seconds) of a retrieval
                 self.cloud_retrieval_s.update(seconds)
 
-    def tier_load(self, tier: str) -> TierLoad:
+    def _stale_s(self) -> float:
+        return max(LOAD_STALE_PERIODS * self.cfg.load_report_period_s, LOAD_STALE_MIN_S)
+
+    def tier_load(self, tier: str, assume_saved: bool = False) -> TierLoad:
+        """The tier's measured load. ``assume_saved`` (decisions only): a router restarted from saved state
+        takes the tier as it was saved until its replicas report again, at most one staleness window;
+        otherwise every request in the seconds after a restart would be refused as if the edge were down.
+        Readiness and the device's edge check keep the measured view."""
         now = time.monotonic()
-        stale_s = max(LOAD_STALE_PERIODS * self.cfg.load_report_period_s, LOAD_STALE_MIN_S)
         # A worker whose node died can live on and keep reporting; its replica serves nobody.
         fresh = [load for replica, (at, load) in self.loads.get(tier, {}).items()
-                 if now - at < stale_s and self.load_nodes.get(replica, "") not in self.dead_nodes]
+                 if now - at < self._stale_s() and self.load_nodes.get(replica, "") not in self.dead_nodes]
         if not fresh:
+            if assume_saved and tier in self._assumed and now < self._assumed_until and not self.loads.get(tier):
+                return self._assumed[tier]
             return TierLoad(available=False, capacity=0)
         return TierLoad(True, sum(x.ongoing for x in fresh), sum(x.queued for x in fresh),
                         sum(x.capacity for x in fresh))
@@ -177,7 +188,8 @@ class RouterState:
         )
         return RouteInputs(
             alpha=self.alpha, compute=compute, link=LinkCosts(link.rtt_s, link.bandwidth_bps, link.bandwidth_bps),
-            edge=self.tier_load("edge"), cloud=self.tier_load("cloud"), max_draft_len=self.cfg.max_draft_len,
+            edge=self.tier_load("edge", assume_saved=True), cloud=self.tier_load("cloud", assume_saved=True),
+            max_draft_len=self.cfg.max_draft_len,
             fast_slo_s_per_token=self.cfg.fast_slo_s_per_token, shed_to_device=self.cfg.shed_to_device,
             prompt_bytes=prompt_bytes, max_new_tokens=max_new_tokens,
             cloud_link=LinkCosts(cloud.rtt_s, cloud.bandwidth_bps, cloud.bandwidth_bps),
@@ -228,6 +240,9 @@ class RouterState:
             "cloud_link": [cloud.bandwidth_bps, cloud.rtt_s],
             "cloud_s_per_token": self.cloud_s_per_token.value, "cloud_retrieval_s": self.cloud_retrieval_s.value,
             "decision_counts": dict(self.decision_counts),
+            # Capacities only: a restarted router assumes the tiers idle, as the ingress does without a router.
+            "tier_capacity": {tier: load.capacity for tier in self.loads
+                              if (load := self.tier_load(tier, assume_saved=True)).available},
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -250,6 +265,9 @@ class RouterState:
         self.cloud_s_per_token.value = state.get("cloud_s_per_token") or self.cloud_s_per_token.value
         self.cloud_retrieval_s.value = state.get("cloud_retrieval_s") or self.cloud_retrieval_s.value
         self.decision_counts.update({str(k): int(v) for k, v in (state.get("decision_counts") or {}).items()})
+        capacity = state.get("tier_capacity") or {}
+        self._assumed = {str(tier): TierLoad(True, 0, 0, int(cap)) for tier, cap in capacity.items() if int(cap) > 0}
+        self._assumed_until = time.monotonic() + self._stale_s()
 
     def snapshot(self) -> dict[str, Any]:
         links = {lid: asdict(est.estimate()) for lid, est in self.links.items()}
