@@ -55,6 +55,11 @@ def test_device_edge_trace_has_the_promised_fields(api: httpx.Client) -> None:
     assert trace["ttft_s"] > 0 and trace["draft_s"] > 0 and trace["verify_s"] > 0 and trace["link_s"] > 0
 
 
+# Longer than any context (more tokens than characters' worth of context for every tokenizer here), though
+# within the 100,000 characters the schema allows: refused after tokenizing, by the device tier.
+LONG_PROMPT = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(40_000))
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -72,7 +77,10 @@ def test_device_edge_trace_has_the_promised_fields(api: httpx.Client) -> None:
         ({"prompt": "x", "path": "on-device", "logprobs": 2}, "logprobs"),
         ({"prompt": "x", "quality": "grounded", "logprobs": 0}, "logprobs"),
         ({"prompt": "x", "logprobs": 99}, "logprobs"),
+        ({"prompt": LONG_PROMPT}, "prompt"),
+        ({"prompt": LONG_PROMPT, "path": "device-edge-cloud"}, "prompt"),
     ],
+    ids=lambda v: f"{len(v['prompt'])} chars" if isinstance(v, dict) and len(v.get("prompt", "")) > 1000 else None,
 )
 def test_bad_input_gets_4xx_naming_the_field(api: httpx.Client, body: dict, field: str) -> None:
     response = api.post("/v1/generate", json=body, timeout=30)

@@ -94,5 +94,9 @@ def test_llama_cpp_beam_search_on_the_real_gguf() -> None:
     top2 = np.sort(first[0])[-2:]
     long_one = any_engine_beam_search(engine, long_ids, 1, 2)
     assert long_one.token_ids[0] == int(np.argmax(first[0])) or top2[1] - top2[0] < 1.0
+    from aiflow_ray.engines.llama_cpp import LlamaCppEngine
+    from aiflow_ray.engines.loader import resolve_gguf
+
+    few = LlamaCppEngine(resolve_gguf("qwen2.5-coder-0.5b-instruct"), name="few", max_sequences=8, kv_tokens=1024)
     with pytest.raises(ValueError, match="sequences"):
-        any_engine_beam_search(load_engine("qwen2.5-coder-0.5b-instruct", engine="llama_cpp"), ids, 16, 4)
+        any_engine_beam_search(few, ids, 16, 4)

@@ -65,7 +65,8 @@ def servers(tiny_pipeline: Pipeline, tmp_path: Path) -> Any:
 
 
 def _opts(path: str, **kw: Any) -> GenerateOptions:
-    return GenerateOptions(prompt=PROMPTS[0], path=path, draft_len=3, max_new_tokens=16, link=FAST_LINK, **kw)
+    return GenerateOptions(**{"prompt": PROMPTS[0], "path": path, "draft_len": 3, "max_new_tokens": 16,
+                              "link": FAST_LINK, **kw})
 
 
 def test_every_path_through_the_device_server_and_the_exactness_of_speculation(
@@ -107,6 +108,37 @@ def test_a_path_this_deployment_lacks_is_a_refusal_naming_the_field(servers: Any
     device, _edge, _router = servers
     refused = asyncio.run(device.generate(_opts("device-edge-cloud", grounding=GroundingOptions())))
     assert isinstance(refused, Refusal) and refused.status == 400 and refused.field == "path"
+
+
+def test_a_request_longer_than_the_context_is_a_400_naming_the_field(servers: Any, tiny_pipeline: Pipeline,
+                                                                     tmp_path: Path) -> None:
+    """Past the context, on every path and in streams: a 400 naming the prompt (or messages) when the input
+    alone does not fit, max_tokens when the output it asks for does not; nothing reaches an engine."""
+    _device, edge, router = servers
+    device = DeviceDrafterServer({**_args(tmp_path), "max_context_tokens": 512}, FakeHandle(edge), None,
+                                 engine=tiny_pipeline.drafter_engine, router=FakeHandle(router))
+    long_prompt = " ".join(PROMPTS) * 40
+    try:
+        for path in ("on-device", "device-edge", "server-only"):
+            refused = asyncio.run(device.generate(_opts(path, prompt=long_prompt)))
+            assert isinstance(refused, Refusal) and (refused.status, refused.field) == (400, "prompt"), refused
+            assert "512 tokens" in refused.message
+            refused = asyncio.run(device.generate(_opts(path, max_new_tokens=500)))
+            assert isinstance(refused, Refusal) and (refused.status, refused.field) == (400, "max_tokens"), refused
+            assert isinstance(asyncio.run(device.generate(_opts(path, max_new_tokens=8))), TierResult)
+
+        async def first_event(opts: GenerateOptions) -> Any:
+            async for event in device.generate_stream(opts):
+                return event
+            return None
+
+        chat = _opts("device-edge", chat=True, messages=({"role": "user", "content": long_prompt},))
+        refused = asyncio.run(first_event(chat))
+        assert isinstance(refused, Refusal) and (refused.status, refused.field) == (400, "messages"), refused
+    finally:
+        device.prober.stop()
+    assert AppArgs(edge={"engine": "vllm", "vllm": {"max_model_len": 4096}}).context_limit_tokens() == 4096 - 65
+    assert AppArgs().context_limit_tokens() == 32_768
 
 
 def test_start_up_refuses_speculation_against_another_tokenizer(tiny_pipeline: Pipeline, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from aiflow_ray.config.app import (
 from aiflow_ray.config.generation import (
     DEFAULT_MAX_DRAFT_LEN,
     LOGPROB_PATHS,
+    MAX_CONTEXT_TOKENS,
     MAX_DRAFT_LEN,
     MAX_NEW_TOKENS,
     PATHS,
@@ -38,7 +39,8 @@ from aiflow_ray.config.generation import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_DRAFT_LEN", "LOGPROB_PATHS", "MAX_DRAFT_LEN", "MAX_NEW_TOKENS", "PATHS", "TIERS", "AppArgs",
+    "DEFAULT_MAX_DRAFT_LEN", "LOGPROB_PATHS", "MAX_CONTEXT_TOKENS", "MAX_DRAFT_LEN", "MAX_NEW_TOKENS", "PATHS",
+    "TIERS", "AppArgs",
     "AutoscalingArgs", "ChatTurn", "DraftPolicyConfig", "EngineName", "GenerateOptions", "GroundingOptions", "KbArgs",
     "LinkConfig", "LinkProbeArgs", "ModelPairConfig", "ModelPreset", "PathChoice", "PathName", "Quality",
     "RouterArgs", "SamplingConfig", "StrictModel", "TierArgs", "TierName", "TraceStep", "VllmArgs",

@@ -9,6 +9,8 @@ from pydantic import Field, model_validator
 
 from aiflow_ray.config.generation import (
     DEFAULT_MAX_DRAFT_LEN,
+    MAX_CONTEXT_TOKENS,
+    MAX_DRAFT_LEN,
     EngineName,
     LinkConfig,
     ModelPairConfig,
@@ -194,11 +196,23 @@ class AppArgs(StrictModel):
     rate_limit: RateLimitArgs = Field(default_factory=RateLimitArgs,
                                       description="Per-caller request rate limit of the API (off by default).")
     max_new_tokens_limit: int = Field(1024, ge=1, le=4096, description="Cap on max_tokens per request.")
+    max_context_tokens: int = Field(
+        MAX_CONTEXT_TOKENS, ge=512, le=MAX_CONTEXT_TOKENS, description="Longest prompt + max_tokens a request may "
+        "ask for, in tokens (the models' trained context; llama.cpp's KV pool holds it). Lower where a vLLM tier's "
+        "max_model_len is shorter.")
     edge_sessions_per_replica: int = Field(64, ge=1, description="Sessions an edge replica keeps (LRU).")
     check_labels: bool = Field(True, description="Refuse to build when no node carries a tier's labels.")
 
     def model_pair(self) -> ModelPairConfig:
         return self.models or ModelPairConfig.for_preset(self.model_preset)
+
+    def context_limit_tokens(self) -> int:
+        """Prompt + max_tokens that every tier on a request's way can hold: a verification scores a draft
+        past the last output token, so a vLLM tier gives up a draft's length of its max_model_len."""
+        limits = [self.max_context_tokens]
+        limits += [t.vllm.max_model_len - MAX_DRAFT_LEN - 1 for t in (self.device, self.edge, self.cloud)
+                   if t.engine == "vllm"]
+        return min(limits)
 
     def tier(self, name: str) -> TierArgs:
         """The settings of one deployment: a tier (device, edge, cloud) or the ingress."""

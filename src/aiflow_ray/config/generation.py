@@ -15,6 +15,7 @@ from aiflow_ray.units import parse_bandwidth_bps
 MAX_DRAFT_LEN = 64
 DEFAULT_MAX_DRAFT_LEN = 24  # the largest k an adaptive policy or the router picks unless configured
 MAX_NEW_TOKENS = 4096
+MAX_CONTEXT_TOKENS = 32_768  # prompt + output: the trained context of the Qwen2.5 pairs
 
 PathName = Literal["on-device", "device-edge", "device-edge-cloud", "server-only"]
 PATHS: tuple[PathName, ...] = get_args(PathName)

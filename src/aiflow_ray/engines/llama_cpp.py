@@ -1,15 +1,18 @@
 """llama.cpp engine (llama-cpp-python's C API): the quantized GGUF as released, at this CPU's speed.
 
 Sessions are llama.cpp *sequences* of one context with a unified KV cache: one model in memory, one
-KV pool of ``max_sequences x n_ctx_per_sequence`` cells (28 KiB a token for the 1.5B at f16, 12 KiB
-for the 0.5B), shared by whichever sessions are live. Why sequences rather than a context per
-session: contexts each allocate their whole KV cache and compute buffers up front, so the memory
-bound would be per session instead of per token; with one pool, a verifier holding many short
-sessions costs what their tokens cost. A session keeps its committed ids and the ids its sequence
-holds in the cache; before a forward the sequence is cut back to their longest common prefix
-(``llama_memory_seq_rm``), which is how drafts that were not accepted roll back. When the pool
-runs out of sequences or cells, the least recently used other session loses its KV (not its ids)
-and is recomputed when it comes back.
+KV pool of ``kv_tokens`` cells (28 KiB a token for the 1.5B at f16, 12 KiB for the 0.5B), shared by
+up to ``max_sequences`` live sessions, any of which may use the whole pool. Why sequences rather than
+a context per session: contexts each allocate their whole KV cache and compute buffers up front, so
+the memory bound would be per session instead of per token; with one pool, a verifier holding many
+short sessions costs what their tokens cost. So the sequence count is cheap and set as high as the
+edge keeps sessions (``edge_sessions_per_replica``, 64): with 8, sixteen devices on one edge evicted
+each other's KV on almost every round and recomputed whole contexts (docs/benchmarks/capacity.md).
+
+A session keeps its committed ids and the ids its sequence holds in the cache; before a forward the
+sequence is cut back to their longest common prefix (``llama_memory_seq_rm``), which is how drafts
+that were not accepted roll back. When the pool runs out of sequences or cells, the least recently
+used other session loses its KV (not its ids) and is recomputed when it comes back.
 
 The high-level ``Llama`` class knows one sequence only, and its tokenizer helpers truncate long
 pieces, so this module calls the C functions directly. Not thread-safe: the tier serialises calls.
@@ -28,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from aiflow_ray.config import SamplingConfig
+from aiflow_ray.config import MAX_CONTEXT_TOKENS, SamplingConfig
 from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionTable, tokenizer_fingerprint
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
@@ -36,6 +39,10 @@ from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, t
 log = get_logger(__name__)
 
 N_BATCH = 512  # tokens per llama_decode call; longer prefills go in chunks
+DEFAULT_SEQUENCES = 64  # sessions with KV resident at once (the edge keeps 64 sessions a replica by default)
+# Cells in the shared pool (900 MiB for the 1.5B at f16, 390 MiB for the 0.5B): the longest context a request
+# may ask for, plus a draft scored past its end, in llama.cpp's 256-cell steps.
+DEFAULT_KV_TOKENS = MAX_CONTEXT_TOKENS + 256
 
 
 class KvCacheFull(RuntimeError):
@@ -57,10 +64,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 class LlamaCppEngine(SessionTable):
     """Engine over a GGUF file; see ``aiflow_ray.engines.base`` for the contract."""
 
-    def __init__(self, gguf: str | Path, name: str, threads: int | None = None, max_sequences: int = 8,
-                 n_ctx_per_sequence: int = 4096, kv_tokens: int | None = None) -> None:
-        """``kv_tokens``: cells of the shared KV pool (default ``max_sequences x n_ctx_per_sequence``); beam
-        search wants many sequences whose prefixes share cells, so it sets a smaller pool."""
+    def __init__(self, gguf: str | Path, name: str, threads: int | None = None,
+                 max_sequences: int = DEFAULT_SEQUENCES, kv_tokens: int = DEFAULT_KV_TOKENS) -> None:
+        """``max_sequences`` sessions hold KV at once (at most 256, llama.cpp's limit), sharing ``kv_tokens``
+        cells; past either, the least recently used session's KV is dropped and recomputed on its return."""
         import llama_cpp
         from llama_cpp._logger import set_verbose
 
@@ -78,7 +85,7 @@ class LlamaCppEngine(SessionTable):
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.max_sequences = max_sequences
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = kv_tokens or max_sequences * n_ctx_per_sequence
+        cparams.n_ctx = kv_tokens
         cparams.n_batch = cparams.n_ubatch = N_BATCH
         cparams.n_seq_max = max_sequences
         cparams.kv_unified = True  # any mix of sequences in one pass; one pool of cells for all
@@ -103,8 +110,8 @@ class LlamaCppEngine(SessionTable):
         self._sessions: dict[str, _Session] = {}
         self._seq_owner: OrderedDict[int, str] = OrderedDict()  # LRU order: oldest first
         self._fingerprint: str | None = None
-        log.info("loaded %s (llama.cpp, %d threads, %d sequences x %d tokens) in %.1f s", name, cparams.n_threads,
-                 max_sequences, n_ctx_per_sequence, time.perf_counter() - started)
+        log.info("loaded %s (llama.cpp, %d threads, %d sequences sharing %d KV cells) in %.1f s", name,
+                 cparams.n_threads, max_sequences, kv_tokens, time.perf_counter() - started)
 
     def __del__(self) -> None:
         ll = getattr(self, "_ll", None)

@@ -81,7 +81,7 @@ def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: boo
 
         if beams:
             return LlamaCppEngine(resolve_gguf(name, fetch), name=name, threads=threads,
-                                  max_sequences=beam_sequences(MAX_BEAM_WIDTH), kv_tokens=32_768)
+                                  max_sequences=beam_sequences(MAX_BEAM_WIDTH))
         return LlamaCppEngine(resolve_gguf(name, fetch), name=name, threads=threads)
     from aiflow_ray.engines.hf import HFEngine
 

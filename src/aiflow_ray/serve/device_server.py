@@ -97,7 +97,8 @@ class DeviceDrafterServer:
         self.args = AppArgs.model_validate(args)
         self.engine = tier_engine(self.args, "device", "drafter", engine)
         self._embedder: Any = None
-        self.device = DeviceSide(DeviceDrafter(self.engine), threading.Lock(), self._embed)
+        self.device = DeviceSide(DeviceDrafter(self.engine), threading.Lock(), self._embed,
+                                 max_context_tokens=self.args.context_limit_tokens())
         self.edge_handle = edge_handle
         self.cloud_handle = cloud_handle
         # The edge-cloud link is the edge's backhaul: one per replica, as configured (not per device).

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from aiflow_ray.config import GenerateOptions
+from aiflow_ray.errors import Refusal, RefusedError
 from aiflow_ray.speculative.policy import DraftLenPolicy, FixedDraftLen, make_policy
 from aiflow_ray.tiers.device import (
     DeviceDrafter,
@@ -51,6 +52,7 @@ class DeviceSide:
     drafter: DeviceDrafter
     lock: contextlib.AbstractContextManager[Any] | None = None
     embed: Callable[[str], np.ndarray] | None = None  # device-side query embedding (grounded path)
+    max_context_tokens: int | None = None  # prompt + max_tokens every tier can hold (None: unchecked)
     # Tokenizing never waits for the model: a server-only request counts its prompt tokens while the
     # drafter generates for someone else.
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -59,9 +61,31 @@ class DeviceSide:
         return self.lock if self.lock is not None else contextlib.nullcontext()
 
     def encode(self, opts: GenerateOptions, prompt: Any = None) -> list[int]:
+        """The request's prompt ids (``prompt``: the grounded path's prompt with passages), refused when it and
+        the output it asks for would not fit the context."""
         with self._tokenizer_lock:
-            return self.drafter.engine.encode_prompt(prompt if prompt is not None else opts.prompt_input(),
-                                                     True if prompt is not None else opts.chat)
+            ids = self.drafter.engine.encode_prompt(prompt if prompt is not None else opts.prompt_input(),
+                                                    True if prompt is not None else opts.chat)
+        check_context(len(ids), opts, self.max_context_tokens, grounded=prompt is not None)
+        return ids
+
+
+def check_context(prompt_tokens: int, opts: GenerateOptions, limit_tokens: int | None,
+                  grounded: bool = False) -> None:
+    """A request longer than the models' context is the client's to shorten: a 400 naming the field, here
+    where the prompt's tokens are first known, instead of a failure inside an engine that would reach the
+    client as a retryable 503 and be retried in vain."""
+    if limit_tokens is None or prompt_tokens + opts.max_new_tokens <= limit_tokens:
+        return
+    field_name = "messages" if opts.messages else "prompt"
+    with_passages = " with its retrieved passages" if grounded else ""
+    if prompt_tokens >= limit_tokens:
+        raise RefusedError(Refusal(400, f"the {field_name} is {prompt_tokens:,} tokens{with_passages}; this "
+                                   f"deployment serves at most {limit_tokens:,} tokens of input and output together",
+                                   field_name))
+    raise RefusedError(Refusal(400, f"max_tokens {opts.max_new_tokens:,} after {prompt_tokens:,} tokens of "
+                               f"{field_name}{with_passages} passes the {limit_tokens:,}-token context; ask for at "
+                               f"most {limit_tokens - prompt_tokens:,}", "max_tokens"))
 
 
 def draft_policy_for(opts: GenerateOptions, adaptive: DraftLenPolicy | None) -> DraftLenPolicy:
@@ -108,5 +132,6 @@ def run_path(opts: GenerateOptions, device: DeviceSide, edge: Transport, *, poli
         return speculate()
     if cloud is None or cloud_link is None:
         raise PathUnavailable("path 'device-edge-cloud' needs a cloud tier, and this deployment has none")
+    device.encode(opts)  # the question alone must fit before the cloud searches for passages to add to it
     return run_grounded(opts, edge.link, cloud_link, cloud, speculate=speculate, embed=device.embed,
                         on_round=on_round)
