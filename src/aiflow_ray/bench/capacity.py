@@ -57,8 +57,9 @@ DEFINITIONS = ("Edge tokens/s: output tokens of all N devices / wall time. TPOT:
                "isolates batching). Live drafts: made in the run.")
 WHY = ("Why, on this CPU: HF and llama.cpp verify one session at a time behind the lock, so speculation multiplies "
        "what the edge emits per forward by the tokens per round; HF's forward costs about the same for 1 or 5 tokens "
-       "(engines.md), llama.cpp's grows with them, and llama.cpp's KV holds 8 sessions, so at N = 16 rounds re-read "
-       "whole contexts. vLLM batches: N server-only streams decode one token each in a shared step that costs about "
+       "(engines.md), llama.cpp's grows with them; llama.cpp's pool keeps the KV of 64 sessions (with 8, N = 16 "
+       "evicted on most rounds and re-read whole contexts: 0.31x the tokens/s of N = 8). vLLM batches: N server-only "
+       "streams decode one token each in a shared step that costs about "
        "one token's (weight reads dominate), while N verifies feed N x (k + 1) tokens plus each session's tail after "
        "its last full 32-token cache block, and that many tokens are compute-bound on 2 cores. On a GPU a forward "
        "over up to 32 tokens costs about one decode step (ARCHITECTURE.md section 7), so verifies batch like decodes; "
@@ -234,7 +235,7 @@ def run_engine(engine_name: str, texts: list[str], devices: list[int], drafts: D
     from aiflow_ray.engines.loader import load_engine
 
     verifier = load_engine(VERIFIER, engine=cast(EngineName, engine_name))
-    evictions: list[str] = []  # llama.cpp's edge holds the KV of 8 sessions; more devices evict, counted not logged
+    evictions: list[str] = []  # llama.cpp's edge keeps 64 sessions' KV; past that (or its cells) it evicts: counted
     llama_log = logging.getLogger("aiflow_ray.engines.llama_cpp")
 
     def count_eviction(record: logging.LogRecord) -> bool:
