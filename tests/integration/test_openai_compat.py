@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import API_KEY
-from tests.integration.test_serve_api import LONG_PROMPT, assert_no_internals
+from tests.integration.test_serve_api import OVER_CONTEXT_PROMPT, assert_no_internals
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -113,7 +113,7 @@ def test_logprobs_where_no_verifier_runs_are_a_400_naming_the_field(client: Any,
     assert unknown.value.body["param"] == "surprise"
     with pytest.raises(openai.BadRequestError) as too_long:
         client.chat.completions.create(model=VERIFIER, max_tokens=4,
-                                       messages=[{"role": "user", "content": LONG_PROMPT}])
+                                       messages=[{"role": "user", "content": OVER_CONTEXT_PROMPT}])
     assert too_long.value.body["param"] == "messages", too_long.value.body
 
 

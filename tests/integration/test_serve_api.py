@@ -57,7 +57,7 @@ def test_device_edge_trace_has_the_promised_fields(api: httpx.Client) -> None:
 
 # Longer than any context (more tokens than characters' worth of context for every tokenizer here), though
 # within the 100,000 characters the schema allows: refused after tokenizing, by the device tier.
-LONG_PROMPT = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(40_000))
+OVER_CONTEXT_PROMPT = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(40_000))
 
 
 @pytest.mark.parametrize(
@@ -77,8 +77,8 @@ LONG_PROMPT = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(40_000))
         ({"prompt": "x", "path": "on-device", "logprobs": 2}, "logprobs"),
         ({"prompt": "x", "quality": "grounded", "logprobs": 0}, "logprobs"),
         ({"prompt": "x", "logprobs": 99}, "logprobs"),
-        ({"prompt": LONG_PROMPT}, "prompt"),
-        ({"prompt": LONG_PROMPT, "path": "device-edge-cloud"}, "prompt"),
+        ({"prompt": OVER_CONTEXT_PROMPT}, "prompt"),
+        ({"prompt": OVER_CONTEXT_PROMPT, "path": "device-edge-cloud"}, "prompt"),
     ],
     ids=lambda v: f"{len(v['prompt'])} chars" if isinstance(v, dict) and len(v.get("prompt", "")) > 1000 else None,
 )
