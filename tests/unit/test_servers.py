@@ -146,6 +146,9 @@ def test_start_up_refuses_speculation_against_another_tokenizer(tiny_pipeline: P
         async def vocab_fingerprint(self) -> str:
             return "another tokenizer"
 
+        async def vision(self) -> dict[str, str | None]:
+            return {"spec": None, "encoder_digest": None}
+
     router = RecordingRouter()
     device = DeviceDrafterServer(_args(tmp_path), FakeHandle(OtherEdge()), None, engine=tiny_pipeline.drafter_engine,
                                  router=FakeHandle(router))

@@ -36,11 +36,15 @@ from aiflow_ray.api.schemas import (
 )
 from aiflow_ray.api.tier_calls import DEVICE_GRACE_S, TierCalls
 from aiflow_ray.config import TIERS, AppArgs, GenerateOptions, GroundingOptions, SamplingConfig
+from aiflow_ray.config.generation import ImageSource
 from aiflow_ray.errors import Refusal
 from aiflow_ray.logging_utils import clip, get_logger
+from aiflow_ray.models.registry import model_modalities
 from aiflow_ray.routing.router import Routed, RouteRequest, RouterState
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
 from aiflow_ray.units import parse_bandwidth_bps
+from aiflow_ray.vision.decode import ImageInputError, RemoteImageRef, parse_image_url
+from aiflow_ray.vision.prompting import IMAGE_PLACEHOLDER
 
 log = get_logger(__name__)
 
@@ -48,9 +52,10 @@ Messages = list[dict[str, str]] | None
 
 
 
-def _prompt_bytes(body: GenerateBody, messages: Messages) -> int:
-    # What crosses the link before the first token: the raw input (chat turns as their text).
-    return sum(len(m["content"].encode()) for m in messages) if messages else len(body.prompt.encode())
+def _prompt_bytes(body: GenerateBody, messages: Messages, images: tuple[ImageSource, ...] = ()) -> int:
+    # What crosses the link before the first token: the raw input (chat turns as their text, images as sent).
+    text = sum(len(m["content"].encode()) for m in messages) if messages else len(body.prompt.encode())
+    return text + sum(len(image.data) for image in images)
 
 
 class Ingress(TierCalls):
@@ -62,6 +67,9 @@ class Ingress(TierCalls):
         pair = self.args.model_pair()
         self.drafter_name = pair.drafter
         self.model_ids = [pair.verifier, pair.drafter, "aiflow"]
+        # The pair takes images only if both models do (the device drafts on the image too).
+        modalities = set(model_modalities(pair.verifier)) & set(model_modalities(pair.drafter))
+        self.modalities = ["text", "image"] if "image" in modalities else ["text"]
         self._ready = False
         self._fallback: tuple[float, RouterState, dict[str, Any]] | None = None
 
@@ -88,14 +96,37 @@ class Ingress(TierCalls):
         self._ready = True
 
     # -- generation -----------------------------------------------------------------------------
-    async def _route(self, body: GenerateBody, messages: Messages) -> Routed:
+    def _images(self, body: GenerateBody, fields: list[str] | None = None) -> tuple[ImageSource, ...]:
+        """The request's images as bytes (data URLs decoded; nothing is decoded as an image here: the device
+        tier does that). A text-only pair, a remote URL where none is allowed: a 400 naming the field."""
+        if not body.images:
+            return ()
+        names = fields or [f"images[{i}]" for i in range(len(body.images))]
+        if "image" not in self.modalities:
+            raise ApiError(400, f"the served models take text only; {names[0]} is an image", names[0])
+        limits = self.args.images
+        if len(body.images) > limits.max_images:
+            raise ApiError(400, f"{len(body.images)} images; at most {limits.max_images} per request", names[0])
+        sources = []
+        for name, url in zip(names, body.images, strict=True):
+            try:
+                data = parse_image_url(url, name, limits)
+            except ImageInputError as exc:
+                raise ApiError(exc.status, str(exc), exc.field) from None
+            if isinstance(data, RemoteImageRef):
+                raise ApiError(400, f"{name}: fetching images from {clip(data.host)} is not supported by this "
+                               "deployment; send a data URL", name)
+            sources.append(ImageSource(data=data, field=name))
+        return tuple(sources)
+
+    async def _route(self, body: GenerateBody, messages: Messages, images: tuple[ImageSource, ...] = ()) -> Routed:
         if body.max_tokens > self.args.max_new_tokens_limit:
             raise ApiError(400, f"max_tokens must be at most {self.args.max_new_tokens_limit}", "max_tokens")
         await self._ensure_ready()
         request = RouteRequest(
             request_id=uuid.uuid4().hex, link_id=body.link_id, path=body.path, quality=body.quality,
             draft_len=body.draft_len if isinstance(body.draft_len, int) else None,
-            prompt_bytes=_prompt_bytes(body, messages), max_new_tokens=body.max_tokens,
+            prompt_bytes=_prompt_bytes(body, messages, images), max_new_tokens=body.max_tokens,
             needs_logprobs=body.logprobs is not None)
         try:
             routed: Routed = await self._router_call("decide", request)
@@ -108,8 +139,13 @@ class Ingress(TierCalls):
             raise refusal_error(decision.refusal)
         return routed
 
-    def _options(self, body: GenerateBody, routed: Routed, messages: Messages) -> GenerateOptions:
+    def _options(self, body: GenerateBody, routed: Routed, messages: Messages,
+                 images: tuple[ImageSource, ...] = ()) -> GenerateOptions:
         decision = routed.decision
+        prompt = body.prompt
+        if images and not messages and IMAGE_PLACEHOLDER not in prompt:
+            # InternVL's convention: images without placeholders come before the text.
+            prompt = f"{IMAGE_PLACEHOLDER}\n" * len(images) + prompt
         assert decision.path is not None
         draft_len: int | str = "auto"
         if isinstance(body.draft_len, int):
@@ -117,7 +153,7 @@ class Ingress(TierCalls):
         elif body.draft_len is None and decision.draft_len >= 1:
             draft_len = decision.draft_len
         return GenerateOptions(
-            prompt=body.prompt, messages=messages, path=decision.path, draft_len=draft_len,
+            prompt=prompt, messages=messages, path=decision.path, draft_len=draft_len,
             max_new_tokens=body.max_tokens, chat=body.chat, link=routed.link, link_id=body.link_id,
             sampling=SamplingConfig(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed),
             grounding=GroundingOptions(
@@ -129,6 +165,7 @@ class Ingress(TierCalls):
             # Only 'fast' accepts the small model's words; they carry no verifier log-probabilities.
             device_fallback=body.quality == "fast" and body.logprobs is None,
             deadline_s=self.args.deadlines.request_s,
+            images=images, image_upload=body.image_upload,
         )
 
     @staticmethod
@@ -136,10 +173,12 @@ class Ingress(TierCalls):
         d = routed.decision
         return {"path": d.path, "reason": d.reason, "draft_len": d.draft_len}
 
-    async def run(self, body: GenerateBody, messages: Messages = None) -> tuple[TierResult, Routed, float]:
+    async def run(self, body: GenerateBody, messages: Messages = None, image_fields: list[str] | None = None
+                  ) -> tuple[TierResult, Routed, float]:
         started = time.perf_counter()
-        routed = await self._route(body, messages)
-        result = await self._call_device(self._options(body, routed, messages))
+        images = self._images(body, image_fields)
+        routed = await self._route(body, messages, images)
+        result = await self._call_device(self._options(body, routed, messages, images))
         if isinstance(result, Refusal):
             metrics.REQUESTS.labels(str(routed.decision.path), str(result.status)).inc()
             raise refusal_error(result)
@@ -148,11 +187,12 @@ class Ingress(TierCalls):
         return result, routed, time.perf_counter() - started
 
     async def open_stream(self, body: GenerateBody, messages: Messages,
-                          shape: Callable[[StreamDelta | StreamDone, Routed], list[dict[str, Any]]]
-                          ) -> StreamingResponse:
+                          shape: Callable[[StreamDelta | StreamDone, Routed], list[dict[str, Any]]],
+                          image_fields: list[str] | None = None) -> StreamingResponse:
         """Decide, and wait for the first event, before the response starts: a refusal keeps its status."""
-        routed = await self._route(body, messages)
-        stream, first = await self._open_device_stream(self._options(body, routed, messages))
+        images = self._images(body, image_fields)
+        routed = await self._route(body, messages, images)
+        stream, first = await self._open_device_stream(self._options(body, routed, messages, images))
         if isinstance(first, Refusal):
             stream.cancel()
             raise refusal_error(first)
@@ -264,8 +304,8 @@ class Ingress(TierCalls):
 
     async def models(self) -> Any:
         now = int(time.time())
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "aiflow"}
-                                            for m in self.model_ids]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "aiflow",
+                                             "input_modalities": self.modalities} for m in self.model_ids]}
 
     async def openai(self, body: ChatBody | CompletionBody) -> Any:
         self._check_model(body.model)
@@ -279,8 +319,8 @@ class Ingress(TierCalls):
                     out.append(req.usage_chunk(event.prompt_tokens, event.num_tokens))
                 return out
 
-            return await self.open_stream(req.native, req.messages, shape)
-        result, routed, _ = await self.run(req.native, req.messages)
+            return await self.open_stream(req.native, req.messages, shape, req.image_fields)
+        result, routed, _ = await self.run(req.native, req.messages, req.image_fields)
         return req.response(result.text, len(result.token_ids), result.prompt_tokens, result.logprobs, result.trace,
                             self._route_info(routed))
 

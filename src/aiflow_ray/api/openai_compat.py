@@ -52,6 +52,7 @@ class OpenAIRequest:
     created: int = field(default_factory=lambda: int(time.time()))
     sent_role: bool = False
     text_offset: int = 0
+    image_fields: list[str] = field(default_factory=list)  # [images] where each image was in the body
 
     @classmethod
     def from_body(cls, body: ChatBody | CompletionBody, drafter_name: str) -> OpenAIRequest:
@@ -59,20 +60,25 @@ class OpenAIRequest:
         if isinstance(body, ChatBody):
             max_tokens = body.max_completion_tokens or body.max_tokens or 256
             messages: list[dict[str, str]] | None = [m.turn() for m in body.messages]
-            prompt = next(m.text() for m in reversed(body.messages) if m.role == "user" and m.text().strip())
+            # The native prompt is informative only (the messages are what is encoded); a user turn may be an image.
+            prompt = next((m.text() for m in reversed(body.messages) if m.role == "user" and m.text().strip()),
+                          "(image)")
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            images = [(f"messages[{i}].content[{j}].image_url", part.image_url.url)
+                      for i, m in enumerate(body.messages) for j, part in m.image_parts()]
         else:
             max_tokens = body.max_completion_tokens or body.max_tokens or 16
             messages = None
             prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
             logprobs = body.logprobs
+            images = []
         on_device = body.model == drafter_name
         native = GenerateBody(
             prompt=prompt, path="on-device" if on_device else "auto", quality=None if on_device else "exact",
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
             seed=body.seed, stream=body.stream, chat=chat, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
-            logprobs=logprobs)
-        return cls(body, native, messages, chat, max_tokens)
+            logprobs=logprobs, images=[url for _, url in images] or None)
+        return cls(body, native, messages, chat, max_tokens, image_fields=[name for name, _ in images])
 
     @property
     def include_usage(self) -> bool:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from aiflow_ray.config import MAX_DRAFT_LEN, PathChoice, Quality
-from aiflow_ray.network.wire import MAX_TOP_LOGPROBS
+from aiflow_ray.config.generation import UploadMode
+from aiflow_ray.network.wire import MAX_IMAGES, MAX_TOP_LOGPROBS
+from aiflow_ray.vision.prompting import user_turn_text
 
 MAX_PROMPT_CHARS = 100_000
+# A data URL's characters: the request body limit bounds the total, the device's image limits each image.
+MAX_IMAGE_URL_CHARS = 96 << 20
 
 
 
@@ -55,6 +59,11 @@ class GenerateBody(Body):
     ignore_eos: bool = Field(False, description="Generate exactly max_tokens tokens.")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Return the verifier's logprob of "
                                  "every output token with this many alternatives (device-edge, server-only).")
+    images: list[Annotated[str, Field(max_length=MAX_IMAGE_URL_CHARS)]] | None = Field(
+        None, max_length=MAX_IMAGES, description="Images as data URLs (JPEG, PNG, WebP), for a vision-language "
+        "model; the prompt's <image> placeholders say where each goes (else they come first).")
+    image_upload: UploadMode = Field("auto", description="What of each image crosses the device link: raw, resized "
+                                     "(the verifier's input, lossless), jpeg, features, or auto.")
 
     _prompt = field_validator("prompt")(lambda cls, v: _not_blank(v))
 
@@ -114,30 +123,58 @@ class CompletionBody(OpenAIBody):
 class TextPart(Body):
     """One part of a message's content: the openai SDK, LangChain and LiteLLM send text this way."""
 
-    type: Literal["text"] = Field(..., description="Only text parts: the served models read text.")
+    type: Literal["text"] = Field(..., description="A text part.")
     text: str = Field(..., max_length=MAX_PROMPT_CHARS)
+
+
+class ImageUrl(Body):
+    url: str = Field(..., min_length=1, max_length=MAX_IMAGE_URL_CHARS,
+                     description="A data URL (data:image/png;base64,...); http(s) URLs only where enabled.")
+    detail: Literal["auto", "low", "high"] = Field("auto", description="Accepted; the model's tiling decides.")
+
+
+class ImagePart(Body):
+    """An image in a user message, OpenAI's shape."""
+
+    type: Literal["image_url"] = Field(..., description="An image part.")
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(..., description="Text, or a list of text parts (joined in order).")
+    content: str | list[ContentPart] = Field(..., description="Text, or a list of text and image parts (in order).")
     name: str | None = Field(None, max_length=64)
 
     @field_validator("content")
     @classmethod
-    def _bounded(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+    def _bounded(cls, value: str | list[ContentPart]) -> str | list[ContentPart]:
         if isinstance(value, list) and len(value) > 256:
             raise ValueError("at most 256 content parts")
         return value
 
     def text(self) -> str:
+        """The text parts, joined (images left out)."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def image_parts(self) -> list[tuple[int, ImagePart]]:
+        """(index in content, part) of each image, in order."""
+        if isinstance(self.content, str):
+            return []
+        return [(i, part) for i, part in enumerate(self.content) if isinstance(part, ImagePart)]
 
     def turn(self) -> dict[str, str]:
         # 'developer' is the newer name of 'system' in OpenAI's API; the chat templates know 'system'.
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, str):
+            return {"role": role, "content": self.content}
+        # An image part becomes the model's image placeholder, where it stood among the text parts.
+        parts = [part.text if isinstance(part, TextPart) else None for part in self.content]
+        return {"role": role, "content": user_turn_text(parts)}
 
 
 class ChatBody(OpenAIBody):
@@ -148,8 +185,14 @@ class ChatBody(OpenAIBody):
     @field_validator("messages")
     @classmethod
     def _has_user(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if not any(m.role == "user" and m.text().strip() for m in value):
+        if not any(m.role == "user" and (m.text().strip() or m.image_parts()) for m in value):
             raise ValueError("needs at least one non-empty user message")
+        for i, message in enumerate(value):
+            parts = message.image_parts()
+            if parts and message.role != "user":
+                raise ValueError(f"messages[{i}].content[{parts[0][0]}]: only user messages may carry images")
+        if sum(len(m.image_parts()) for m in value) > MAX_IMAGES:
+            raise ValueError(f"more than {MAX_IMAGES} images")
         if sum(len(m.text()) for m in value) > MAX_PROMPT_CHARS:
             raise ValueError(f"longer than {MAX_PROMPT_CHARS} characters in all")
         return value

@@ -17,6 +17,7 @@ from aiflow_ray.config.generation import (
     ModelPreset,
     StrictModel,
 )
+from aiflow_ray.vision.decode import ImageLimits
 
 
 class AutoscalingArgs(StrictModel):
@@ -192,7 +193,10 @@ class AppArgs(StrictModel):
     link_probe: LinkProbeArgs = Field(default_factory=LinkProbeArgs)
     kb: KbArgs = Field(default_factory=KbArgs)
     deadlines: DeadlineArgs = Field(default_factory=DeadlineArgs)
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+    max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body accepted: camera photos of up "
+                                "to ~12 MB travel base64-encoded (4/3 of their size) in JSON.")
+    images: ImageLimits = Field(default_factory=ImageLimits, description="Limits on request images, checked on the "
+                                "device tier before any pixel is decoded, and again at the edge.")
     rate_limit: RateLimitArgs = Field(default_factory=RateLimitArgs,
                                       description="Per-caller request rate limit of the API (off by default).")
     max_new_tokens_limit: int = Field(1024, ge=1, le=4096, description="Cap on max_tokens per request.")

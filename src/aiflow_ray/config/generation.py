@@ -127,6 +127,17 @@ class ChatTurn(StrictModel):
     content: str = Field(..., max_length=200_000)
 
 
+UploadMode = Literal["auto", "raw", "resized", "jpeg", "features"]  # how an image crosses the device link
+
+
+class ImageSource(StrictModel):
+    """One image of a request as the client sent it (the bytes of a data URL, not yet decoded: the device
+    tier decodes them), with the request field it came from, which every error about it names."""
+
+    data: bytes = Field(..., description="The encoded image (JPEG, PNG or WebP).")
+    field: str = Field(..., max_length=200, description="Where the image was in the request, e.g. images[0].")
+
+
 class GroundingOptions(StrictModel):
     """How the device-edge-cloud path grounds an answer in the knowledge base."""
 
@@ -170,6 +181,12 @@ class GenerateOptions(StrictModel):
         "the edge fails mid-generation, the device finishes the output on its own instead of failing.")
     deadline_s: float | None = Field(None, gt=0, description="Time left for this generation when the tier receives "
                                      "it; None = the tier's own request deadline.")
+    images: tuple[ImageSource, ...] = Field((), description="Images, in the order of the prompt's image "
+                                            "placeholders.")
+    image_upload: UploadMode = Field(
+        "auto", description="What of each image crosses the device link: raw (the client's bytes, metadata "
+        "removed), resized (the verifier's preprocessed tiles, lossless), jpeg (those tiles, lossy), features (the "
+        "shared vision encoder's output), auto (the fewest bytes without changing the output).")
 
     @field_validator("prompt")
     @classmethod

@@ -13,6 +13,10 @@ Contract (all methods synchronous, one session used by one caller at a time):
 - ``vocab_fingerprint()`` digests how the engine encodes a fixed probe set (code, Unicode, special
   tokens, a chat): two engines agree on it exactly when a request tokenized by one means the same
   ids to the other, whatever runtime each uses (an HF tokenizer or a GGUF's own).
+- Images: a vision-language engine has a ``vision`` spec (``aiflow_ray.vision.preprocess.VisionSpec``; None
+  for text-only engines) and takes ``images`` in ``open_session``: one ``ImageInput`` per image block of the
+  token ids, in order. The session keeps them until it is released, so whatever KV the engine drops it can
+  recompute: the image crosses the link once per session. A text-only engine refuses images.
 - Errors: unknown sessions raise ``SessionNotFound``; the caller (the verifier tier) turns that into
   a "send the context again" reply, never into a different output.
 """
@@ -27,10 +31,27 @@ from typing import Any, Protocol
 import numpy as np
 
 from aiflow_ray.config import SamplingConfig
+from aiflow_ray.vision.preprocess import VisionSpec
 
 
 class SessionNotFound(KeyError):
     """The engine holds no state for this session (restart, eviction, another replica)."""
+
+
+class ImagesNotSupported(ValueError):
+    """Images were given to an engine whose model takes text only."""
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image as an engine takes it: preprocessed tiles, or the vision encoder's output."""
+
+    tiles: np.ndarray | None = None  # [n, S, S, 3] uint8, the verifier's preprocessing (vision.preprocess)
+    features: np.ndarray | None = None  # [tokens, D] float32 vision features before the projector
+
+    def __post_init__(self) -> None:
+        if (self.tiles is None) == (self.features is None):
+            raise ValueError("an image is either tiles or features")
 
 
 @dataclass
@@ -60,6 +81,7 @@ class Engine(Protocol):
     name: str
     vocab_size: int
     eos_token_ids: frozenset[int]
+    vision: VisionSpec | None  # None: the model takes text only
 
     def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]: ...
 
@@ -67,7 +89,7 @@ class Engine(Protocol):
 
     def vocab_fingerprint(self) -> str: ...
 
-    def open_session(self, session_id: str, token_ids: Sequence[int]) -> None: ...
+    def open_session(self, session_id: str, token_ids: Sequence[int], images: Sequence[ImageInput] = ()) -> None: ...
 
     def has_session(self, session_id: str) -> bool: ...
 
@@ -118,18 +140,27 @@ class SessionTable:
     """
 
     _sessions: dict[str, Any]
+    vision: VisionSpec | None = None
 
     def _new_session(self, tokens: list[int]) -> Any:
         raise NotImplementedError
 
+    def _attach_images(self, session: Any, tokens: list[int], images: Sequence[ImageInput]) -> None:
+        """Keep a new session's images; text-only engines have none to keep."""
+        raise ImagesNotSupported(f"{getattr(self, 'name', 'this model')} takes text only")
+
     def _rolled_back(self, session: Any, length: int) -> None:
         """Called after a session's committed ids were cut to ``length``."""
 
-    def open_session(self, session_id: str, token_ids: Sequence[int]) -> None:
+    def open_session(self, session_id: str, token_ids: Sequence[int], images: Sequence[ImageInput] = ()) -> None:
         if not token_ids:
             raise ValueError("a session needs at least one token")
         self.release(session_id)
-        self._sessions[session_id] = self._new_session([int(t) for t in token_ids])
+        tokens = [int(t) for t in token_ids]
+        session = self._new_session(tokens)
+        if images:
+            self._attach_images(session, tokens, images)
+        self._sessions[session_id] = session
 
     def release(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)

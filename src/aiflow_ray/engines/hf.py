@@ -107,7 +107,8 @@ class HFEngine(TokenizerText, SessionTable):
         self.name = name
         self.device = device
         self.dtype = next(model.parameters()).dtype
-        self.vocab_size = int(model.config.vocab_size)
+        # A vision-language model's vocabulary is its language model's.
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.eos_token_ids = self._eos_ids()
         self._sessions: dict[str, _Session] = {}
         self._fingerprint: str | None = None

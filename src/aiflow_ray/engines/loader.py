@@ -15,13 +15,27 @@ if TYPE_CHECKING:
     from aiflow_ray.config import VllmArgs
 
 
+def built_model_dir(key: str) -> Path:
+    """A model built on this machine (random tiny pairs, the trained captioning pair), built when missing."""
+    if key.startswith("vlm-"):
+        from aiflow_ray.models.tiny_vlm import build_tiny_vlm_pair
+
+        pair = build_tiny_vlm_pair()
+    elif key.startswith("caption-"):
+        from aiflow_ray.vision.captioning import build_caption_pair
+
+        pair = build_caption_pair()
+    else:
+        pair = build_tiny_pair()
+    return pair[0] if key.endswith("verifier") else pair[1]
+
+
 def resolve_model_path(name: str, fetch: bool = True) -> Path | str:
     """Where ``transformers`` should load ``name`` from."""
     entry = get_entry(name)
     if entry is not None:
         if entry.tiny is not None:
-            verifier_dir, drafter_dir = build_tiny_pair()
-            return verifier_dir if entry.tiny == "verifier" else drafter_dir
+            return built_model_dir(entry.tiny)
         if not fetch:
             from aiflow_ray.models.fetch import cached_model_dir, is_cached
 
@@ -84,8 +98,20 @@ def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: boo
                                   max_sequences=beam_sequences(MAX_BEAM_WIDTH))
         return LlamaCppEngine(resolve_gguf(name, fetch), name=name, threads=threads)
     from aiflow_ray.engines.hf import HFEngine
+    from aiflow_ray.engines.hf_vision import HFVisionEngine, is_vision_model
 
-    return HFEngine.from_pretrained(resolve_model_path(name, fetch), name=name, dtype=dtype, device=device)
+    path = resolve_model_path(name, fetch)
+    if is_vision_model(path) or (isinstance(path, str) and _hub_is_vision(path)):
+        return HFVisionEngine.from_pretrained(path, name=name, dtype=dtype, device=device)
+    return HFEngine.from_pretrained(path, name=name, dtype=dtype, device=device)
+
+
+def _hub_is_vision(repo: str) -> bool:
+    from transformers import AutoConfig
+
+    from aiflow_ray.models.registry import VISION_MODEL_TYPES
+
+    return AutoConfig.from_pretrained(repo).model_type in VISION_MODEL_TYPES
 
 
 def load_pair(cfg: ModelPairConfig, fetch: bool = True) -> tuple[Engine, Engine]:

@@ -34,7 +34,8 @@ class ModelEntry:
     name: str
     role: str  # "drafter" | "verifier": the role it plays in the default pair
     gguf: GGUFSource | None = None
-    tiny: str | None = None  # key into models.tiny builders
+    tiny: str | None = None  # which locally built model (engines.loader.built_model_dir)
+    modalities: tuple[str, ...] = ("text",)  # what the model takes as input
 
 
 def _chunks(dist_prefix: str, module_prefix: str, version: str, count: int) -> tuple[ChunkPackage, ...]:
@@ -71,7 +72,19 @@ REGISTRY: dict[str, ModelEntry] = {
         name="tiny-verifier", role="verifier", tiny="verifier"
     ),
     "tiny-drafter": ModelEntry(name="tiny-drafter", role="drafter", tiny="drafter"),
+    # Vision-language pairs (InternVL class): random tiny ones for tests, and a captioning pair the project
+    # trains on composed Fashion-MNIST scenes (aiflow_ray.vision.captioning).
+    "tiny-vlm-verifier": ModelEntry(name="tiny-vlm-verifier", role="verifier", tiny="vlm-verifier",
+                                    modalities=("text", "image")),
+    "tiny-vlm-drafter": ModelEntry(name="tiny-vlm-drafter", role="drafter", tiny="vlm-drafter",
+                                   modalities=("text", "image")),
+    "caption-verifier": ModelEntry(name="caption-verifier", role="verifier", tiny="caption-verifier",
+                                   modalities=("text", "image")),
+    "caption-drafter": ModelEntry(name="caption-drafter", role="drafter", tiny="caption-drafter",
+                                  modalities=("text", "image")),
 }
+
+VISION_MODEL_TYPES = frozenset({"internvl"})  # config.json model types the vision engine serves
 
 DEFAULT_PAIR = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
 
@@ -82,3 +95,23 @@ def get_entry(name: str) -> ModelEntry | None:
 
 def known_names() -> list[str]:
     return sorted(REGISTRY)
+
+
+def model_modalities(name: str) -> tuple[str, ...]:
+    """What a model takes as input: registered models say; a local directory's config tells (no model is
+    loaded); anything else is taken as text-only."""
+    import json
+    from pathlib import Path
+
+    entry = REGISTRY.get(name)
+    if entry is not None:
+        return entry.modalities
+    config = Path(name).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError):
+            return ("text",)
+        if model_type in VISION_MODEL_TYPES:
+            return ("text", "image")
+    return ("text",)

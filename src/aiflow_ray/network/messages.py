@@ -29,6 +29,15 @@ class MsgType(IntEnum):
     PONG = 8
 
 
+class ImageEncoding(IntEnum):
+    """How an image crosses the link (the request's ``image_upload`` picks one)."""
+
+    RAW = 0  # the client's encoded bytes, metadata removed
+    TILES_PNG = 1  # the verifier's preprocessed tiles, stacked vertically, lossless
+    TILES_JPEG = 2  # the same tiles, lossy
+    FEATURES = 3  # the shared vision encoder's output, int8 per row with a float32 scale
+
+
 class VerifyStatus(IntEnum):
     OK = 0
     NEED_CONTEXT = 1
@@ -64,6 +73,15 @@ class Logprobs:
 
 
 @dataclass
+class ImagePayload:
+    """One image of a request, as it crosses the link once per session (with the context)."""
+
+    encoding: ImageEncoding
+    data: bytes
+    orientation: int = 1  # raw only: the EXIF orientation the device applied (the metadata is not sent)
+
+
+@dataclass
 class VerifyRequest:
     header: Header
     base_len: int  # committed tokens the device believes the verifier holds
@@ -73,6 +91,7 @@ class VerifyRequest:
     q_ids: np.ndarray | None = None  # [k, K] int32 sparse draft distribution support
     q_probs: np.ndarray | None = None  # [k, K] float32
     logprobs: int | None = None  # sent with the context: return logprobs with n alternatives per token
+    images: tuple[ImagePayload, ...] = ()  # sent with the context: the images its image tokens stand for
 
 
 @dataclass
@@ -94,6 +113,7 @@ class GenerateRequest:
     sampling: SamplingConfig | None
     min_tokens: int = 0  # an end-of-sequence token before this many tokens does not end the stream
     logprobs: int | None = None
+    images: tuple[ImagePayload, ...] = ()
 
 
 @dataclass

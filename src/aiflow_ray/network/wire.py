@@ -20,6 +20,8 @@ from aiflow_ray.network.messages import (
     ErrorMsg,
     GenerateRequest,
     Header,
+    ImageEncoding,
+    ImagePayload,
     Logprobs,
     Message,
     MsgType,
@@ -34,16 +36,19 @@ from aiflow_ray.network.messages import (
 )
 
 __all__ = [  # the messages are part of this module's surface: callers use wire.Header, wire.Tokens, ...
-    "ErrorMsg", "GenerateRequest", "Header", "Logprobs", "Message", "MsgType", "Ping", "Pong", "Release", "Tokens",
+    "ErrorMsg", "GenerateRequest", "Header", "ImageEncoding", "ImagePayload",
+    "Logprobs", "Message", "MsgType", "Ping", "Pong", "Release", "Tokens",
     "VerifyRequest", "VerifyResult", "VerifyStatus", "WireError",
 ]
 
 MAGIC = b"AF"
-VERSION = 2  # 2: GENERATE carries token ids, not text
+VERSION = 3  # 2: GENERATE carries token ids, not text; 3: images ride with the context
 MAX_CONTEXT_TOKENS = 131_072
 MAX_DRAFT_TOP_K = 256
 MAX_PROBE_PADDING_BYTES = 1 << 16
 MAX_TOP_LOGPROBS = 20
+MAX_IMAGES = 16  # per message
+MAX_IMAGE_PAYLOAD_BYTES = 64 << 20  # per image; the device's own limits are lower and configurable
 
 _HEADER = struct.Struct("<2sBB16sI")
 _VERIFY_FIXED = struct.Struct("<BIH")  # flags, base_len, k
@@ -58,8 +63,9 @@ _PING_FIXED = struct.Struct("<I")  # padding length
 _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
 _LOGPROBS_FIXED = struct.Struct("<BH")  # alternatives per token, tokens
+_IMAGE_FIXED = struct.Struct("<BBI")  # encoding, orientation, length
 
-_F_CONTEXT, _F_SAMPLED, _F_SEED, _F_LOGPROBS, _F_MIN_TOKENS = 1, 2, 4, 32, 64
+_F_CONTEXT, _F_SAMPLED, _F_SEED, _F_IMAGES, _F_LOGPROBS, _F_MIN_TOKENS = 1, 2, 4, 8, 32, 64
 _I32 = np.dtype("<i4")
 _F32 = np.dtype("<f4")
 
@@ -98,6 +104,9 @@ def encode_verify(req: VerifyRequest) -> bytes:
         if req.logprobs is not None:
             flags |= _F_LOGPROBS
             parts.append(_U8.pack(req.logprobs))
+        if req.images:
+            flags |= _F_IMAGES
+            parts.append(_images_bytes(req.images))
     parts.append(np.asarray(req.draft_ids, dtype=_I32).tobytes())
     if req.q_ids is not None and req.q_probs is not None:
         parts.append(_SPARSE_K.pack(req.q_ids.shape[1] if k else 0))
@@ -112,6 +121,37 @@ def encode_verify_result(res: VerifyResult) -> bytes:
     return head + _VERIFY_RESP.pack(
         int(res.status), res.num_accepted, res.next_token, min(res.verify_us, 2**32 - 1), res.committed_len
     ) + _logprobs_bytes(res.logprobs)
+
+
+def _images_bytes(images: tuple[ImagePayload, ...]) -> bytes:
+    if len(images) > MAX_IMAGES:
+        raise WireError(f"{len(images)} images exceed the limit of {MAX_IMAGES} per message")
+    parts = [_U8.pack(len(images))]
+    for image in images:
+        if len(image.data) > MAX_IMAGE_PAYLOAD_BYTES:
+            raise WireError(f"an image of {len(image.data)} bytes exceeds {MAX_IMAGE_PAYLOAD_BYTES}")
+        parts.append(_IMAGE_FIXED.pack(int(image.encoding), image.orientation, len(image.data)))
+        parts.append(image.data)
+    return b"".join(parts)
+
+
+def _read_images(reader: _Reader) -> tuple[ImagePayload, ...]:
+    (count,) = reader.unpack(_U8, "image count")
+    if not 1 <= count <= MAX_IMAGES:
+        raise WireError(f"{count} images is outside 1..{MAX_IMAGES}")
+    images = []
+    for _ in range(count):
+        encoding, orientation, size = reader.unpack(_IMAGE_FIXED, "image header")
+        try:
+            kind = ImageEncoding(encoding)
+        except ValueError:
+            raise WireError(f"unknown image encoding {encoding}") from None
+        if not 1 <= orientation <= 8:
+            raise WireError(f"image orientation {orientation} is outside 1..8")
+        if size > MAX_IMAGE_PAYLOAD_BYTES:
+            raise WireError(f"an image of {size} bytes exceeds {MAX_IMAGE_PAYLOAD_BYTES}")
+        images.append(ImagePayload(kind, bytes(reader.take(size, "image")), orientation))
+    return tuple(images)
 
 
 def _logprobs_bytes(lp: Logprobs | None) -> bytes:
@@ -135,6 +175,9 @@ def encode_generate(req: GenerateRequest) -> bytes:
     if req.logprobs is not None:
         flags |= _F_LOGPROBS
         tail += _U8.pack(req.logprobs)
+    if req.images:
+        flags |= _F_IMAGES
+        tail += _images_bytes(req.images)
     head = _header(MsgType.GENERATE, req.header.session_id, req.header.seq)
     return head + _GEN_FIXED.pack(flags, req.max_new_tokens, len(ids)) + ids.tobytes() + tail
 
@@ -242,6 +285,7 @@ def decode(payload: bytes) -> Message:
             raise WireError(f"draft of {k} tokens exceeds the limit of {MAX_DRAFT_LEN}")
         context = sampling = None
         logprobs: int | None = None
+        images: tuple[ImagePayload, ...] = ()
         if flags & _F_CONTEXT:
             (n,) = reader.unpack(_CONTEXT_LEN, "context length")
             if not 1 <= n <= MAX_CONTEXT_TOKENS:
@@ -250,6 +294,9 @@ def decode(payload: bytes) -> Message:
             sampling = _read_sampling(reader, flags)
             if flags & _F_LOGPROBS:
                 logprobs = _read_top_n(reader)
+            images = _read_images(reader) if flags & _F_IMAGES else ()
+        elif flags & _F_IMAGES:
+            raise WireError("images travel only with a context")
         draft = reader.array(_I32, k, "draft")
         q_ids = q_probs = None
         if reader.pos < len(reader.buf):
@@ -260,7 +307,7 @@ def decode(payload: bytes) -> Message:
             q_probs = reader.array(_F32, k * top_k, "draft distribution probabilities").reshape(k, top_k)
             if not np.all(np.isfinite(q_probs)) or np.any(q_probs < 0):
                 raise WireError("draft probabilities must be finite and non-negative")
-        msg = VerifyRequest(header, base_len, draft, context, sampling, q_ids, q_probs, logprobs)
+        msg = VerifyRequest(header, base_len, draft, context, sampling, q_ids, q_probs, logprobs, images)
     elif msg_type is MsgType.VERIFY_RESULT:
         status, accepted, next_token, verify_us, committed = reader.unpack(_VERIFY_RESP, "verify result")
         try:
@@ -277,7 +324,8 @@ def decode(payload: bytes) -> Message:
         sampling = _read_sampling(reader, flags)
         min_tokens = reader.unpack(_U32, "min tokens")[0] if flags & _F_MIN_TOKENS else 0
         top_n = _read_top_n(reader) if flags & _F_LOGPROBS else None
-        msg = GenerateRequest(header, prompt_ids, max_new, sampling, min_tokens, top_n)
+        gen_images = _read_images(reader) if flags & _F_IMAGES else ()
+        msg = GenerateRequest(header, prompt_ids, max_new, sampling, min_tokens, top_n, gen_images)
     elif msg_type is MsgType.TOKENS:
         done, count = reader.unpack(_TOKENS_FIXED, "tokens header")
         ids = reader.array(_I32, count, "tokens")

@@ -98,7 +98,7 @@ class DeviceDrafterServer:
         self.engine = tier_engine(self.args, "device", "drafter", engine)
         self._embedder: Any = None
         self.device = DeviceSide(DeviceDrafter(self.engine), threading.Lock(), self._embed,
-                                 max_context_tokens=self.args.context_limit_tokens())
+                                 max_context_tokens=self.args.context_limit_tokens(), image_limits=self.args.images)
         self.edge_handle = edge_handle
         self.cloud_handle = cloud_handle
         # The edge-cloud link is the edge's backhaul: one per replica, as configured (not per device).
@@ -172,10 +172,16 @@ class DeviceDrafterServer:
         try:
             if not self.tokenizer_checked:
                 theirs = self.edge_handle.vocab_fingerprint.remote().result(timeout_s=CALL_TIMEOUT_S)
+                vision = self.edge_handle.vision.remote().result(timeout_s=CALL_TIMEOUT_S)
                 self.tokenizer_checked = True
                 try:
                     check_tokenizers(self.engine.vocab_fingerprint(), theirs, "the device's drafter",
                                      "the edge's verifier")
+                    mine = self.engine.vision.fingerprint() if self.engine.vision is not None else None
+                    if mine != vision["spec"]:
+                        raise TokenizerMismatch("the device's drafter and the edge's verifier turn images into "
+                                                "different tokens")
+                    self.device.verifier_encoder_digest = vision["encoder_digest"]
                 except TokenizerMismatch as exc:
                     self.tokenizer_error = str(exc)
                     log.error("%s: refusing speculative and edge paths", exc)

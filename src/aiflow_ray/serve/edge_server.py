@@ -33,7 +33,7 @@ class EdgeVerifierServer:
         """``engine``, ``router`` and ``replica_id`` are injected by unit tests; Serve passes only ``args``."""
         self.args = AppArgs.model_validate(args)
         self.edge = EdgeVerifier(tier_engine(self.args, "edge", "verifier", engine),
-                                 max_sessions=self.args.edge_sessions_per_replica)
+                                 max_sessions=self.args.edge_sessions_per_replica, image_limits=self.args.images)
         samples = self.edge.calibrate()
         log.info("edge calibrated: %s", ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples))
         self.load = LoadTracker("edge", self.args, self.edge.service_samples, router, replica_id)
@@ -56,6 +56,13 @@ class EdgeVerifierServer:
     async def vocab_fingerprint(self) -> str:
         """The verifier's token->id map digest: the device refuses to speculate against another tokenizer."""
         return self.edge.engine.vocab_fingerprint()
+
+    async def vision(self) -> dict[str, str | None]:
+        """How the verifier sees images (None: text only) and its vision encoder's digest: the device counts
+        image tokens the same way, and sends encoder features only to an edge with the same encoder."""
+        engine = self.edge.engine
+        return {"spec": engine.vision.fingerprint() if engine.vision is not None else None,
+                "encoder_digest": getattr(engine, "encoder_digest", None)}
 
     async def generate_stream(self, payload: bytes) -> AsyncIterator[bytes]:
         """Server-only path: tokens stream back as they are produced."""

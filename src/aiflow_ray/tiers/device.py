@@ -8,14 +8,14 @@ the verifier's greedy output token for token, whatever the draft length, link or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.base import Engine
+from aiflow_ray.engines.base import Engine, ImageInput
 from aiflow_ray.errors import TierUnavailable
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
@@ -25,6 +25,7 @@ from aiflow_ray.speculative.stats import SpecStats
 from aiflow_ray.tiers.edge import EdgeVerifier
 from aiflow_ray.tiers.resilience import Resilience
 from aiflow_ray.tiers.trace import Trace
+from aiflow_ray.vision.upload import PreparedImage
 
 log = get_logger(__name__)
 
@@ -91,6 +92,17 @@ class GenerationResult:
     logprobs: wire.Logprobs | None = None  # [len(token_ids)] when asked for, from the verifier
 
 
+def _image_inputs(images: Sequence[PreparedImage]) -> list[ImageInput]:
+    """What the drafter's own model sees: the tiles, whatever representation crosses the link."""
+    return [ImageInput(tiles=image.tiles) for image in images]
+
+
+def _trace_images(trace: Trace, images: Sequence[PreparedImage]) -> None:
+    if images:
+        trace.image_upload = ",".join(sorted({image.mode for image in images}))
+        trace.image_bytes_raw = sum(image.raw_bytes for image in images)
+
+
 def _truncate_at_eos(tokens: list[int], eos: frozenset[int], emitted_before: int, min_tokens: int
                      ) -> tuple[list[int], bool]:
     """Cut after the first end-of-sequence token that may end the output (see ``min_tokens``)."""
@@ -117,13 +129,16 @@ class DeviceDrafter:
         clock: Clock | None = None,
         on_token: OnRound | None = None,
         min_tokens: int = 0,
+        images: Sequence[PreparedImage] = (),
     ) -> GenerationResult:
         """The small model alone, no link."""
         clock = clock or RealClock()
         trace = Trace(path="on-device")
+        _trace_images(trace, images)
+        trace.image_upload = "" if not images else "none"  # nothing crosses a link on the device
         rng = self._rng_for(sampling)
         sid = wire.new_session_id().hex()
-        self.engine.open_session(sid, prompt_ids)
+        self.engine.open_session(sid, prompt_ids, _image_inputs(images))
         started = clock.now()
         out: list[int] = []
         try:
@@ -146,9 +161,11 @@ class DeviceDrafter:
         logprobs: int | None = None,
         draft_top_k: int = 0,
         resilience: Resilience | None = None,
+        images: Sequence[PreparedImage] = (),
     ) -> GenerationResult:
         """The speculative loop; ``draft_top_k`` is the sparse draft distribution's size when sampling (the
-        policy prices the uplink with it), ``logprobs`` asks the verifier for its log-probabilities."""
+        policy prices the uplink with it), ``logprobs`` asks the verifier for its log-probabilities. ``images``
+        cross the link with the context, once per edge session (again only when the edge lost it)."""
         # Finishing on the device cannot give the verifier's log-probabilities.
         can_fall_back = resilience is not None and resilience.fallback and logprobs is None
         link_timeout_s = resilience.link_timeout_s if resilience is not None else None
@@ -157,11 +174,13 @@ class DeviceDrafter:
         clock = transport.clock
         logprob_parts: list[wire.Logprobs] = []
         trace = Trace(path="device-edge")
+        _trace_images(trace, images)
+        payloads = tuple(image.payload for image in images)
         stats = SpecStats()
         rng = self._rng_for(sampling)
         session = wire.new_session_id()
         sid = session.hex()
-        self.engine.open_session(sid, prompt_ids)
+        self.engine.open_session(sid, prompt_ids, _image_inputs(images))
         committed = len(prompt_ids)
         out: list[int] = []
         edge_has_session = False
@@ -193,8 +212,11 @@ class DeviceDrafter:
                         q_ids=draft.q_ids if sampled and draft else None,
                         q_probs=(draft.q_probs.astype(np.float32)
                                  if sampled and draft and draft.q_probs is not None else None),
+                        images=payloads if context is not None else (),
                     )
                     payload = wire.encode_verify(req)
+                    if context is not None:
+                        trace.image_bytes_sent += sum(len(p.data) for p in payloads)
                     seq += 1
                     sent = clock.now()
                     try:
@@ -320,6 +342,7 @@ def generate_server_only(
     decode: Callable[[list[int]], str], on_token: OnRound | None = None, min_tokens: int = 0,
     logprobs: int | None = None, resilience: Resilience | None = None,
     finish_on_device: Callable[[list[int], int], list[int]] | None = None,
+    images: Sequence[PreparedImage] = (),
 ) -> GenerationResult:
     """Baseline: the prompt's ids cross once; the large model decodes alone and streams tokens down.
 
@@ -331,6 +354,8 @@ def generate_server_only(
     """
     clock = transport.clock
     trace = Trace(path="server-only")
+    _trace_images(trace, images)
+    payloads = tuple(image.payload for image in images)
     logprob_parts: list[wire.Logprobs] = []
     started = clock.now()
     out: list[int] = []
@@ -342,9 +367,11 @@ def generate_server_only(
         req = wire.GenerateRequest(
             wire.Header(wire.MsgType.GENERATE, session, 0), np.asarray([*prompt_ids, *out], np.int32),
             max_new_tokens - len(out), None if sampling.greedy else sampling, max(min_tokens - len(out), 0), logprobs,
+            payloads,
         )
         payload = wire.encode_generate(req)
         trace.bytes_up += len(payload)
+        trace.image_bytes_sent += sum(len(p.data) for p in payloads)
         try:
             for message, arrival in transport.stream(payload):
                 trace.bytes_down += len(message)

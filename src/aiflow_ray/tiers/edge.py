@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.base import Engine, SessionNotFound
+from aiflow_ray.engines.base import Engine, ImageInput, SessionNotFound
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
 from aiflow_ray.speculative.sampling import pick_logprobs
 from aiflow_ray.speculative.verify import verify_greedy, verify_sampled
+from aiflow_ray.vision.decode import ImageLimits
+from aiflow_ray.vision.upload import receive_image
 
 log = get_logger(__name__)
 
@@ -43,9 +45,12 @@ def _logprobs(scores_logprobs: np.ndarray | None, chosen: list[int], top_n: int 
 
 
 class EdgeVerifier:
-    def __init__(self, engine: Engine, max_sessions: int = 256, seed: int | None = None) -> None:
+    def __init__(self, engine: Engine, max_sessions: int = 256, seed: int | None = None,
+                 image_limits: ImageLimits | None = None) -> None:
         self.engine = engine
         self.max_sessions = max_sessions
+        # Images that crossed the link are decoded as strictly as the device decoded the client's.
+        self.image_limits = image_limits or ImageLimits()
         self._sessions: OrderedDict[bytes, _SessionState] = OrderedDict()
         self._seed_rng = np.random.default_rng(seed)
         # Guards the session table only, never a forward: an engine that batches (vLLM) verifies many
@@ -82,12 +87,32 @@ class EdgeVerifier:
     def _sid(self, session_id: bytes) -> str:
         return session_id.hex()
 
+    def _images(self, context: list[int], payloads: tuple[wire.ImagePayload, ...]) -> list[ImageInput]:
+        """The images a context's image blocks stand for, back from their link representation."""
+        vision = self.engine.vision
+        if vision is None:
+            if payloads:
+                raise wire.WireError(f"{self.engine.name} takes text only")
+            return []
+        digest = getattr(self.engine, "encoder_digest", None)
+        images = [receive_image(p, vision, self.image_limits, digest) for p in payloads]
+        check = getattr(self.engine, "check_image_blocks", None)
+        count = getattr(self.engine, "image_tokens", None)
+        if check is not None and count is not None:
+            try:
+                check(context, [count(image) for image in images])
+            except ValueError as exc:
+                raise wire.WireError(str(exc)) from None
+        return images
+
     def _start(self, session_id: bytes, context: np.ndarray, sampling: SamplingConfig | None,
-               logprobs: int | None = None) -> _SessionState:
+               logprobs: int | None = None, images: tuple[wire.ImagePayload, ...] = ()) -> _SessionState:
         self._check_ids(context, "context")
+        ids = context.tolist()
+        inputs = self._images(ids, images)
         sampling = sampling or GREEDY
         rng = np.random.default_rng(sampling.seed if sampling.seed is not None else self._seed_rng.integers(2**63))
-        self.engine.open_session(self._sid(session_id), context.tolist())
+        self.engine.open_session(self._sid(session_id), ids, inputs)
         with self._lock:
             state = self._sessions[session_id] = _SessionState(sampling, rng, logprobs)
             self._sessions.move_to_end(session_id)
@@ -145,7 +170,7 @@ class EdgeVerifier:
         sid = req.header.session_id
         header = wire.Header(wire.MsgType.VERIFY_RESULT, sid, req.header.seq)
         if req.context is not None:
-            state: _SessionState | None = self._start(sid, req.context, req.sampling, req.logprobs)
+            state: _SessionState | None = self._start(sid, req.context, req.sampling, req.logprobs, req.images)
         else:
             state = self._held(sid, req.base_len)
         if state is None:
@@ -189,7 +214,7 @@ class EdgeVerifier:
         if not isinstance(msg, wire.GenerateRequest):
             raise wire.WireError("expected a GENERATE message")
         sid = msg.header.session_id
-        state = self._start(sid, msg.prompt_ids, msg.sampling, msg.logprobs)
+        state = self._start(sid, msg.prompt_ids, msg.sampling, msg.logprobs, msg.images)
         sampling, rng = state.sampling, state.rng
         native = getattr(self.engine, "stream_greedy", None)
         if native is not None and sampling.greedy and msg.logprobs is None:

@@ -28,6 +28,9 @@ from aiflow_ray.tiers.device import (
 )
 from aiflow_ray.tiers.grounded import CloudTransport, run_grounded
 from aiflow_ray.tiers.resilience import Resilience
+from aiflow_ray.vision.decode import ImageInputError, ImageLimits
+from aiflow_ray.vision.prompting import ImagePromptError
+from aiflow_ray.vision.upload import PreparedImage, prepare_image
 
 
 class PathUnavailable(RuntimeError):
@@ -36,6 +39,19 @@ class PathUnavailable(RuntimeError):
 
 class TokenizerMismatch(RuntimeError):
     """Drafter and verifier map text to different token ids: speculation would not be exact."""
+
+
+class VisionMismatch(RuntimeError):
+    """Drafter and verifier see images differently: the device could not count the verifier's image tokens."""
+
+
+def check_vision(drafter: Any, verifier: Any) -> None:
+    """A pair takes images only if both models preprocess them identically (same tiles, same token counts)."""
+    mine, theirs = drafter.vision, verifier.vision
+    if (mine is None) != (theirs is None):
+        raise VisionMismatch(f"{drafter.name} and {verifier.name}: one takes images and the other does not")
+    if mine is not None and mine.fingerprint() != theirs.fingerprint():
+        raise VisionMismatch(f"{drafter.name} and {verifier.name} preprocess images differently ({mine} vs {theirs})")
 
 
 def check_tokenizers(drafter_fingerprint: str, verifier_fingerprint: str, drafter: str = "drafter",
@@ -53,6 +69,10 @@ class DeviceSide:
     lock: contextlib.AbstractContextManager[Any] | None = None
     embed: Callable[[str], np.ndarray] | None = None  # device-side query embedding (grounded path)
     max_context_tokens: int | None = None  # prompt + max_tokens every tier can hold (None: unchecked)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    # The verifier's vision encoder, when the device learnt it (start-up check): equal to the drafter's, the
+    # device may send its encoder's features instead of pixels.
+    verifier_encoder_digest: str | None = None
     # Tokenizing never waits for the model: a server-only request counts its prompt tokens while the
     # drafter generates for someone else.
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -60,14 +80,56 @@ class DeviceSide:
     def locked(self) -> contextlib.AbstractContextManager[Any]:
         return self.lock if self.lock is not None else contextlib.nullcontext()
 
-    def encode(self, opts: GenerateOptions, prompt: Any = None) -> list[int]:
+    def encode(self, opts: GenerateOptions, prompt: Any = None, images: list[PreparedImage] | None = None
+               ) -> list[int]:
         """The request's prompt ids (``prompt``: the grounded path's prompt with passages), refused when it and
-        the output it asks for would not fit the context."""
+        the output it asks for would not fit the context. ``images``: the request's, prepared."""
+        engine = self.drafter.engine
+        text = prompt if prompt is not None else opts.prompt_input()
+        chat = True if prompt is not None else opts.chat
+        field_name = "messages" if opts.messages else "prompt"
         with self._tokenizer_lock:
-            ids = self.drafter.engine.encode_prompt(prompt if prompt is not None else opts.prompt_input(),
-                                                    True if prompt is not None else opts.chat)
+            if engine.vision is None:
+                ids = engine.encode_prompt(text, chat)
+            else:
+                vision = engine.vision
+                tokens = [int(image.tiles.shape[0]) * vision.tokens_per_tile for image in images or ()]
+                try:
+                    ids = (engine.encode_image_prompt(text, chat, tokens) if tokens  # type: ignore[attr-defined]
+                           else engine.encode_prompt(text, chat))
+                    if not tokens:
+                        engine.check_image_blocks(ids, [])  # type: ignore[attr-defined]
+                except (ImagePromptError, ValueError) as exc:
+                    raise RefusedError(Refusal(400, str(exc), field_name)) from None
         check_context(len(ids), opts, self.max_context_tokens, grounded=prompt is not None)
         return ids
+
+    def prepare_images(self, opts: GenerateOptions, send: bool = True) -> list[PreparedImage]:
+        """Decode the request's images safely and encode them for the link (``send``), on this device.
+
+        Each error is a 400/413/415 naming the image's field; a model without vision is a 400 too."""
+        if not opts.images:
+            return []
+        engine = self.drafter.engine
+        if engine.vision is None:
+            raise RefusedError(Refusal(400, f"the model {engine.name} takes text only; remove the image",
+                                       opts.images[0].field))
+        if len(opts.images) > self.image_limits.max_images:
+            raise RefusedError(Refusal(400, f"{len(opts.images)} images; at most {self.image_limits.max_images} "
+                                       "are allowed per request", opts.images[0].field))
+        own_digest = getattr(engine, "encoder_digest", None)
+        shared = own_digest is not None and own_digest == self.verifier_encoder_digest
+        prepared = []
+        for image in opts.images:
+            try:
+                prepared.append(prepare_image(
+                    image.data, image.field, opts.image_upload if send else "raw", engine.vision, self.image_limits,
+                    bandwidth_bps=opts.link.bandwidth_bps,
+                    features=getattr(engine, "vision_features", None) if shared else None,
+                    encoder_digest=own_digest if shared else None, lossy_ok=opts.device_fallback))
+            except ImageInputError as exc:
+                raise RefusedError(Refusal(exc.status, str(exc), exc.field)) from None
+        return prepared
 
 
 def check_context(prompt_tokens: int, opts: GenerateOptions, limit_tokens: int | None,
@@ -103,35 +165,42 @@ def run_path(opts: GenerateOptions, device: DeviceSide, edge: Transport, *, poli
     drafter = device.drafter
     sampled_top_k = 0 if opts.sampling.greedy else opts.sampling.draft_top_k
 
+    # Images are decoded and encoded for the link once, on the device, before any model runs.
+    images = device.prepare_images(opts, send=opts.path != "on-device")
+
     def speculate(prompt: Any = None) -> GenerationResult:
-        ids = device.encode(opts, prompt)
+        ids = device.encode(opts, prompt, images)
         with device.locked():
             result = drafter.generate_speculative(
                 ids, opts.max_new_tokens, opts.sampling, draft_policy_for(opts, policy), edge, on_round=on_round,
-                min_tokens=opts.min_tokens, logprobs=opts.logprobs, draft_top_k=sampled_top_k, resilience=resilience)
+                min_tokens=opts.min_tokens, logprobs=opts.logprobs, draft_top_k=sampled_top_k, resilience=resilience,
+                images=images)
         return result
 
     if opts.path == "on-device":
-        ids = device.encode(opts)
+        ids = device.encode(opts, images=images)
         with device.locked():
             return drafter.generate_local(ids, opts.max_new_tokens, opts.sampling, on_token=on_round,
-                                          min_tokens=opts.min_tokens)
+                                          min_tokens=opts.min_tokens, images=images)
     if opts.path == "server-only":
         # Tokenized once, here: only ids cross the link (the edge's tokenizer was checked to agree).
-        prompt_ids = device.encode(opts)
+        prompt_ids = device.encode(opts, images=images)
 
         def finish_on_device(so_far: list[int], left: int) -> list[int]:
             with device.locked():
                 return drafter.generate_local(prompt_ids + so_far, left, opts.sampling, on_token=on_round,
-                                              min_tokens=max(opts.min_tokens - len(so_far), 0)).token_ids
+                                              min_tokens=max(opts.min_tokens - len(so_far), 0),
+                                              images=images).token_ids
 
         return generate_server_only(prompt_ids, opts.max_new_tokens, opts.sampling, edge, drafter.engine.decode,
                                     on_token=on_round, min_tokens=opts.min_tokens, logprobs=opts.logprobs,
-                                    resilience=resilience, finish_on_device=finish_on_device)
+                                    resilience=resilience, finish_on_device=finish_on_device, images=images)
     if opts.path == "device-edge":
         return speculate()
     if cloud is None or cloud_link is None:
         raise PathUnavailable("path 'device-edge-cloud' needs a cloud tier, and this deployment has none")
+    if images:
+        raise PathUnavailable("the device-edge-cloud path takes text only; send images on another path")
     device.encode(opts)  # the question alone must fit before the cloud searches for passages to add to it
     return run_grounded(opts, edge.link, cloud_link, cloud, speculate=speculate, embed=device.embed,
                         on_round=on_round)

@@ -37,6 +37,10 @@ class Trace:
     links: dict[str, dict[str, float]] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=dict)
     retrieval: dict[str, Any] = field(default_factory=dict)
+    # Images: the representation sent over the device link, and its bytes against the client's.
+    image_upload: str = ""  # "" = no image; else raw | resized | jpeg | features
+    image_bytes_raw: int = 0
+    image_bytes_sent: int = 0  # once per edge session: a resend after a lost session counts again
     # Time at which each output token reached the device, relative to the request start.
     token_times_s: list[float] = field(default_factory=list)
 

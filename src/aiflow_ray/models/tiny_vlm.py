@@ -1,0 +1,97 @@
+"""A tiny random InternVL pair for image tests and ``make run PROFILE=tiny``, built locally in a second.
+
+Same class as released InternVL "-hf" checkpoints (``InternVLForConditionalGeneration``: an InternViT-style
+vision tower, an MLP projector, a Qwen2 language model), with small dimensions. As in the tiny text pair
+(``models.tiny``), the drafter is nested in the verifier: the same vision tower and projector (a shared
+encoder, so the ``features`` upload applies), embeddings, head and first language layer; the verifier's later
+layers write small residual updates, which gives realistic, nonzero acceptance without training. Tiles are
+56 px (4 x 4 patches of 14 px, pixel-shuffled to 4 visual tokens a tile), with InternVL's dynamic tiling up
+to 4 tiles plus a thumbnail, so tests exercise tiling at a few tokens an image.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from aiflow_ray import envs
+from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.models.tiny import build_tiny_pair
+from aiflow_ray.vision.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from aiflow_ray.vision.prompting import IMAGE_CONTEXT, IMAGE_SPECIAL_TOKENS
+
+log = get_logger(__name__)
+
+TINY_VLM_VERSION = 1
+TILE_SIZE = 56
+MAX_TILES = 4
+_DRAFTER_LAYERS = 1
+_VERIFIER_LAYERS = 4
+_LATER_LAYER_SCALE = 0.12
+_INIT_RANGE = 0.25
+
+
+def tiny_vlm_dir(home: Path | None = None) -> Path:
+    return (home or envs.aiflow_home()) / "models" / f"tiny-vlm-v{TINY_VLM_VERSION}"
+
+
+def build_tiny_vlm_pair(home: Path | None = None, force: bool = False) -> tuple[Path, Path]:
+    """Return (verifier_dir, drafter_dir), building them deterministically when missing."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+    from transformers.models.internvl import InternVLVisionConfig
+
+    root = tiny_vlm_dir(home)
+    verifier_dir, drafter_dir = root / "verifier", root / "drafter"
+    if not force and (root / "complete.json").exists():
+        return verifier_dir, drafter_dir
+    shutil.rmtree(root, ignore_errors=True)
+    text_verifier, _ = build_tiny_pair(home)
+    tokenizer = AutoTokenizer.from_pretrained(text_verifier)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_SPECIAL_TOKENS],
+                         special_tokens=True)
+    vocab = len(tokenizer)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT)
+    assert isinstance(image_token_id, int)
+
+    def config(layers: int) -> InternVLConfig:
+        text = Qwen2Config(
+            vocab_size=vocab, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=layers, max_position_embeddings=8192, tie_word_embeddings=True,
+            initializer_range=_INIT_RANGE, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        vision = InternVLVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                      image_size=TILE_SIZE, patch_size=14, initializer_range=_INIT_RANGE)
+        return InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                              downsample_ratio=0.5, tie_word_embeddings=True)
+
+    torch.manual_seed(4321)
+    verifier = InternVLForConditionalGeneration(config(_VERIFIER_LAYERS)).float().eval()
+    with torch.no_grad():
+        for layer in verifier.model.language_model.layers[_DRAFTER_LAYERS:]:
+            layer.self_attn.o_proj.weight.mul_(_LATER_LAYER_SCALE)
+            layer.mlp.down_proj.weight.mul_(_LATER_LAYER_SCALE)
+        # Random projector outputs the size of token embeddings, so the image steers the output.
+        verifier.model.multi_modal_projector.linear_2.weight.mul_(4.0)
+    drafter = InternVLForConditionalGeneration(config(_DRAFTER_LAYERS)).float().eval()
+    prefix = "model.language_model.layers."
+    state = {k: v for k, v in verifier.state_dict().items()
+             if not k.startswith(prefix) or int(k[len(prefix):].split(".")[0]) < _DRAFTER_LAYERS}
+    missing, unexpected = drafter.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise RuntimeError(f"nesting failed: missing={missing} unexpected={unexpected}")
+    drafter.tie_weights()
+    processor = {"crop_to_patches": True, "min_patches": 1, "max_patches": MAX_TILES,
+                 "size": {"height": TILE_SIZE, "width": TILE_SIZE},
+                 "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
+    for model, out in ((verifier, verifier_dir), (drafter, drafter_dir)):
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    (root / "complete.json").write_text(json.dumps({"version": TINY_VLM_VERSION, "vocab_size": vocab}))
+    log.info("built tiny nested InternVL pair (vocab %d, %d px tiles) at %s", vocab, TILE_SIZE, root)
+    return verifier_dir, drafter_dir

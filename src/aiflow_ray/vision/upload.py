@@ -1,0 +1,165 @@
+"""What of an image crosses the device-edge link, and how the edge turns it back into model input.
+
+The request option ``image_upload`` picks the representation (task-oriented communication: send what the
+verifier needs, not the raw sensor data):
+- ``raw``: the client's encoded bytes, metadata removed losslessly (the baseline). The edge decodes them
+  and preprocesses them itself.
+- ``resized``: the verifier's own preprocessing done on the device (``vision.preprocess.image_tiles``), the
+  uint8 tiles sent as one lossless PNG. The edge sees the same tiles it would have computed from ``raw``, so
+  the output is the same, for a fraction of the bytes.
+- ``jpeg``: the same tiles, lossy; the quality follows the link's bandwidth (``jpeg_quality_for``).
+- ``features``: the vision encoder's output (before the projector), int8 per row with a float32 scale, for
+  a device whose model shares the verifier's encoder; the message carries the encoder's digest and an edge
+  with another encoder refuses it.
+- ``auto``: the lossless representation with the fewest bytes (``resized`` for any camera photo); lossy ones
+  only when asked for, since they may change the output.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import get_args
+
+import numpy as np
+from PIL import Image
+
+from aiflow_ray.config.generation import UploadMode
+from aiflow_ray.engines.base import ImageInput
+from aiflow_ray.network.messages import ImageEncoding, ImagePayload, WireError
+from aiflow_ray.vision.decode import ImageInputError, ImageLimits, decode_image, encode_jpeg, encode_png
+from aiflow_ray.vision.preprocess import VisionSpec, image_tiles
+
+UPLOAD_MODES: tuple[UploadMode, ...] = get_args(UploadMode)
+LOSSLESS: tuple[UploadMode, ...] = ("raw", "resized")
+ENCODING_OF: dict[str, ImageEncoding] = {"raw": ImageEncoding.RAW, "resized": ImageEncoding.TILES_PNG,
+                                         "jpeg": ImageEncoding.TILES_JPEG, "features": ImageEncoding.FEATURES}
+MODE_OF = {encoding: mode for mode, encoding in ENCODING_OF.items()}
+
+_FEATURES_HEAD = struct.Struct("<8sII")  # encoder digest (first 8 bytes), rows, width
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def jpeg_quality_for(bandwidth_bps: float) -> int:
+    """Higher quality where bytes are cheap: 60 at 250 KB/s and below, 90 at 4 MB/s and above."""
+    if bandwidth_bps <= 0:
+        return 60
+    scale = np.clip(np.log2(bandwidth_bps / 250e3) / 4.0, 0.0, 1.0)
+    return round(60 + 30 * float(scale))
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image on the device: its tiles (what the drafter sees) and what goes over the link."""
+
+    tiles: np.ndarray  # [n, S, S, 3] uint8
+    payload: ImagePayload
+    mode: UploadMode  # the representation used ("auto" resolved)
+    raw_bytes: int  # what the client sent
+
+    @property
+    def sent_bytes(self) -> int:
+        return len(self.payload.data)
+
+
+def stack_tiles(tiles: np.ndarray) -> Image.Image:
+    """[n, S, S, 3] -> one S x (n*S) image, the layout both tile encodings use."""
+    n, size = tiles.shape[0], tiles.shape[1]
+    return Image.fromarray(np.ascontiguousarray(tiles.reshape(n * size, size, 3)), "RGB")
+
+
+def quantize_features(features: np.ndarray, encoder_digest: str) -> bytes:
+    """float32 [rows, width] -> digest, shape, one float32 scale per row, int8 values."""
+    rows, width = features.shape
+    scale = np.maximum(np.abs(features).max(axis=1), 1e-12).astype(np.float32) / np.float32(127.0)
+    values = np.clip(np.rint(features / scale[:, None]), -127, 127).astype(np.int8)
+    return (_FEATURES_HEAD.pack(bytes.fromhex(encoder_digest)[:8], rows, width) + scale.astype("<f4").tobytes()
+            + values.tobytes())
+
+
+def dequantize_features(data: bytes, encoder_digest: str, max_rows: int) -> np.ndarray:
+    if len(data) < _FEATURES_HEAD.size:
+        raise WireError("image features are truncated")
+    digest, rows, width = _FEATURES_HEAD.unpack_from(data)
+    if digest != bytes.fromhex(encoder_digest)[:8]:
+        raise WireError("image features come from another vision encoder; send pixels (image_upload resized)")
+    if not 1 <= rows <= max_rows or not 1 <= width <= 65_536:
+        raise WireError(f"image features of {rows} x {width} are out of bounds")
+    expected = _FEATURES_HEAD.size + 4 * rows + rows * width
+    if len(data) != expected:
+        raise WireError(f"image features of {len(data)} bytes; {rows} x {width} needs {expected}")
+    scale = np.frombuffer(data, "<f4", rows, _FEATURES_HEAD.size)
+    if not np.all(np.isfinite(scale)):
+        raise WireError("image feature scales must be finite")
+    values = np.frombuffer(data, np.int8, rows * width, _FEATURES_HEAD.size + 4 * rows).reshape(rows, width)
+    return values.astype(np.float32) * scale[:, None]
+
+
+def prepare_image(data: bytes, field: str, mode: UploadMode, spec: VisionSpec, limits: ImageLimits,
+                  bandwidth_bps: float = 1e6, features: Callable[[np.ndarray], np.ndarray] | None = None,
+                  encoder_digest: str | None = None, lossy_ok: bool = False) -> PreparedImage:
+    """Decode a client's image safely, preprocess it as the verifier would, and encode it for the link.
+
+    ``features`` (the drafter's encoder, with ``encoder_digest``) is given only when the drafter shares the
+    verifier's encoder; ``lossy_ok`` lets ``auto`` consider jpeg too.
+    """
+    decoded = decode_image(data, field, limits)
+    tiles = image_tiles(decoded.pixels, spec)
+    lossless: list[UploadMode] = list(LOSSLESS)
+    candidates: list[UploadMode] = [mode] if mode != "auto" else [*lossless, "jpeg"] if lossy_ok else lossless
+    best: ImagePayload | None = None
+    best_mode: UploadMode = candidates[0]
+    for candidate in candidates:
+        payload = _encode(candidate, decoded.clean, decoded.orientation, tiles, bandwidth_bps, features,
+                          encoder_digest, field)
+        if best is None or len(payload.data) < len(best.data):
+            best, best_mode = payload, candidate
+    assert best is not None
+    return PreparedImage(tiles, best, best_mode, decoded.raw_bytes)
+
+
+def _encode(mode: UploadMode, clean: bytes, orientation: int, tiles: np.ndarray, bandwidth_bps: float,
+            features: Callable[[np.ndarray], np.ndarray] | None, encoder_digest: str | None,
+            field: str) -> ImagePayload:
+    if mode == "raw":
+        return ImagePayload(ImageEncoding.RAW, clean, orientation)
+    if mode == "resized":
+        return ImagePayload(ImageEncoding.TILES_PNG, encode_png(stack_tiles(tiles)))
+    if mode == "jpeg":
+        return ImagePayload(ImageEncoding.TILES_JPEG, encode_jpeg(stack_tiles(tiles), jpeg_quality_for(bandwidth_bps)))
+    if features is None or encoder_digest is None:
+        raise ImageInputError(field, 400, "image_upload 'features' needs a device model that shares the verifier's "
+                                          "vision encoder, and this deployment's do not")
+    return ImagePayload(ImageEncoding.FEATURES, quantize_features(features(tiles), encoder_digest))
+
+
+def receive_image(payload: ImagePayload, spec: VisionSpec, limits: ImageLimits,
+                  encoder_digest: str | None = None) -> ImageInput:
+    """The edge's side: the payload back into engine input, checked as strictly as the device checked the
+    client's bytes (the edge trusts nothing that crossed the link). Errors are ``WireError``."""
+    field = "image"
+    try:
+        if payload.encoding is ImageEncoding.RAW:
+            decoded = decode_image(payload.data, field, limits)
+            pixels = decoded.pixels
+            if payload.orientation in _TRANSPOSE:
+                pixels = pixels.transpose(_TRANSPOSE[payload.orientation])
+            return ImageInput(tiles=image_tiles(pixels, spec))
+        if payload.encoding is ImageEncoding.FEATURES:
+            if encoder_digest is None:
+                raise WireError("this verifier takes no image features")
+            return ImageInput(features=dequantize_features(payload.data, encoder_digest,
+                                                           spec.max_tokens_per_image))
+        decoded = decode_image(payload.data, field, limits)
+    except ImageInputError as exc:
+        raise WireError(f"image payload: {exc}") from None
+    width, height = decoded.pixels.size
+    size = spec.tile_size
+    max_tiles = spec.max_tiles + (1 if spec.max_tiles > 1 else 0)
+    if width != size or height % size or not 1 <= height // size <= max_tiles:
+        raise WireError(f"image tiles of {width} x {height} px do not fit {size} px tiles")
+    tiles = np.asarray(decoded.pixels, np.uint8).reshape(height // size, size, size, 3)
+    return ImageInput(tiles=np.ascontiguousarray(tiles))
