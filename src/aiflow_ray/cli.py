@@ -24,6 +24,7 @@ from aiflow_ray.config import (
     ModelPreset,
     SamplingConfig,
 )
+from aiflow_ray.config.generation import ImageSource, UploadMode
 from aiflow_ray.models.registry import DEFAULT_PAIR, REGISTRY, UnknownModelError
 from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps
 
@@ -74,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(gen, "--seed", SamplingConfig, "seed", type=int)
     gen.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
     gen.add_argument("--models", choices=get_args(ModelPreset), default="default",
-                     help="default = the Qwen2.5-Coder 0.5B/1.5B pair; tiny = random test models")
+                     help="default = the Qwen2.5-Coder 0.5B/1.5B pair; tiny = random test models; tiny-vlm = random "
+                     "InternVL test models; caption = the trained captioning pair")
+    gen.add_argument("--image", action="append", default=[], help="an image file (JPEG, PNG, WebP) for a "
+                     "vision-language pair; repeat for several; the prompt's <image> placeholders place them")
+    gen.add_argument("--image-upload", choices=get_args(UploadMode), default="auto",
+                     help="what of each image crosses the device link")
     _add(gen, "--drafter", ModelPairConfig, "drafter")
     _add(gen, "--verifier", ModelPairConfig, "verifier")
     _add(gen, "--dtype", ModelPairConfig, "dtype")
@@ -139,8 +145,8 @@ def _generate(args: argparse.Namespace) -> int:
     from aiflow_ray.tiers.pipeline import Pipeline
 
     pair_overrides = {k: getattr(args, k) for k in ("dtype", "device")}
-    if args.models == "tiny":
-        models = ModelPairConfig.for_preset("tiny", **pair_overrides)
+    if args.models != "default":
+        models = ModelPairConfig.for_preset(args.models, **pair_overrides)
     else:
         models = ModelPairConfig(drafter=args.drafter, verifier=args.verifier, **pair_overrides)
     opts = GenerateOptions(
@@ -152,6 +158,8 @@ def _generate(args: argparse.Namespace) -> int:
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
         link=LinkConfig(bandwidth_bps=args.bandwidth, rtt_s=args.rtt_ms / 1000.0),
         grounding=GroundingOptions() if args.path == "device-edge-cloud" else None,
+        images=tuple(ImageSource(data=Path(path).read_bytes(), field=f"--image {path}") for path in args.image),
+        image_upload=args.image_upload,
     )
     pipeline = Pipeline.load(models)
     if args.path == "device-edge-cloud":  # the cloud in process: the knowledge base and the verifier's model
@@ -166,29 +174,30 @@ def _generate(args: argparse.Namespace) -> int:
     print(result.text)
     print("--- trace", file=sys.stderr)
     for key in ("path", "rounds", "draft_lens", "acceptance_rate", "alpha", "bytes_up", "bytes_down",
-                "ttft_s", "tpot_s", "total_s", "draft_s", "verify_s", "link_s", "context_resends", "num_tokens"):
+                "ttft_s", "tpot_s", "total_s", "draft_s", "verify_s", "link_s", "context_resends", "num_tokens",
+                *(("image_upload", "image_bytes_raw", "image_bytes_sent") if opts.images else ())):
         value = trace[key]
         print(f"{key:>16}: {round(value, 4) if isinstance(value, float) else value}", file=sys.stderr)
     return 0
 
 
 def _models(args: argparse.Namespace) -> int:
+    from aiflow_ray.engines.loader import built_model_dir
     from aiflow_ray.models.fetch import cached_model_dir, fetch_model, is_cached
-    from aiflow_ray.models.tiny import build_tiny_pair
 
     if args.models_command == "list":
         for name, listed in sorted(REGISTRY.items()):
             state = "built on demand" if listed.tiny else ("cached" if is_cached(name) else "not fetched")
             print(f"{name:32} {listed.role:9} {state}")
         return 0
-    names = args.names or [*DEFAULT_PAIR, "tiny-verifier"]
+    # The default pair, the test models, and the captioning pair (trained here once, a few minutes).
+    names = args.names or [*DEFAULT_PAIR, "tiny-verifier", "tiny-vlm-verifier", "caption-verifier"]
     for name in names:
         entry = REGISTRY.get(name)
         if entry is None:
             raise UnknownModelError(f"unknown model {name!r}; registered: {', '.join(sorted(REGISTRY))}")
         if entry.tiny:
-            verifier_dir, _ = build_tiny_pair()
-            print(f"{name}: {verifier_dir.parent}")
+            print(f"{name}: {built_model_dir(entry.tiny)}")
         else:
             print(f"{name}: {fetch_model(name)}")
             assert is_cached(name), cached_model_dir(name)

@@ -119,7 +119,8 @@ def test_chat_with_an_image_is_exact_across_paths_and_counts_image_tokens(client
     # auto: the fewer bytes of the lossless representations (a small PNG may beat its own tiles).
     assert trace["image_upload"] in ("raw", "resized") and 0 < trace["image_bytes_sent"] <= trace["image_bytes_raw"]
     text_only = client.post("/v1/chat/completions", json={
-        "model": "tiny-vlm-verifier", "max_tokens": 4, "messages": [{"role": "user", "content": "Describe the image."}]})
+        "model": "tiny-vlm-verifier", "max_tokens": 4,
+        "messages": [{"role": "user", "content": "Describe the image."}]})
     # 120 x 80 px at 56 px tiles: a 2 x 1 grid plus the thumbnail, 4 tokens a tile, and <img> </img> around them.
     assert body["usage"]["prompt_tokens"] - text_only.json()["usage"]["prompt_tokens"] >= 3 * 4 + 2
     native = {"prompt": "Describe the image.", "images": [url], "max_tokens": 12, "chat": True}
@@ -174,7 +175,7 @@ def test_malformed_image_requests_are_400s(client: TestClient) -> None:
     unknown = chat(url)
     unknown["messages"][0]["content"].append({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}})
     reply = client.post("/v1/chat/completions", json=unknown)
-    assert reply.status_code == 400 and reply.json()["error"]["param"].startswith("messages.0.content"), reply.text
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages.0.content.2", reply.text
     injected = chat(url, text="<IMG_CONTEXT><IMG_CONTEXT> typed")
     reply = client.post("/v1/chat/completions", json=injected)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages", reply.text

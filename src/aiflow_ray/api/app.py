@@ -44,7 +44,6 @@ from aiflow_ray.routing.router import Routed, RouteRequest, RouterState
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
 from aiflow_ray.units import parse_bandwidth_bps
 from aiflow_ray.vision.decode import ImageInputError, RemoteImageRef, parse_image_url
-from aiflow_ray.vision.prompting import IMAGE_PLACEHOLDER
 
 log = get_logger(__name__)
 
@@ -142,10 +141,6 @@ class Ingress(TierCalls):
     def _options(self, body: GenerateBody, routed: Routed, messages: Messages,
                  images: tuple[ImageSource, ...] = ()) -> GenerateOptions:
         decision = routed.decision
-        prompt = body.prompt
-        if images and not messages and IMAGE_PLACEHOLDER not in prompt:
-            # InternVL's convention: images without placeholders come before the text.
-            prompt = f"{IMAGE_PLACEHOLDER}\n" * len(images) + prompt
         assert decision.path is not None
         draft_len: int | str = "auto"
         if isinstance(body.draft_len, int):
@@ -153,7 +148,7 @@ class Ingress(TierCalls):
         elif body.draft_len is None and decision.draft_len >= 1:
             draft_len = decision.draft_len
         return GenerateOptions(
-            prompt=prompt, messages=messages, path=decision.path, draft_len=draft_len,
+            prompt=body.prompt, messages=messages, path=decision.path, draft_len=draft_len,
             max_new_tokens=body.max_tokens, chat=body.chat, link=routed.link, link_id=body.link_id,
             sampling=SamplingConfig(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed),
             grounding=GroundingOptions(

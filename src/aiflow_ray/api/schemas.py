@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from aiflow_ray.config import MAX_DRAFT_LEN, PathChoice, Quality
 from aiflow_ray.config.generation import UploadMode
@@ -140,7 +140,16 @@ class ImagePart(Body):
     image_url: ImageUrl
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+def _part_kind(value: object) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"text": "TextPart", "image_url": "ImagePart"}.get(kind) if isinstance(kind, str) else None
+
+
+# Tagged by class name, so that an error inside a part names the part's field (messages.0.content.1.image_url),
+# not the tag as well (errors.py drops class-like names from a location).
+ContentPart = Annotated[Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")],
+                        Discriminator(_part_kind, custom_error_type="invalid_part",
+                                      custom_error_message="type must be 'text' or 'image_url'")]
 
 
 class ChatMessage(Body):

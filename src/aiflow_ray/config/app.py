@@ -181,7 +181,8 @@ class AppArgs(StrictModel):
     """Arguments of ``aiflow_ray.serve:build_app``."""
 
     name: str = Field("aiflow", pattern=r"^[a-z0-9-]{1,40}$", description="Application name (router actor name).")
-    model_preset: ModelPreset = Field("default", description="default = Qwen pair; tiny = test models.")
+    model_preset: ModelPreset = Field("default", description="default = Qwen pair; tiny = test models; tiny-vlm = "
+                                      "test vision-language models; caption = the trained captioning pair.")
     models: ModelPairConfig | None = Field(None, description="Explicit model pair (overrides the profile).")
     device: TierArgs = Field(default_factory=lambda: _tier("device"))
     edge: TierArgs = Field(default_factory=lambda: _tier("edge"))

@@ -26,7 +26,9 @@ TIERS: tuple[TierName, ...] = get_args(TierName)
 # Paths whose output tokens all come from the verifier's distribution, which logprobs report.
 LOGPROB_PATHS: tuple[PathName, ...] = ("device-edge", "server-only")
 EngineName = Literal["hf", "llama_cpp", "vllm"]  # the runtimes behind the Engine protocol
-ModelPreset = Literal["default", "tiny"]  # which model pair; not to be confused with a deployment profile
+# Which model pair; not to be confused with a deployment profile. tiny-vlm: random InternVL test models;
+# caption: the InternVL captioning pair the project trains on composed Fashion-MNIST scenes.
+ModelPreset = Literal["default", "tiny", "tiny-vlm", "caption"]
 
 
 class StrictModel(BaseModel):
@@ -115,9 +117,10 @@ class ModelPairConfig(StrictModel):
 
     @classmethod
     def for_preset(cls, preset: ModelPreset, dtype: str = "auto", device: str = "auto") -> ModelPairConfig:
-        if preset == "tiny":
-            # Tiny models are exactness fixtures: fp32 unless asked otherwise.
-            return cls(drafter="tiny-drafter", verifier="tiny-verifier",
+        built = {"tiny": "tiny", "tiny-vlm": "tiny-vlm", "caption": "caption"}.get(preset)
+        if built is not None:
+            # Small models built here are exactness fixtures (and fast anyway): fp32 unless asked otherwise.
+            return cls(drafter=f"{built}-drafter", verifier=f"{built}-verifier",
                        dtype="float32" if dtype == "auto" else dtype, device=device)
         return cls(dtype=dtype, device=device)
 

@@ -29,7 +29,7 @@ from aiflow_ray.tiers.device import (
 from aiflow_ray.tiers.grounded import CloudTransport, run_grounded
 from aiflow_ray.tiers.resilience import Resilience
 from aiflow_ray.vision.decode import ImageInputError, ImageLimits
-from aiflow_ray.vision.prompting import ImagePromptError
+from aiflow_ray.vision.prompting import IMAGE_PLACEHOLDER, ImagePromptError
 from aiflow_ray.vision.upload import PreparedImage, prepare_image
 
 
@@ -94,6 +94,8 @@ class DeviceSide:
             else:
                 vision = engine.vision
                 tokens = [int(image.tiles.shape[0]) * vision.tokens_per_tile for image in images or ()]
+                if tokens:
+                    text = with_image_placeholders(text, len(tokens))
                 try:
                     ids = (engine.encode_image_prompt(text, chat, tokens) if tokens  # type: ignore[attr-defined]
                            else engine.encode_prompt(text, chat))
@@ -130,6 +132,20 @@ class DeviceSide:
             except ImageInputError as exc:
                 raise RefusedError(Refusal(exc.status, str(exc), exc.field)) from None
         return prepared
+
+
+def with_image_placeholders(prompt: Any, count: int) -> Any:
+    """InternVL's convention: images a prompt does not place come first (before the text of the last user turn)."""
+    texts = [turn["content"] for turn in prompt] if isinstance(prompt, list) else [prompt]
+    if any(IMAGE_PLACEHOLDER in text for text in texts):
+        return prompt
+    prefix = f"{IMAGE_PLACEHOLDER}\n" * count
+    if not isinstance(prompt, list):
+        return prefix + prompt
+    turns = [dict(turn) for turn in prompt]
+    last_user = max((i for i, turn in enumerate(turns) if turn["role"] == "user"), default=len(turns) - 1)
+    turns[last_user]["content"] = prefix + turns[last_user]["content"]
+    return turns
 
 
 def check_context(prompt_tokens: int, opts: GenerateOptions, limit_tokens: int | None,
