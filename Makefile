@@ -15,14 +15,24 @@ HTTP_PORT ?= 8000
 AIFLOW := $(VENV)/bin/aiflow
 
 # llama.cpp is built once from its PyPI source (about 4-6 minutes on 2 cores) and the wheel kept under
-# AIFLOW_HOME, keyed by version and CPU flags, so a re-install takes seconds. AVX-512 (with VNNI and
-# BF16) but not AMX: a -march=native build adds ggml's AMX backend, whose weight repack dies at model load
+# AIFLOW_HOME, keyed by version and CPU flags, so a re-install takes seconds. Never AMX, and not
+# -march=native, which would add it: a native build adds ggml's AMX backend, whose weight repack dies at model load
 # with a general protection fault on `ldtilecfg` on these virtual machines, even after the process was
 # granted AMX state (arch_prctl ARCH_REQ_XCOMP_PERM), while a plain ldtilecfg/tileloadd test passes.
+# Machines of this kind differ in their vector units (some have AVX-512 with VNNI and BF16, some AMD EPYC
+# only AVX2): each extension is switched on only where /proc/cpuinfo lists it, since a wheel built for one the
+# CPU lacks dies with an illegal instruction at model load, and the cached wheel is keyed by that set.
 LLAMA_CPP_VERSION := 0.3.36
+CPU_HAS = $(shell grep -m1 -q -w $(1) /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
+LLAMA_AVX512 := $(call CPU_HAS,avx512f)
+LLAMA_AVX512_VBMI := $(call CPU_HAS,avx512vbmi)
+LLAMA_AVX512_VNNI := $(call CPU_HAS,avx512_vnni)
+LLAMA_AVX512_BF16 := $(call CPU_HAS,avx512_bf16)
+LLAMA_SIMD := $(if $(filter ON,$(LLAMA_AVX512)),avx512$(if $(filter ON,$(LLAMA_AVX512_VNNI)),-vnni)$(if $(filter ON,$(LLAMA_AVX512_BF16)),-bf16),avx2)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
-	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF
-LLAMA_WHEELS := $(or $(AIFLOW_HOME),$(HOME)/.cache/aiflow)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-avx512-noamx
+	-DGGML_AVX512=$(LLAMA_AVX512) -DGGML_AVX512_VBMI=$(LLAMA_AVX512_VBMI) -DGGML_AVX512_VNNI=$(LLAMA_AVX512_VNNI) \
+	-DGGML_AVX512_BF16=$(LLAMA_AVX512_BF16) -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF
+LLAMA_WHEELS := $(or $(AIFLOW_HOME),$(HOME)/.cache/aiflow)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_SIMD)-noamx
 
 .PHONY: help install models kb run stop test lint typecheck unit bench-tpot bench-capacity load-test fault-report gpu-check configs images bench-kb clean
 

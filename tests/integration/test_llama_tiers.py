@@ -3,7 +3,7 @@ same loopback cluster, as a second application beside the tiny one.
 
 What only a cluster shows: the GGUF engines load and run inside Ray replicas, the device checks the
 edge's GGUF tokenizer at start-up and reports ready, and every path answers. Exactness as llama.cpp's
-arithmetic allows it (ARCHITECTURE.md section 8): device-edge and server-only greedy outputs are equal,
+arithmetic allows it (docs/design.md section 8): device-edge and server-only greedy outputs are equal,
 or part only where the verifier's two best tokens lie within TIE_LOGITS of each other, read from the
 server-only stream's own logprobs (one-token decodes, so its top-2 logprob gap is the logit gap).
 """

@@ -14,6 +14,7 @@ from typing import TypeVar
 import httpx
 import pytest
 
+from aiflow_ray.config import AppArgs
 from tests.integration.conftest import ADMIN_KEY, API_KEY
 
 T = TypeVar("T")
@@ -107,7 +108,8 @@ def test_malformed_json_and_oversized_body(api: httpx.Client) -> None:
     response = api.post("/v1/generate", content=b"{not json", timeout=30,
                           headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500
-    response = api.post("/v1/generate", content=b"x" * (2 << 20), timeout=30,
+    over_limit = AppArgs().max_body_bytes + 1
+    response = api.post("/v1/generate", content=b"x" * over_limit, timeout=30,
                           headers={"content-type": "application/json"})
     assert response.status_code == 413
 

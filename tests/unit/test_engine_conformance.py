@@ -5,7 +5,7 @@ equality), llama.cpp on the real Qwen2.5-Coder 0.5B/1.5B Q4_K_M GGUF files, and 
 here, `pytest -m vllm`) on the real bf16 weights. Neither llama.cpp's block evaluation nor vLLM's bf16
 kernels are bit-identical to one-token decoding, so with them two greedy sequences may part only
 at a near-tie: where they first differ, the verifier's top two logits (one-token decode) must lie
-within TIE_LOGITS of each other (ARCHITECTURE.md section 8 measured block-vs-step logit differences
+within TIE_LOGITS of each other (docs/design.md section 8 measured block-vs-step logit differences
 of 0.5-0.7).
 """
 

@@ -17,11 +17,11 @@ from aiflow_ray.errors import RefusedError
 from aiflow_ray.network import wire
 from aiflow_ray.network.link import DuplexLink
 from aiflow_ray.tiers.device import InProcessTransport
+from aiflow_ray.tiers.images import prepare_image, receive_image
 from aiflow_ray.tiers.paths import DeviceSide, run_path
 from aiflow_ray.tiers.pipeline import Pipeline
 from aiflow_ray.vision.decode import ImageLimits
 from aiflow_ray.vision.preprocess import image_tiles
-from aiflow_ray.vision.upload import prepare_image, receive_image
 
 VIRTUAL_LINK = LinkConfig(virtual_time=True)  # type: ignore[call-arg]
 MAX_NEW = 24

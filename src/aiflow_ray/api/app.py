@@ -23,6 +23,7 @@ from prometheus_client import generate_latest
 from aiflow_ray import calls
 from aiflow_ray.api import metrics
 from aiflow_ray.api.errors import AiflowAPI, ApiError, GuardMiddleware, install_error_handlers, refusal_error
+from aiflow_ray.api.images import request_images
 from aiflow_ray.api.openai_compat import OpenAIRequest
 from aiflow_ray.api.schemas import (
     LINK_ID_PATTERN,
@@ -43,7 +44,6 @@ from aiflow_ray.models.registry import model_modalities
 from aiflow_ray.routing.router import Routed, RouteRequest, RouterState
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
 from aiflow_ray.units import parse_bandwidth_bps
-from aiflow_ray.vision.decode import ImageInputError, RemoteImageRef, parse_image_url
 
 log = get_logger(__name__)
 
@@ -96,27 +96,7 @@ class Ingress(TierCalls):
 
     # -- generation -----------------------------------------------------------------------------
     def _images(self, body: GenerateBody, fields: list[str] | None = None) -> tuple[ImageSource, ...]:
-        """The request's images as bytes (data URLs decoded; nothing is decoded as an image here: the device
-        tier does that). A text-only pair, a remote URL where none is allowed: a 400 naming the field."""
-        if not body.images:
-            return ()
-        names = fields or [f"images[{i}]" for i in range(len(body.images))]
-        if "image" not in self.modalities:
-            raise ApiError(400, f"the served models take text only; {names[0]} is an image", names[0])
-        limits = self.args.images
-        if len(body.images) > limits.max_images:
-            raise ApiError(400, f"{len(body.images)} images; at most {limits.max_images} per request", names[0])
-        sources = []
-        for name, url in zip(names, body.images, strict=True):
-            try:
-                data = parse_image_url(url, name, limits)
-            except ImageInputError as exc:
-                raise ApiError(exc.status, str(exc), exc.field) from None
-            if isinstance(data, RemoteImageRef):
-                raise ApiError(400, f"{name}: fetching images from {clip(data.host)} is not supported by this "
-                               "deployment; send a data URL", name)
-            sources.append(ImageSource(data=data, field=name))
-        return tuple(sources)
+        return request_images(body.images, fields, self.modalities, self.args.images)
 
     async def _route(self, body: GenerateBody, messages: Messages, images: tuple[ImageSource, ...] = ()) -> Routed:
         if body.max_tokens > self.args.max_new_tokens_limit:

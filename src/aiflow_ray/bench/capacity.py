@@ -62,7 +62,7 @@ WHY = ("Why, on this CPU: HF and llama.cpp verify one session at a time behind t
        "streams decode one token each in a shared step that costs about "
        "one token's (weight reads dominate), while N verifies feed N x (k + 1) tokens plus each session's tail after "
        "its last full 32-token cache block, and that many tokens are compute-bound on 2 cores. On a GPU a forward "
-       "over up to 32 tokens costs about one decode step (ARCHITECTURE.md section 7), so verifies batch like decodes; "
+       "over up to 32 tokens costs about one decode step (docs/design.md section 7), so verifies batch like decodes; "
        "`make gpu-check` measures that side ([gpu.md](gpu.md)).")
 
 

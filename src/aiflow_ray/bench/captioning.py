@@ -37,11 +37,11 @@ from aiflow_ray.config.generation import ImageSource
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network.wire import VERIFY_RESULT_SIZE, verify_request_size
 from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts, expected_tokens, speculative_tpot_s
+from aiflow_ray.tiers.images import prepare_image, stack_tiles
 from aiflow_ray.tiers.trace import decode_tpot_s
 from aiflow_ray.units import format_bandwidth, parse_int_ranges
 from aiflow_ray.vision.decode import ImageLimits, encode_png
 from aiflow_ray.vision.preprocess import IMAGENET_MEAN, IMAGENET_STD, VisionSpec, image_tiles
-from aiflow_ray.vision.upload import prepare_image, stack_tiles
 
 log = get_logger("bench.captioning")
 
@@ -370,8 +370,9 @@ def write_markdown(out_dir: Path, args: argparse.Namespace, fig_rows: list[dict[
     table = [["bandwidth", "k", "predicted TPOT ms", "server-only ms", "speedup"]]
     for r in paper:
         if r["draft_len"] in (1, 2, 4, 8, 16, 22, 32):
-            table.append([format_bandwidth(r["bandwidth_bps"]), str(r["draft_len"]), f"{r['predicted_tpot_s'] * 1e3:.1f}",
-                          f"{r['server_only_tpot_s'] * 1e3:.1f}", f"{r['speedup']:.2f}x"])
+            table.append([format_bandwidth(r["bandwidth_bps"]), str(r["draft_len"]),
+                          f"{r['predicted_tpot_s'] * 1e3:.1f}", f"{r['server_only_tpot_s'] * 1e3:.1f}",
+                          f"{r['speedup']:.2f}x"])
     lines += [_table(table), ""]
     path = out_dir / "captioning.md"
     path.write_text("\n".join(lines))

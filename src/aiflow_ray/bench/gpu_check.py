@@ -222,7 +222,7 @@ def forward_curves(run: Run, quick: bool, context: int, repeats: int, models: di
     out["cost_ratio_c"] = {mode: round(ms[DRAFTER_SHAPE][mode][1] / ms[VERIFIER_SHAPE][mode][1], 3)
                            for mode in _modes(run) if 1 in ms.get(DRAFTER_SHAPE, {}).get(mode, {})
                            and 1 in ms.get(VERIFIER_SHAPE, {}).get(mode, {})}
-    run.log(f"cost ratio c = t_draft(1) / t_verify(1): {out['cost_ratio_c']} (ARCHITECTURE.md section 7: 0.86 eager)")
+    run.log(f"cost ratio c = t_draft(1) / t_verify(1): {out['cost_ratio_c']} (docs/design.md section 7: 0.86 eager)")
     return out
 
 

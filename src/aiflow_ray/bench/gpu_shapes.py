@@ -284,7 +284,7 @@ def _markdown(report: dict[str, Any]) -> list[str]:
             cells = [f"{ms[k]:.2f}" if k in ms else "" for k in blocks]
             lines.append(f"| {shape} | {mode} | " + " | ".join(cells) + " |")
     ratios = ", ".join(f"{mode} {c}" for mode, c in fc.get("cost_ratio_c", {}).items()) or "not measured"
-    lines += ["", f"Cost ratio c = t_draft(1) / t_verify(1): {ratios} (ARCHITECTURE.md section 7 measured 0.86 "
+    lines += ["", f"Cost ratio c = t_draft(1) / t_verify(1): {ratios} (docs/design.md section 7 measured 0.86 "
               "eager)."]
     checks = [c for by_k in fc.get("graph_vs_static", {}).values() for c in by_k.values()]
     if checks:

@@ -308,7 +308,7 @@ def _markdown(rows: list[dict[str, Any]], server: dict[float, float], path: Path
         ]
     lines += [
         "",
-        "Efficiency = measured speedup of the best k / the cost model's predicted speedup (ARCHITECTURE.md",
+        "Efficiency = measured speedup of the best k / the cost model's predicted speedup (docs/design.md",
         "section 3), from the measured steady-state draft time per token, verify time per round and the link's",
         "RTT and bandwidth, with either the i.i.d. acceptance model E(k) = (1 - a^(k+1)) / (1 - a) at the",
         "measured per-position acceptance a, or the measured tokens per round. Above 1 with i.i.d. acceptance",

@@ -17,7 +17,7 @@ from aiflow_ray.config.generation import (
     ModelPreset,
     StrictModel,
 )
-from aiflow_ray.vision.decode import ImageLimits
+from aiflow_ray.config.images import ImageLimits
 
 
 class AutoscalingArgs(StrictModel):

@@ -65,7 +65,7 @@ def profile_args(profile: str) -> dict[str, Any]:
         }
     elif profile == "gpu":
         # Every tier on vLLM with one GPU per replica: CUDA graphs remove the launch overhead that makes eager
-        # torch draft at 0.86 of the verifier's cost (ARCHITECTURE.md section 7), and continuous batching puts
+        # torch draft at 0.86 of the verifier's cost (docs/design.md section 7), and continuous batching puts
         # the verifies of all devices on an edge replica into shared engine steps, so an edge replica admits
         # many more requests than a one-forward-at-a-time engine (max_ongoing_requests 64).
         gpu = {"num_cpus": 4, "num_gpus": 1, "accelerator_type": "H100", "engine": "vllm"}

@@ -122,7 +122,7 @@ def _group(tier: str, replicas: tuple[int, int], cpus: int, memory_gi: int, gpus
     container["ports"] = [{"containerPort": 8080, "name": "metrics"}]  # what a PodMonitor scrapes
     return {
         "groupName": tier, "replicas": low, "minReplicas": low, "maxReplicas": high,
-        # The tier label is what the deployments' label_selector matches (ARCHITECTURE.md section 2); Ray adds
+        # The tier label is what the deployments' label_selector matches (docs/design.md section 2); Ray adds
         # ray.io/accelerator-type itself on GPU nodes, which the gpu profile's accelerator_type asks for.
         "rayStartParams": {"labels": f"tier={tier}", "num-cpus": str(cpus), "metrics-export-port": "8080"},
         "template": _pod(container, kb, gpu=bool(gpus)),

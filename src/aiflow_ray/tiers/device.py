@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.base import Engine, ImageInput
+from aiflow_ray.engines.base import Engine
 from aiflow_ray.errors import TierUnavailable
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
@@ -23,9 +23,9 @@ from aiflow_ray.network.link import Clock, DuplexLink, LinkTimeout, RealClock
 from aiflow_ray.speculative.policy import DraftLenPolicy, RoundFeedback
 from aiflow_ray.speculative.stats import SpecStats
 from aiflow_ray.tiers.edge import EdgeVerifier
+from aiflow_ray.tiers.images import PreparedImage, image_inputs, trace_images
 from aiflow_ray.tiers.resilience import Resilience
 from aiflow_ray.tiers.trace import Trace
-from aiflow_ray.vision.upload import PreparedImage
 
 log = get_logger(__name__)
 
@@ -92,17 +92,6 @@ class GenerationResult:
     logprobs: wire.Logprobs | None = None  # [len(token_ids)] when asked for, from the verifier
 
 
-def _image_inputs(images: Sequence[PreparedImage]) -> list[ImageInput]:
-    """What the drafter's own model sees: the tiles, whatever representation crosses the link."""
-    return [ImageInput(tiles=image.tiles) for image in images]
-
-
-def _trace_images(trace: Trace, images: Sequence[PreparedImage]) -> None:
-    if images:
-        trace.image_upload = ",".join(sorted({image.mode for image in images}))
-        trace.image_bytes_raw = sum(image.raw_bytes for image in images)
-
-
 def _truncate_at_eos(tokens: list[int], eos: frozenset[int], emitted_before: int, min_tokens: int
                      ) -> tuple[list[int], bool]:
     """Cut after the first end-of-sequence token that may end the output (see ``min_tokens``)."""
@@ -134,11 +123,11 @@ class DeviceDrafter:
         """The small model alone, no link."""
         clock = clock or RealClock()
         trace = Trace(path="on-device")
-        _trace_images(trace, images)
+        trace_images(trace, images)
         trace.image_upload = "" if not images else "none"  # nothing crosses a link on the device
         rng = self._rng_for(sampling)
         sid = wire.new_session_id().hex()
-        self.engine.open_session(sid, prompt_ids, _image_inputs(images))
+        self.engine.open_session(sid, prompt_ids, image_inputs(images))
         started = clock.now()
         out: list[int] = []
         try:
@@ -174,13 +163,13 @@ class DeviceDrafter:
         clock = transport.clock
         logprob_parts: list[wire.Logprobs] = []
         trace = Trace(path="device-edge")
-        _trace_images(trace, images)
+        trace_images(trace, images)
         payloads = tuple(image.payload for image in images)
         stats = SpecStats()
         rng = self._rng_for(sampling)
         session = wire.new_session_id()
         sid = session.hex()
-        self.engine.open_session(sid, prompt_ids, _image_inputs(images))
+        self.engine.open_session(sid, prompt_ids, image_inputs(images))
         committed = len(prompt_ids)
         out: list[int] = []
         edge_has_session = False
@@ -335,82 +324,3 @@ class DeviceDrafter:
                 on_round([token], None)
             if token in self.engine.eos_token_ids and len(out) >= min_tokens:
                 break
-
-
-def generate_server_only(
-    prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, transport: Transport,
-    decode: Callable[[list[int]], str], on_token: OnRound | None = None, min_tokens: int = 0,
-    logprobs: int | None = None, resilience: Resilience | None = None,
-    finish_on_device: Callable[[list[int], int], list[int]] | None = None,
-    images: Sequence[PreparedImage] = (),
-) -> GenerationResult:
-    """Baseline: the prompt's ids cross once; the large model decodes alone and streams tokens down.
-
-    When the edge fails mid-stream (with ``resilience``), the request resumes on another replica from the
-    tokens already received: the prompt and those tokens go up as the new prompt, so greedy output is
-    unchanged and sampled output still follows the large model's distribution. When the small model's
-    output is acceptable (``resilience.fallback``) and the edge fails again after a retry, or the link
-    stalls, ``finish_on_device(tokens so far, tokens left)`` completes the output on the device.
-    """
-    clock = transport.clock
-    trace = Trace(path="server-only")
-    _trace_images(trace, images)
-    payloads = tuple(image.payload for image in images)
-    logprob_parts: list[wire.Logprobs] = []
-    started = clock.now()
-    out: list[int] = []
-    last_arrival = started
-    failovers = 0
-    finished = False
-    while not finished:
-        session = wire.new_session_id()
-        req = wire.GenerateRequest(
-            wire.Header(wire.MsgType.GENERATE, session, 0), np.asarray([*prompt_ids, *out], np.int32),
-            max_new_tokens - len(out), None if sampling.greedy else sampling, max(min_tokens - len(out), 0), logprobs,
-            payloads,
-        )
-        payload = wire.encode_generate(req)
-        trace.bytes_up += len(payload)
-        trace.image_bytes_sent += sum(len(p.data) for p in payloads)
-        try:
-            for message, arrival in transport.stream(payload):
-                trace.bytes_down += len(message)
-                tokens = wire.decode(message)
-                if isinstance(tokens, wire.ErrorMsg):
-                    raise EdgeError(f"edge error {tokens.code}: {tokens.message}")
-                assert isinstance(tokens, wire.Tokens)
-                ids = tokens.token_ids.tolist()
-                out.extend(ids)
-                if tokens.logprobs is not None:
-                    logprob_parts.append(tokens.logprobs)
-                trace.token_times_s.extend([arrival - started] * len(ids))
-                last_arrival = arrival
-                finished = tokens.done
-                if on_token is not None:
-                    on_token(ids, tokens.logprobs)
-                if resilience is not None and not finished:
-                    resilience.check()
-            finished = True
-        except (TierUnavailable, LinkTimeout) as exc:
-            if resilience is None:
-                raise
-            failure = exc if isinstance(exc, TierUnavailable) else TierUnavailable("edge", "link outage")
-            failovers += 1
-            if (resilience.fallback and finish_on_device is not None and logprobs is None
-                    and (isinstance(exc, LinkTimeout) or failovers > 1)):
-                log.warning("server-only stream: the edge is lost (%s); the device finishes the output",
-                            failure.reason)
-                trace.fallback, trace.fallback_at = failure.reason, len(out)
-                for token in finish_on_device(list(out), max_new_tokens - len(out)):
-                    out.append(token)
-                    trace.token_times_s.append(clock.now() - started)
-                last_arrival = clock.now()
-                break
-            trace.failovers += 1
-            resilience.wait_before_retry(failovers, failure)
-        finished = finished or len(out) >= max_new_tokens
-    clock.sleep_until(last_arrival)
-    trace.rounds = len(out)
-    trace.finish()
-    return GenerationResult(out, decode(out), trace, prompt_tokens=len(prompt_ids),
-                            logprobs=wire.Logprobs.concat(logprob_parts))

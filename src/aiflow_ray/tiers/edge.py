@@ -23,8 +23,8 @@ from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
 from aiflow_ray.speculative.sampling import pick_logprobs
 from aiflow_ray.speculative.verify import verify_greedy, verify_sampled
+from aiflow_ray.tiers.images import receive_image
 from aiflow_ray.vision.decode import ImageLimits
-from aiflow_ray.vision.upload import receive_image
 
 log = get_logger(__name__)
 

@@ -24,13 +24,13 @@ from aiflow_ray.tiers.device import (
     GenerationResult,
     OnRound,
     Transport,
-    generate_server_only,
 )
 from aiflow_ray.tiers.grounded import CloudTransport, run_grounded
+from aiflow_ray.tiers.images import PreparedImage, prepare_image
 from aiflow_ray.tiers.resilience import Resilience
+from aiflow_ray.tiers.server_only import generate_server_only
 from aiflow_ray.vision.decode import ImageInputError, ImageLimits
 from aiflow_ray.vision.prompting import IMAGE_PLACEHOLDER, ImagePromptError
-from aiflow_ray.vision.upload import PreparedImage, prepare_image
 
 
 class PathUnavailable(RuntimeError):

@@ -18,7 +18,7 @@ verifier needs, not the raw sensor data):
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import get_args
 
@@ -28,6 +28,7 @@ from PIL import Image
 from aiflow_ray.config.generation import UploadMode
 from aiflow_ray.engines.base import ImageInput
 from aiflow_ray.network.messages import ImageEncoding, ImagePayload, WireError
+from aiflow_ray.tiers.trace import Trace
 from aiflow_ray.vision.decode import ImageInputError, ImageLimits, decode_image, encode_jpeg, encode_png
 from aiflow_ray.vision.preprocess import VisionSpec, image_tiles
 
@@ -163,3 +164,14 @@ def receive_image(payload: ImagePayload, spec: VisionSpec, limits: ImageLimits,
         raise WireError(f"image tiles of {width} x {height} px do not fit {size} px tiles")
     tiles = np.asarray(decoded.pixels, np.uint8).reshape(height // size, size, size, 3)
     return ImageInput(tiles=np.ascontiguousarray(tiles))
+
+
+def image_inputs(images: Sequence[PreparedImage]) -> list[ImageInput]:
+    """What the drafter's own model sees: the tiles, whatever representation crosses the link."""
+    return [ImageInput(tiles=image.tiles) for image in images]
+
+
+def trace_images(trace: Trace, images: Sequence[PreparedImage]) -> None:
+    if images:
+        trace.image_upload = ",".join(sorted({image.mode for image in images}))
+        trace.image_bytes_raw = sum(image.raw_bytes for image in images)

@@ -1,0 +1,127 @@
+"""Images on the real local Ray cluster: the tiny random InternVL pair served as a second application beside
+the text one (route prefix /vlm), through real HTTP and the openai client. Greedy output is the same on the
+device-edge and server-only paths and for the raw and resized uploads; bad images are 4xx naming the part;
+the application is removed afterwards so the other suites get their CPUs back."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from aiflow_ray.config import AppArgs
+from aiflow_ray.serve.configs import profile_args
+from tests.integration.conftest import API_KEY
+
+pytestmark = pytest.mark.integration
+
+APP, PREFIX = "aiflow-vlm", "/vlm"
+
+
+def data_url(seed: int, size: tuple[int, int] = (120, 80), fmt: str = "JPEG") -> str:
+    small = (np.random.default_rng(seed).random((5, 7, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize(size, Image.Resampling.BICUBIC).save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def vlm_url(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from ray import serve
+
+    from aiflow_ray.serve import build_app
+
+    args = profile_args("tiny")
+    one = {"min_replicas": 1, "max_replicas": 1}
+    args.update(name=APP, model_preset="tiny-vlm",
+                kb={"path": str(tmp_path_factory.mktemp("vlm-kb") / "kb.sqlite")})
+    for tier in ("device", "edge", "cloud"):
+        args[tier] = {**args.get(tier, {}), "autoscaling": one}
+    serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
+    url = f"{serve_url}{PREFIX}"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError("the vision application did not become ready")
+        yield url
+    finally:
+        serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def api(vlm_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=vlm_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
+        yield client
+
+
+def test_openai_client_captions_an_image(vlm_url: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{vlm_url}/v1", api_key=API_KEY)
+    cards = {m.id: m for m in client.models.list().data}
+    assert "tiny-vlm-verifier" in cards
+    assert cards["tiny-vlm-verifier"].model_extra["input_modalities"] == ["text", "image"]  # type: ignore[index]
+    content = [{"type": "text", "text": "Describe the image."},
+               {"type": "image_url", "image_url": {"url": data_url(1)}}]
+    chat = client.chat.completions.create(model="tiny-vlm-verifier", max_tokens=12, temperature=0,
+                                          messages=[{"role": "user", "content": content}])  # type: ignore[misc]
+    assert chat.choices[0].message.content
+    assert chat.usage is not None and chat.usage.prompt_tokens > 3 * 4  # the image's tokens are counted
+    streamed = client.chat.completions.create(model="tiny-vlm-verifier", max_tokens=12, temperature=0, stream=True,
+                                              messages=[{"role": "user", "content": content}])  # type: ignore[misc]
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == chat.choices[0].message.content
+
+
+def test_paths_and_lossless_uploads_agree_over_http(api: httpx.Client) -> None:
+    url = data_url(2, (640, 480))
+    outputs = {}
+    for path in ("server-only", "device-edge"):
+        for upload in ("raw", "resized"):
+            reply = api.post("/v1/generate", json={"prompt": "Describe the image.", "images": [url], "max_tokens": 12,
+                                                   "path": path, "image_upload": upload})
+            assert reply.status_code == 200, reply.text
+            trace = reply.json()["trace"]
+            assert trace["image_upload"] == upload and trace["image_bytes_sent"] > 0
+            outputs[(path, upload)] = reply.json()["token_ids"]
+    assert len({tuple(v) for v in outputs.values()}) == 1, outputs
+
+
+def test_bad_images_are_4xx_naming_the_part_and_the_api_stays_healthy(api: httpx.Client) -> None:
+    cases = [("data:image/png;base64,AAAA", 400),
+             ("data:image/gif;base64," + base64.b64encode(b"GIF89a" + bytes(64)).decode(), 415),
+             ("https://example.com/x.png", 400)]
+    for url, status in cases:
+        body = {"model": "tiny-vlm-verifier", "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+        reply = api.post("/v1/chat/completions", json=body)
+        assert reply.status_code == status, reply.text
+        assert reply.json()["error"]["param"] == "messages[0].content[1].image_url"
+    good = api.post("/v1/generate", json={"prompt": "x", "images": [data_url(3)], "max_tokens": 4})
+    assert good.status_code == 200, good.text
+
+
+def test_a_camera_sized_photo_fits_the_body_limit(api: httpx.Client, tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    noisy = (rng.random((3024, 4032, 3)) * 255).astype(np.uint8)  # noise: a worst case for JPEG
+    buf = io.BytesIO()
+    Image.fromarray(noisy).save(buf, "JPEG", quality=85)
+    assert 5_000_000 < len(buf.getvalue()) < AppArgs().images.max_image_bytes
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    reply = api.post("/v1/generate", json={"prompt": "x", "images": [url], "max_tokens": 4, "path": "device-edge"})
+    assert reply.status_code == 200, reply.text
+    trace = reply.json()["trace"]
+    assert trace["image_upload"] == "resized" and trace["image_bytes_sent"] * 10 < trace["image_bytes_raw"]
