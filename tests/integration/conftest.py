@@ -46,18 +46,22 @@ def serve_url(tmp_path_factory: pytest.TempPathFactory, kb_snapshots: Path) -> I
     args["router"] = {**args.get("router", {}), "fast_slo_s_per_token": 0.014}
     keys = {"AIFLOW_API_KEY": API_KEY, "AIFLOW_ADMIN_KEY": ADMIN_KEY}
     with served_cluster(state, GCS_PORT, DASHBOARD_PORT, HTTP_PORT, keys, args) as url:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError("the tiny application did not become healthy")
+        wait_for_200(f"{url}/healthz", 300, "the tiny application did not become healthy")
         _wait_for_loads(url)
         yield url
+
+
+def wait_for_200(url: str, timeout_s: float, failure: str) -> None:
+    """Poll ``url`` until it answers 200 (a starting application refuses connections or answers 5xx)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(failure)
 
 
 @pytest.fixture(scope="session")

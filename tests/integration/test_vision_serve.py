@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from PIL import Image
 
 from aiflow_ray.config import AppArgs
 from aiflow_ray.serve.configs import profile_args
-from tests.integration.conftest import API_KEY
+from tests.integration.conftest import API_KEY, wait_for_200
 
 pytestmark = pytest.mark.integration
 
@@ -46,17 +45,8 @@ def vlm_url(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         args[tier] = {**args.get(tier, {}), "autoscaling": one}
     serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
     url = f"{serve_url}{PREFIX}"
-    deadline = time.monotonic() + 240
     try:
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError("the vision application did not become ready")
+        wait_for_200(f"{url}/readyz", 240, "the vision application did not become ready")
         yield url
     finally:
         serve.delete(APP)

@@ -199,3 +199,39 @@ def test_the_edge_refuses_payloads_that_do_not_fit_its_tiles(vlm: Pipeline) -> N
                              images=(wire.ImagePayload(wire.ImageEncoding.RAW, photo(0)),))
     reply = wire.decode(vlm.edge.handle(wire.encode_verify(req)))
     assert isinstance(reply, wire.ErrorMsg) and reply.code == 400
+
+
+def test_sampled_output_follows_the_verifiers_distribution_on_the_image(vlm: Pipeline) -> None:
+    """The first sampled token over many seeds: its frequencies match the verifier's distribution given this
+    image (total variation within sampling noise), and not its distribution given another image."""
+    from aiflow_ray.config import SamplingConfig
+
+    sampling = SamplingConfig(temperature=1.0, top_k=4)
+    engine = vlm.verifier_engine
+    assert engine.vision is not None
+
+    def target(data: bytes) -> np.ndarray:
+        tiles = image_tiles(Image.open(io.BytesIO(data)).convert("RGB"), engine.vision)  # type: ignore[arg-type]
+        ids = engine.encode_image_prompt(PROMPT, True, [tiles.shape[0] * engine.vision.tokens_per_tile])  # type: ignore[attr-defined,union-attr]
+        engine.open_session("p", ids, [ImageInput(tiles=tiles)])
+        try:
+            probs = engine.score("p", [], sampling).probs
+        finally:
+            engine.release("p")
+        assert probs is not None
+        return probs[0]
+
+    data = photo(8)
+    p_image, p_other = target(data), target(photo(9))
+    runs = 400
+    counts = np.zeros_like(p_image)
+    for seed in range(runs):
+        opts = GenerateOptions(prompt=PROMPT, images=(ImageSource(data=data, field="images[0]"),), max_new_tokens=1,
+                               draft_len=2, link=VIRTUAL_LINK, sampling=SamplingConfig(temperature=1.0, top_k=4,
+                                                                                       seed=seed))
+        counts[vlm.run(opts).token_ids[0]] += 1
+    freq = counts / runs
+    tv_image = 0.5 * np.abs(freq - p_image).sum()
+    tv_other = 0.5 * np.abs(freq - p_other).sum()
+    assert tv_image < 0.08, (tv_image, np.nonzero(p_image)[0], freq[np.nonzero(p_image)[0]])
+    assert tv_other > tv_image + 0.1  # the control: the image conditions what is sampled

@@ -77,9 +77,9 @@ def scene_png(image: Image.Image) -> bytes:
 
 
 def _options(data: bytes, path: str, k: int, bw: float, upload: str, max_new: int) -> GenerateOptions:
-    return GenerateOptions(prompt=PROMPT, path=path, draft_len=k, max_new_tokens=max_new,  # type: ignore[arg-type]
+    return GenerateOptions(prompt=PROMPT, path=path, draft_len=k, max_new_tokens=max_new,
                            link=LinkConfig(bandwidth_bps=bw, rtt_s=RTT_S, virtual_time=True),
-                           images=(ImageSource(data=data, field="images[0]"),), image_upload=upload)  # type: ignore[arg-type]
+                           images=(ImageSource(data=data, field="images[0]"),), image_upload=upload)
 
 
 def interp_ms(curve: dict[int, float], k: int) -> float:

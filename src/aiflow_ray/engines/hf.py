@@ -56,6 +56,21 @@ def configure_threads() -> None:
         torch.set_num_threads(threads)
 
 
+def load_model(auto_class: Any, path: str | Path, name: str, dtype: str, device: str) -> tuple[Any, Any, torch.device]:
+    """(model, tokenizer, device) of a local directory or hub id, with the engine's threads and dtype rules."""
+    from transformers import AutoTokenizer
+
+    configure_threads()
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    started = time.perf_counter()
+    model: Any = auto_class.from_pretrained(str(path), dtype=torch_dtype)
+    model = model.to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    log.info("loaded %s (%s, %s) in %.1f s", name, torch_dtype, dev, time.perf_counter() - started)
+    return model, tokenizer, dev
+
+
 def encode_with_tokenizer(tokenizer: Any, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
     """A string, or a conversation of {role, content} turns (always chat-formatted), with an HF tokenizer."""
     if isinstance(prompt, list) and not getattr(tokenizer, "chat_template", None):
@@ -115,16 +130,9 @@ class HFEngine(TokenizerText, SessionTable):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str, dtype: str = "auto", device: str = "auto") -> HFEngine:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        configure_threads()
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        started = time.perf_counter()
-        model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
-        model = model.to(dev)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        log.info("loaded %s (%s, %s) in %.1f s", name, torch_dtype, dev, time.perf_counter() - started)
+        model, tokenizer, dev = load_model(AutoModelForCausalLM, path, name, dtype, device)
         return cls(model, tokenizer, name, dev)
 
     def _eos_ids(self) -> frozenset[int]:

@@ -21,7 +21,6 @@ engine agree token for token in fp32, as for text.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from aiflow_ray.engines.base import ImageInput
-from aiflow_ray.engines.hf import HFEngine, _Session, configure_threads, resolve_device, resolve_dtype
+from aiflow_ray.engines.hf import HFEngine, _Session, load_model
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.models.registry import VISION_MODEL_TYPES
 from aiflow_ray.vision.preprocess import VisionSpec, normalize_tiles
@@ -85,19 +84,12 @@ class HFVisionEngine(HFEngine):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str, dtype: str = "auto", device: str = "auto") -> HFVisionEngine:
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+        from transformers import AutoModelForImageTextToText
 
-        configure_threads()
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        started = time.perf_counter()
-        config = AutoConfig.from_pretrained(str(path))
-        model: Any = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype)
-        model = model.to(dev)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        spec = VisionSpec.from_model_dir(path, config) if Path(path).is_dir() else _hub_spec(str(path), config)
-        log.info("loaded %s (%s, %s, %d px tiles, %d tokens a tile) in %.1f s", name, torch_dtype, dev,
-                 spec.tile_size, spec.tokens_per_tile, time.perf_counter() - started)
+        model, tokenizer, dev = load_model(AutoModelForImageTextToText, path, name, dtype, device)
+        spec = (VisionSpec.from_model_dir(path, model.config) if Path(path).is_dir()
+                else _hub_spec(str(path), model.config))
+        log.info("%s takes images: %d px tiles, %d tokens a tile", name, spec.tile_size, spec.tokens_per_tile)
         return cls(model, tokenizer, name, dev, spec)
 
     # -- prompts --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from aiflow_ray import envs
 from aiflow_ray.logging_utils import get_logger
@@ -49,6 +50,23 @@ def _train_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
+def nest(verifier: Any, drafter: Any, layers: Any, prefix: str, shared_layers: int) -> None:
+    """Make ``drafter`` the verifier's first ``shared_layers`` decoder layers plus everything else it has (embeddings,
+    norm, head, a vision tower), after scaling the verifier's later layers (``layers[shared_layers:]``) down."""
+    import torch
+
+    with torch.no_grad():
+        for layer in layers[shared_layers:]:
+            layer.self_attn.o_proj.weight.mul_(_LATER_LAYER_SCALE)
+            layer.mlp.down_proj.weight.mul_(_LATER_LAYER_SCALE)
+    state = {k: v for k, v in verifier.state_dict().items()
+             if not k.startswith(prefix) or int(k[len(prefix):].split(".")[0]) < shared_layers}
+    missing, unexpected = drafter.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise RuntimeError(f"nesting failed: missing={missing} unexpected={unexpected}")
+    drafter.tie_weights()
+
+
 def build_tiny_pair(home: Path | None = None, force: bool = False) -> tuple[Path, Path]:
     """Return (verifier_dir, drafter_dir), building them deterministically when missing."""
     import torch
@@ -71,17 +89,8 @@ def build_tiny_pair(home: Path | None = None, force: bool = False) -> tuple[Path
     )
     torch.manual_seed(1234)
     verifier = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=_VERIFIER_LAYERS, **common)).float().eval()
-    with torch.no_grad():
-        for layer in verifier.model.layers[_DRAFTER_LAYERS:]:
-            layer.self_attn.o_proj.weight.mul_(_LATER_LAYER_SCALE)
-            layer.mlp.down_proj.weight.mul_(_LATER_LAYER_SCALE)
     drafter = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=_DRAFTER_LAYERS, **common)).float().eval()
-    state = {k: v for k, v in verifier.state_dict().items()
-             if not k.startswith("model.layers.") or int(k.split(".")[2]) < _DRAFTER_LAYERS}
-    missing, unexpected = drafter.load_state_dict(state, strict=False)
-    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
-        raise RuntimeError(f"nesting failed: missing={missing} unexpected={unexpected}")
-    drafter.tie_weights()
+    nest(verifier, drafter, verifier.model.layers, "model.layers.", _DRAFTER_LAYERS)
     for model, out in ((verifier, verifier_dir), (drafter, drafter_dir)):
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.save_pretrained(out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiflow_ray import envs
 from aiflow_ray.logging_utils import get_logger
-from aiflow_ray.models.tiny import build_tiny_pair
+from aiflow_ray.models.tiny import build_tiny_pair, nest
 from aiflow_ray.vision.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from aiflow_ray.vision.prompting import IMAGE_CONTEXT, IMAGE_SPECIAL_TOKENS
 
@@ -28,7 +28,6 @@ TILE_SIZE = 56
 MAX_TILES = 4
 _DRAFTER_LAYERS = 1
 _VERIFIER_LAYERS = 4
-_LATER_LAYER_SCALE = 0.12
 _INIT_RANGE = 0.25
 
 
@@ -71,19 +70,10 @@ def build_tiny_vlm_pair(home: Path | None = None, force: bool = False) -> tuple[
     torch.manual_seed(4321)
     verifier = InternVLForConditionalGeneration(config(_VERIFIER_LAYERS)).float().eval()
     with torch.no_grad():
-        for layer in verifier.model.language_model.layers[_DRAFTER_LAYERS:]:
-            layer.self_attn.o_proj.weight.mul_(_LATER_LAYER_SCALE)
-            layer.mlp.down_proj.weight.mul_(_LATER_LAYER_SCALE)
         # Random projector outputs the size of token embeddings, so the image steers the output.
         verifier.model.multi_modal_projector.linear_2.weight.mul_(4.0)
     drafter = InternVLForConditionalGeneration(config(_DRAFTER_LAYERS)).float().eval()
-    prefix = "model.language_model.layers."
-    state = {k: v for k, v in verifier.state_dict().items()
-             if not k.startswith(prefix) or int(k[len(prefix):].split(".")[0]) < _DRAFTER_LAYERS}
-    missing, unexpected = drafter.load_state_dict(state, strict=False)
-    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
-        raise RuntimeError(f"nesting failed: missing={missing} unexpected={unexpected}")
-    drafter.tie_weights()
+    nest(verifier, drafter, verifier.model.language_model.layers, "model.language_model.layers.", _DRAFTER_LAYERS)
     processor = {"crop_to_patches": True, "min_patches": 1, "max_patches": MAX_TILES,
                  "size": {"height": TILE_SIZE, "width": TILE_SIZE},
                  "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
