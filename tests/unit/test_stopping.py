@@ -26,6 +26,7 @@ class ScriptedEngine:
     name = "scripted"
     vocab_size = VOCAB
     eos_token_ids = frozenset({EOS})
+    vision = None  # text only
 
     def __init__(self) -> None:
         self.sessions: dict[str, list[int]] = {}
@@ -39,7 +40,7 @@ class ScriptedEngine:
     def vocab_fingerprint(self) -> str:
         return "scripted"
 
-    def open_session(self, session_id: str, token_ids: Sequence[int]) -> None:
+    def open_session(self, session_id: str, token_ids: Sequence[int], images: Sequence[object] = ()) -> None:
         self.sessions[session_id] = list(token_ids)
 
     def has_session(self, session_id: str) -> bool:
