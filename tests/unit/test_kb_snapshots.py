@@ -85,18 +85,24 @@ def test_a_retriever_swaps_new_versions_in_while_queries_keep_answering(tmp_path
     errors: list[BaseException] = []
     answered = []
     stop = threading.Event()
+    first_answer = threading.Event()
 
     def queries() -> None:
         while not stop.is_set():
             try:
                 hits = retriever.search("leader election", top_k=2)
                 answered.append((retriever.version, hits[0].source))
+                first_answer.set()
             except BaseException as exc:  # any failure at all is what this test looks for
                 errors.append(exc)
+                first_answer.set()
 
     reader = threading.Thread(target=queries)
     reader.start()
     try:
+        # The writer starts only once the reader has answered from version 1: on a loaded host the thread
+        # may otherwise first run after the swaps, and the test would not see the "before".
+        assert first_answer.wait(timeout=30)
         writer = SnapshotStore(root)  # another pod
         for i in range(4):
             writer.ingest([Document(f"extra:{i}", f"Note {i} on consensus and replicated logs, number {i}.")], embedder)
