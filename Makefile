@@ -12,6 +12,8 @@ export RAY_AUTH_MODE := token
 
 PROFILE ?= local
 HTTP_PORT ?= 8000
+# VISION=0: serve the text pair only (no vision-language pair at /vision).
+VISION ?= 1
 AIFLOW := $(VENV)/bin/aiflow
 
 # llama.cpp is built once from its PyPI source (about 4-6 minutes on 2 cores) and the wheel kept under
@@ -73,10 +75,10 @@ run: install ## start the local cluster (head + device/edge/cloud nodes) and ser
 	fi; \
 	set -e; \
 	if [ "$(PROFILE)" != "tiny" ]; then $(AIFLOW) models fetch; $(KB_INGEST); \
-	else $(AIFLOW) models fetch tiny-verifier; fi; \
+	else $(AIFLOW) models fetch tiny-verifier tiny-vlm-verifier; fi; \
 	$(AIFLOW) cluster up; \
-	$(AIFLOW) deploy --profile $(PROFILE) --http-port $(HTTP_PORT); \
-	echo "API on $$url  (make stop to shut down)"; \
+	$(AIFLOW) deploy --profile $(PROFILE) --http-port $(HTTP_PORT) $(if $(filter 0,$(VISION)),--no-vision); \
+	echo "API on $$url$(if $(filter 0,$(VISION)),,; images: $$url/vision)  (make stop to shut down)"; \
 	echo "try: curl -s $$url/v1/generate -H 'Content-Type: application/json' \\"; \
 	echo "       -d '{\"prompt\": \"Write a Python function that reverses a list.\", \"max_tokens\": 48}'"
 

@@ -431,7 +431,7 @@ def serving(args: argparse.Namespace, progress: Progress = _print) -> Iterator[s
         info = recorded
         progress(f"using the cluster recorded in {state_dir} ({info.address})")
     try:
-        config = serve_config(args.profile, args.http_port)
+        config = serve_config(args.profile, args.http_port, vision=False)  # the load is on the text pair
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
             import yaml
 

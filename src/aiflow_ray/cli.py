@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--http-port", type=int, default=8000)
     deploy.add_argument("--timeout-s", type=float, default=900.0)
     deploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one application argument, e.g. --set edge.engine=hf (repeatable)")
+                        help="override one application argument, e.g. --set edge.engine=hf (repeatable); "
+                        "vision.* keys go to the vision application, e.g. --set vision.link.rtt_s=0.05")
+    deploy.add_argument("--no-vision", dest="vision", action="store_false",
+                        help="serve the text pair only (no vision application at /vision)")
 
     configs = sub.add_parser("configs", help="render deployments/*.yaml and k8s/ from the builder's profiles")
     configs.add_argument("action", choices=["render"])
@@ -253,8 +256,8 @@ def _deploy(args: argparse.Namespace) -> int:
     info = cluster.load(STATE_DIR)
     if info is None or not cluster.supervisor_alive(info):
         raise RuntimeError("no local cluster is running: run `aiflow cluster up` first")
-    config = serve_config(args.profile, args.http_port, parse_overrides(args.overrides))
-    app = config["applications"][0]["name"]
+    config = serve_config(args.profile, args.http_port, parse_overrides(args.overrides), vision=args.vision)
+    apps = [(app["name"], app["route_prefix"].rstrip("/")) for app in config["applications"]]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
     serve_bin = str(Path(sys.executable).with_name("serve"))
@@ -268,32 +271,40 @@ def _deploy(args: argparse.Namespace) -> int:
     url = f"http://127.0.0.1:{args.http_port}"
     deadline = time.monotonic() + args.timeout_s
     # /readyz, not /healthz: the ingress answers long before the tiers have loaded their models.
-    print(f"waiting for {url}/readyz (models load in the tier replicas) ", end="", flush=True, file=sys.stderr)
+    print(f"waiting for {', '.join(f'{url}{prefix}/readyz' for _, prefix in apps)} (models load in the tier "
+          "replicas) ", end="", flush=True, file=sys.stderr)
+    pending = list(apps)
     while time.monotonic() < deadline:
-        try:
-            # RUNNING too: while a changed application rolls out, the old replicas still answer ready.
-            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-                if response.status == 200 and cluster.app_status(info, app)[0] == "RUNNING":
-                    print(" ready", file=sys.stderr)
-                    print(url)
-                    return 0
-        except OSError:
-            pass
+        for app, prefix in list(pending):
+            try:
+                # RUNNING too: while a changed application rolls out, the old replicas still answer ready.
+                with urllib.request.urlopen(f"{url}{prefix}/readyz", timeout=5) as response:
+                    if response.status == 200 and cluster.app_status(info, app)[0] == "RUNNING":
+                        pending.remove((app, prefix))
+            except OSError:
+                pass
+        if not pending:
+            print(" ready", file=sys.stderr)
+            for _, prefix in apps:
+                print(f"{url}{prefix}")
+            return 0
         # Fail as soon as waiting cannot help, not at the end of the timeout.
         failure = None
         if not cluster.supervisor_alive(info):
             failure = f"the local cluster stopped while the application was starting; see {STATE_DIR / 'cluster.log'}"
-        elif (status := cluster.app_status(info, app))[0] == "DEPLOY_FAILED":
-            failure = (f"the application failed to deploy: {status[1]}\n"
-                       f"(details: `serve status --address {info.dashboard_url}`)")
+        else:
+            for app, _ in pending:
+                if (status := cluster.app_status(info, app))[0] == "DEPLOY_FAILED":
+                    failure = (f"the application {app!r} failed to deploy: {status[1]}\n"
+                               f"(details: `serve status --address {info.dashboard_url}`)")
         if failure:
             print(" failed", file=sys.stderr)
             raise RuntimeError(failure)
         print(".", end="", flush=True, file=sys.stderr)
         time.sleep(2)
     print(" timed out", file=sys.stderr)
-    raise RuntimeError(f"the application did not become healthy within {args.timeout_s:.0f} s; "
-                       f"see `serve status --address {info.dashboard_url}`")
+    raise RuntimeError(f"{', '.join(app for app, _ in pending)} did not become healthy within "
+                       f"{args.timeout_s:.0f} s; see `serve status --address {info.dashboard_url}`")
 
 
 def _kb(args: argparse.Namespace) -> int:

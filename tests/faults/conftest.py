@@ -72,9 +72,10 @@ class Outcome:
 class Drill:
     """The faults cluster: an HTTP client, the Ray driver, and tools to break things."""
 
-    def __init__(self, url: str, state_dir: Path) -> None:
+    def __init__(self, url: str, state_dir: Path, app: str = APP) -> None:
         self.url = url
         self.state_dir = state_dir
+        self.app = app  # the Serve application whose replicas this drill breaks
         self.api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"},
                                 timeout=CLIENT_TIMEOUT_S)
         self.admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
@@ -129,7 +130,7 @@ class Drill:
     def replica_actors(self, deployment: str) -> list[dict[str, Any]]:
         from ray.util.state import list_actors
 
-        name = f"ServeReplica:{APP}:{deployment}"
+        name = f"ServeReplica:{self.app}:{deployment}"
         return [a for a in list_actors(address=DASHBOARD, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
                 if a.get("class_name") == name]
 
@@ -154,7 +155,7 @@ class Drill:
     def running(self, deployment: str) -> int:
         from ray import serve
 
-        status = serve.status().applications[APP].deployments[deployment]
+        status = serve.status().applications[self.app].deployments[deployment]
         return int(status.replica_states.get("RUNNING", 0))
 
     def wait_until(self, what: str, check: Callable[[], bool], timeout_s: float = 180.0) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from aiflow_ray.serve.configs import profile_args
+from aiflow_ray.serve.configs import serve_config
 from tests.served_cluster import served_cluster
 
 GCS_PORT = 6393
@@ -34,7 +34,7 @@ def kb_snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def serve_url(tmp_path_factory: pytest.TempPathFactory, kb_snapshots: Path) -> Iterator[str]:
     state = tmp_path_factory.mktemp("cluster")
-    args = profile_args("tiny")
+    args = serve_config("tiny")["applications"][0]["args"]  # as `make run PROFILE=tiny` serves it
     one = {"min_replicas": 1, "max_replicas": 1}
     args["edge"] = {**args.get("edge", {}), "max_ongoing_requests": 2, "autoscaling": one}
     args["device"] = {**args.get("device", {}), "max_ongoing_requests": 8, "autoscaling": one}

@@ -1,5 +1,6 @@
 """Images on the real local Ray cluster: the tiny random InternVL pair served as a second application beside
-the text one (route prefix /vlm), through real HTTP and the openai client. Greedy output is the same on the
+the text one (route prefix /vision), with the arguments `make run PROFILE=tiny` deploys, through real HTTP
+and the openai client. Greedy output is the same on the
 device-edge and server-only paths and for the raw and resized uploads; bad images are 4xx naming the part;
 the application is removed afterwards so the other suites get their CPUs back."""
 
@@ -13,15 +14,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from aiflow_ray.config import AppArgs
-from aiflow_ray.serve.configs import profile_args
+from aiflow_ray.serve.configs import VISION_APP, VISION_PREFIX, vision_args
 from tests.integration.conftest import API_KEY, wait_for_200
 
 pytestmark = pytest.mark.integration
 
-APP, PREFIX = "aiflow-vlm", "/vlm"
+APP, PREFIX = VISION_APP, VISION_PREFIX
 
 
 def data_url(seed: int, size: tuple[int, int] = (120, 80), fmt: str = "JPEG") -> str:
@@ -37,12 +41,9 @@ def vlm_url(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
     from aiflow_ray.serve import build_app
 
-    args = profile_args("tiny")
-    one = {"min_replicas": 1, "max_replicas": 1}
-    args.update(name=APP, model_preset="tiny-vlm",
-                kb={"path": str(tmp_path_factory.mktemp("vlm-kb") / "kb.sqlite")})
-    for tier in ("device", "edge", "cloud"):
-        args[tier] = {**args.get(tier, {}), "autoscaling": one}
+    args = vision_args("tiny")
+    assert args is not None
+    args["kb"] = {"path": str(tmp_path_factory.mktemp("vlm-kb") / "kb.sqlite")}
     serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
     url = f"{serve_url}{PREFIX}"
     try:
@@ -115,3 +116,55 @@ def test_a_camera_sized_photo_fits_the_body_limit(api: httpx.Client, tmp_path: P
     assert reply.status_code == 200, reply.text
     trace = reply.json()["trace"]
     assert trace["image_upload"] == "resized" and trace["image_bytes_sent"] * 10 < trace["image_bytes_raw"]
+
+
+def test_the_text_application_says_where_the_vision_models_are(serve_url: str, vlm_url: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{serve_url}/v1", api_key=API_KEY)
+    with pytest.raises(openai.NotFoundError, match=f"{PREFIX}/v1"):
+        client.chat.completions.create(model="tiny-vlm-verifier", max_tokens=4,
+                                       messages=[{"role": "user", "content": "hi"}])
+
+
+CORRUPTIONS = st.sampled_from(["truncate", "flip", "garbage", "huge-header"])
+
+
+@given(kind=CORRUPTIONS, cut=st.integers(min_value=1, max_value=2000), seed=st.integers(0, 2**16))
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_corrupted_images_are_4xx_naming_the_field(api: httpx.Client, kind: str, cut: int, seed: int) -> None:
+    """Damaged images as a camera, a network or an attacker could send them: never a 5xx, always the field."""
+    good = base64.b64decode(data_url(seed % 7, (160, 120)).split(",", 1)[1])
+    rng = np.random.default_rng(seed)
+    if kind == "truncate":
+        bad = good[: max(4, len(good) - cut)]
+    elif kind == "flip":
+        arr = bytearray(good)
+        for pos in rng.integers(2, len(arr), size=1 + cut % 16):
+            arr[int(pos)] ^= 0xFF
+        bad = bytes(arr)
+    elif kind == "garbage":
+        bad = b"\xff\xd8\xff" + rng.bytes(cut)
+    else:  # a PNG header claiming 60000 x 60000 pixels
+        bad = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + (60000).to_bytes(4, "big") * 2 + b"\x08\x02\x00\x00\x00"
+               + rng.bytes(cut))
+    url = "data:image/jpeg;base64," + base64.b64encode(bad).decode()
+    content = [{"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": {"url": url}}]
+    reply = api.post("/v1/chat/completions", json={"model": "tiny-vlm-verifier", "max_tokens": 4,
+                                                   "messages": [{"role": "user", "content": content}]})
+    # A flipped byte inside JPEG entropy data still decodes: a 200 is a correct answer then.
+    assert reply.status_code in (200, 400, 413, 415), reply.text[:300]
+    if reply.status_code != 200:
+        assert reply.json()["error"]["param"] == "messages[0].content[1].image_url", reply.text[:300]
+
+
+def test_schemathesis_fuzzes_the_vision_application(vlm_url: str) -> None:
+    """The served schema's image parts, valid and invalid, against the application that takes them."""
+    from tests.integration.test_fuzz import _fuzz
+
+    schema = schemathesis.openapi.from_url(f"{vlm_url}/openapi.json", timeout=30)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    image_routes = [op for op in operations if op.path in ("/v1/chat/completions", "/v1/generate")]
+    assert len(image_routes) == 2, [op.path for op in operations]
+    _fuzz(image_routes, {"Authorization": f"Bearer {API_KEY}"}, examples=40)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from aiflow_ray.config.app import AppArgs
+from aiflow_ray.models.registry import model_modalities
 from aiflow_ray.serve.configs import IMPORT_PATH, rendered_files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,11 +23,23 @@ def test_committed_files_match_the_rendered_ones(rel: str) -> None:
                                  "deployments/dev.yaml"])
 def test_serve_configs_reach_the_one_builder_with_valid_args(rel: str) -> None:
     config = yaml.safe_load((ROOT / rel).read_text())
-    (app,) = config["applications"]
-    assert app["import_path"] == IMPORT_PATH
-    AppArgs.model_validate(app["args"])
+    apps = config["applications"]
+    for app in apps:
+        assert app["import_path"] == IMPORT_PATH
+        AppArgs.model_validate(app["args"])
+    # Distinct names (each app's router actor is named after it) and prefixes; the text app at the root.
+    assert len({a["name"] for a in apps}) == len({a["args"].get("name", "aiflow") for a in apps}) == len(apps)
+    assert apps[0]["route_prefix"] == "/" and len({a["route_prefix"] for a in apps}) == len(apps)
     if "gpu" not in rel:
         assert config["http_options"]["host"] == "127.0.0.1"
+        # Beside the text pair, a vision pair: the text app's 404 for its models names the prefix.
+        (vision,) = apps[1:]
+        pair = AppArgs.model_validate(vision["args"]).model_pair()
+        assert "image" in model_modalities(pair.verifier) and "image" in model_modalities(pair.drafter)
+        assert apps[0]["args"]["peer_models"] == {pair.verifier: vision["route_prefix"],
+                                                  pair.drafter: vision["route_prefix"]}
+    else:
+        assert len(apps) == 1
 
 
 def test_app_args_reject_unknown_fields_and_bad_autoscaling() -> None:
@@ -50,6 +63,16 @@ def test_deploy_overrides_change_one_argument_and_refuse_misspelt_ones() -> None
         serve_config("local", overrides=parse_overrides(["edge.engnie=hf"]))
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["edge.engine"])
+    # vision.* keys go to the vision application, and only there; --no-vision leaves it out.
+    config = serve_config("tiny", overrides=parse_overrides(["vision.edge.threads=2", "edge.threads=1"]))
+    text, vision = (AppArgs.model_validate(app["args"]) for app in config["applications"])
+    assert (text.edge.threads, vision.edge.threads, vision.model_preset) == (1, 2, "tiny-vlm")
+    with pytest.raises(ValidationError, match="thread"):
+        serve_config("tiny", overrides=parse_overrides(["vision.edge.thread=2"]))
+    assert [a["name"] for a in serve_config("tiny", vision=False)["applications"]] == ["aiflow"]
+    assert "peer_models" not in serve_config("tiny", vision=False)["applications"][0]["args"]
+    with pytest.raises(ValueError, match="no vision application"):
+        serve_config("gpu", overrides={"vision": {"edge": {"threads": 1}}})
 
 
 @pytest.mark.parametrize("profile", ["local", "tiny", "gpu", "dev"])

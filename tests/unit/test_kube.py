@@ -116,7 +116,13 @@ def test_the_rayservice_serves_exactly_what_deployments_serves(overlay: str) -> 
         else ServeDeploySchema.parse_obj(config)
     profile = kube.OVERLAY_PROFILES[overlay]
     local = yaml.safe_load((ROOT / "deployments" / f"{profile}.yaml").read_text())
-    assert config["applications"] == local["applications"]  # the same builder args, one path from Python
+    # The same builder args, one path from Python; the RayService serves the text application only (the
+    # captioning pair is trained on first use, which no pod start should wait for), so the hint naming the
+    # vision application's prefix is the one difference.
+    text = dict(local["applications"][0])
+    text["args"] = {k: v for k, v in text["args"].items() if k != "peer_models"}
+    assert config["applications"] == [text]
+    assert [a["name"] for a in local["applications"][1:]] in ([], ["aiflow-vision"])
     (app,) = config["applications"]
     module, attr = app["import_path"].split(":")
     assert app["import_path"] == IMPORT_PATH and callable(getattr(importlib.import_module(module), attr))

@@ -274,8 +274,13 @@ class Ingress(TierCalls):
 
     # -- OpenAI-compatible ----------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
-        if model not in self.model_ids:
-            raise ApiError(404, f"model '{clip(model)}' not found; served: {', '.join(self.model_ids)}", "model")
+        if model in self.model_ids:
+            return
+        prefix = self.args.peer_models.get(model)
+        if prefix is not None:
+            raise ApiError(404, f"model '{model}' is served by another application of this server: use base URL "
+                           f"{prefix}/v1 (e.g. http://<host>:<port>{prefix}/v1)", "model")
+        raise ApiError(404, f"model '{clip(model)}' not found; served: {', '.join(self.model_ids)}", "model")
 
     async def models(self) -> Any:
         now = int(time.time())

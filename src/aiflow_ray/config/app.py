@@ -207,6 +207,9 @@ class AppArgs(StrictModel):
         "max_model_len is shorter.")
     edge_sessions_per_replica: int = Field(64, ge=1, description="Sessions an edge replica keeps (LRU).")
     check_labels: bool = Field(True, description="Refuse to build when no node carries a tier's labels.")
+    peer_models: dict[str, str] = Field(default_factory=dict, description="Models that other applications of the "
+                                        "same Serve config serve, by route prefix (e.g. the vision pair at "
+                                        "/vision): a request for one gets a 404 that says where it is.")
 
     def model_pair(self) -> ModelPairConfig:
         return self.models or ModelPairConfig.for_preset(self.model_preset)

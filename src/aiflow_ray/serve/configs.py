@@ -17,6 +17,12 @@ from aiflow_ray.config.app import AppArgs
 IMPORT_PATH = "aiflow_ray.serve:build_app"
 PROFILES = ("local", "tiny", "gpu", "dev")
 RAY_VERSION = "2.60.0"
+# The vision-language pair is a second Serve application beside the text one, under its own route prefix:
+# its own tiers, router and link estimates (an image prompt's costs are not a text prompt's), deployed and
+# scaled with the text pair by one config. OpenAI clients reach it with base_url <host>/vision/v1.
+VISION_APP = "aiflow-vision"
+VISION_PREFIX = "/vision"
+VISION_PRESETS = {"local": "caption", "tiny": "tiny-vlm", "dev": "caption"}
 
 
 def profile_args(profile: str) -> dict[str, Any]:
@@ -88,6 +94,33 @@ def profile_args(profile: str) -> dict[str, Any]:
     return AppArgs.model_validate(raw).model_dump(mode="json", exclude_defaults=True)
 
 
+def vision_args(profile: str) -> dict[str, Any] | None:
+    """The vision application of a profile (None where the profile serves text only: on GPU clusters the
+    released InternVL checkpoints are named with ``models``, see README "Images")."""
+    preset = VISION_PRESETS.get(profile)
+    if preset is None:
+        return None
+    text = AppArgs.model_validate(profile_args(profile))
+    # One replica per tier on one thread: the pair is small (the captioning verifier decodes a token in about
+    # 2.4 ms on one core) and every replica's threads on a 2-core host take from the text pair's decode. HF
+    # engine, fp32: the exact reference, and the engine whose vision path loads these classes. No logical CPU
+    # reserved: a tier node has 2, which the text tier's two replicas take when it scales up under load.
+    one = {"min_replicas": 1, "max_replicas": 1}
+    raw: dict[str, Any] = {
+        "name": VISION_APP,
+        "model_preset": preset,
+        **{tier: {"label_selector": dict(text.tier(tier).label_selector), "engine": "hf", "threads": 1,
+                  "num_cpus": 0, "autoscaling": one}
+           for tier in ("device", "edge", "cloud")},
+        "ingress": {"label_selector": dict(text.ingress.label_selector), "num_cpus": 0.25,
+                    "max_ongoing_requests": 64, "autoscaling": one},
+        "link": text.link.model_dump(mode="json"),
+        "router": text.router.model_dump(mode="json", exclude_defaults=True),
+        "check_labels": text.check_labels,
+    }
+    return AppArgs.model_validate(raw).model_dump(mode="json", exclude_defaults=True)
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["edge.engine=hf", "router.max_draft_len=8"]`` -> nested dict; values are YAML scalars."""
     out: dict[str, Any] = {}
@@ -110,16 +143,35 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def serve_config(profile: str, http_port: int = 8000, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def serve_config(profile: str, http_port: int = 8000, overrides: dict[str, Any] | None = None,
+                 vision: bool = True) -> dict[str, Any]:
     """The Serve config of a profile; ``overrides`` (nested, as ``parse_overrides`` makes) are validated with
-    the profile's arguments, so a misspelt key fails here, naming it, and not in a replica."""
+    the profile's arguments, so a misspelt key fails here, naming it, and not in a replica. Overrides under
+    ``vision.`` go to the vision application; ``vision=False`` leaves it out."""
+    overrides = dict(overrides or {})
+    vision_overrides = overrides.pop("vision", None) or {}
+    if not isinstance(vision_overrides, dict):
+        raise ValueError("override 'vision' takes nested keys (e.g. vision.edge.threads=1); "
+                         "`aiflow deploy --no-vision` leaves the vision application out")
     args = profile_args(profile)
     if overrides:
         args = AppArgs.model_validate(_merge(args, overrides)).model_dump(mode="json", exclude_defaults=True)
+    apps = [{"name": "aiflow", "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}]
+    extra = vision_args(profile) if vision else None
+    if extra is not None:
+        if vision_overrides:
+            extra = AppArgs.model_validate(_merge(extra, vision_overrides)).model_dump(mode="json",
+                                                                                        exclude_defaults=True)
+        pair = AppArgs.model_validate(extra).model_pair()
+        # A client that asks the text application for a vision model learns where it is served.
+        args["peer_models"] = {pair.verifier: VISION_PREFIX, pair.drafter: VISION_PREFIX}
+        apps.append({"name": VISION_APP, "route_prefix": VISION_PREFIX, "import_path": IMPORT_PATH, "args": extra})
+    elif vision_overrides:
+        raise ValueError(f"profile {profile!r} serves no vision application: drop the vision.* overrides")
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "0.0.0.0" if profile == "gpu" else "127.0.0.1", "port": http_port},
-        "applications": [{"name": "aiflow", "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}],
+        "applications": apps,
     }
 
 

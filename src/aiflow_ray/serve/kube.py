@@ -130,7 +130,9 @@ def _group(tier: str, replicas: tuple[int, int], cpus: int, memory_gi: int, gpus
 
 
 def _serve_config_v2(profile: str) -> str:
-    config = serve_config(profile)
+    # The RayService serves the text pair: the captioning pair is trained on first use, which a pod's
+    # start-up probe should not wait for (the vision application is a `make run` and `aiflow deploy` feature).
+    config = serve_config(profile, vision=False)
     config["http_options"] = {"host": POD_HOST, "port": 8000}
     return yaml.safe_dump(config, sort_keys=False)
 
