@@ -36,7 +36,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512_BF16=$(LLAMA_AVX512_BF16) -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF
 LLAMA_WHEELS := $(or $(AIFLOW_HOME),$(HOME)/.cache/aiflow)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_SIMD)-noamx
 
-.PHONY: help install models kb run stop test lint typecheck unit bench-tpot bench-capacity load-test fault-report gpu-check configs images bench-kb clean
+.PHONY: help install models kb run stop test test-extended lint typecheck unit bench-tpot bench-capacity load-test fault-report gpu-check configs images bench-kb clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -104,8 +104,11 @@ typecheck: install ## mypy
 unit: install ## fast tests only: no Ray cluster, no real models
 	$(PY) -m pytest -q -m "not real_model and not integration" $(PYTEST_ARGS)
 
-test: models lint typecheck ## lint, typecheck and the whole test suite (real-model tests included)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: models lint typecheck ## lint, typecheck and the test suite (real-model tests included; the slowest listed)
+	$(PY) -m pytest -q -m "not extended" --durations=25 $(PYTEST_ARGS)
+
+test-extended: models ## the extra cases of claims `make test` already checks once (real-model prompts; slow)
+	$(PY) -m pytest -q -m extended --durations=25 $(PYTEST_ARGS)
 
 bench-tpot: models ## TPOT vs draft length at 500KB/s, 1MB/s, 2MB/s (about 75 minutes on 2 cores)
 	$(PY) -m aiflow_ray.bench.tpot --draft-lens 1-6,8,10,12,16,20,24

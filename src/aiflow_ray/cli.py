@@ -245,8 +245,6 @@ def _cluster(args: argparse.Namespace) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     import subprocess
     import tempfile
-    import time
-    import urllib.request
 
     import yaml
 
@@ -269,42 +267,9 @@ def _deploy(args: argparse.Namespace) -> int:
     if deployed.returncode != 0:
         raise RuntimeError(f"`serve deploy` to {info.dashboard_url} failed (its error is above)")
     url = f"http://127.0.0.1:{args.http_port}"
-    deadline = time.monotonic() + args.timeout_s
-    # /readyz, not /healthz: the ingress answers long before the tiers have loaded their models.
-    print(f"waiting for {', '.join(f'{url}{prefix}/readyz' for _, prefix in apps)} (models load in the tier "
-          "replicas) ", end="", flush=True, file=sys.stderr)
-    pending = list(apps)
-    while time.monotonic() < deadline:
-        for app, prefix in list(pending):
-            try:
-                # RUNNING too: while a changed application rolls out, the old replicas still answer ready.
-                with urllib.request.urlopen(f"{url}{prefix}/readyz", timeout=5) as response:
-                    if response.status == 200 and cluster.app_status(info, app)[0] == "RUNNING":
-                        pending.remove((app, prefix))
-            except OSError:
-                pass
-        if not pending:
-            print(" ready", file=sys.stderr)
-            for _, prefix in apps:
-                print(f"{url}{prefix}")
-            return 0
-        # Fail as soon as waiting cannot help, not at the end of the timeout.
-        failure = None
-        if not cluster.supervisor_alive(info):
-            failure = f"the local cluster stopped while the application was starting; see {STATE_DIR / 'cluster.log'}"
-        else:
-            for app, _ in pending:
-                if (status := cluster.app_status(info, app))[0] == "DEPLOY_FAILED":
-                    failure = (f"the application {app!r} failed to deploy: {status[1]}\n"
-                               f"(details: `serve status --address {info.dashboard_url}`)")
-        if failure:
-            print(" failed", file=sys.stderr)
-            raise RuntimeError(failure)
-        print(".", end="", flush=True, file=sys.stderr)
-        time.sleep(2)
-    print(" timed out", file=sys.stderr)
-    raise RuntimeError(f"{', '.join(app for app, _ in pending)} did not become healthy within "
-                       f"{args.timeout_s:.0f} s; see `serve status --address {info.dashboard_url}`")
+    for prefix in cluster.wait_for_apps(info, url, apps, args.timeout_s, STATE_DIR / "cluster.log"):
+        print(f"{url}{prefix}")
+    return 0
 
 
 def _kb(args: argparse.Namespace) -> int:

@@ -329,3 +329,44 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def wait_for_apps(info: ClusterInfo, url: str, apps: list[tuple[str, str]], timeout_s: float,
+                  log_path: Path) -> list[str]:
+    """Wait until every ``(name, route prefix)`` application answers ``<prefix>/readyz`` and Serve calls it
+    RUNNING; fail as soon as waiting cannot help. Returns the prefixes."""
+    import sys
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    # /readyz, not /healthz: the ingress answers long before the tiers have loaded their models.
+    print(f"waiting for {', '.join(f'{url}{prefix}/readyz' for _, prefix in apps)} (models load in the tier "
+          "replicas) ", end="", flush=True, file=sys.stderr)
+    pending = list(apps)
+    while time.monotonic() < deadline:
+        for app, prefix in list(pending):
+            try:
+                # RUNNING too: while a changed application rolls out, the old replicas still answer ready.
+                with urllib.request.urlopen(f"{url}{prefix}/readyz", timeout=5) as response:
+                    if response.status == 200 and app_status(info, app)[0] == "RUNNING":
+                        pending.remove((app, prefix))
+            except OSError:
+                pass
+        if not pending:
+            print(" ready", file=sys.stderr)
+            return [prefix for _, prefix in apps]
+        failure = None
+        if not supervisor_alive(info):
+            failure = f"the local cluster stopped while the application was starting; see {log_path}"
+        for app, _ in pending:
+            if failure is None and (status := app_status(info, app))[0] == "DEPLOY_FAILED":
+                failure = (f"the application {app!r} failed to deploy: {status[1]}\n"
+                           f"(details: `serve status --address {info.dashboard_url}`)")
+        if failure:
+            print(" failed", file=sys.stderr)
+            raise RuntimeError(failure)
+        print(".", end="", flush=True, file=sys.stderr)
+        time.sleep(2)
+    print(" timed out", file=sys.stderr)
+    raise RuntimeError(f"{', '.join(app for app, _ in pending)} did not become healthy within {timeout_s:.0f} s; "
+                       f"see `serve status --address {info.dashboard_url}`")

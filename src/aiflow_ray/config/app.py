@@ -66,7 +66,8 @@ class VllmArgs(StrictModel):
     max_num_seqs: int = Field(64, ge=1, le=1024, description="Requests batched into one engine step.")
     enforce_eager: bool | None = Field(None, description="No CUDA graphs / compilation (default: eager on CPU, "
                                        "graphs on GPU, where they remove the launch overhead).")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto = bfloat16.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto = bfloat16 on GPUs and "
+                                                                          "CPUs with bf16 instructions, else float32.")
 
 
 class TierArgs(StrictModel):

@@ -48,11 +48,20 @@ import numpy as np
 
 from aiflow_ray.config import SamplingConfig
 from aiflow_ray.engines.base import BeamResult, DraftOutput, ScoreOutput, SessionTable
-from aiflow_ray.engines.hf import TokenizerText
+from aiflow_ray.engines.hf import TokenizerText, cpu_supports_bf16
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
 
 log = get_logger(__name__)
+def vllm_dtype(dtype: str, on_gpu: bool) -> str:
+    """``auto``: bf16 on GPUs and on CPUs with bf16 instructions; fp32 elsewhere. vLLM's CPU build runs bf16
+    weights on an AVX2-only CPU by converting them: measured on the 1.5B model (2-core AMD EPYC, AVX2), one-token
+    decode 2.96 s in bf16 against 0.81 s in fp32, a 4-token verify 5.8 s against 2.7 s."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if on_gpu or cpu_supports_bf16() else "float32"
+
+
 T = TypeVar("T")
 
 CALL_TIMEOUT_S = 600.0  # a call stuck this long means the engine process is gone
@@ -101,7 +110,7 @@ class VllmEngine(TokenizerText, SessionTable):
         on_gpu = cuda_available()
         started = time.perf_counter()
         args = AsyncEngineArgs(
-            model=str(model_dir), tokenizer=str(model_dir), dtype=cast(Any, dtype if dtype != "auto" else "bfloat16"),
+            model=str(model_dir), tokenizer=str(model_dir), dtype=cast(Any, vllm_dtype(dtype, on_gpu)),
             max_model_len=max_model_len, enable_prefix_caching=True, max_num_seqs=max_num_seqs,
             # CPU attention wants blocks in multiples of 32; GPUs keep vLLM's default (16).
             block_size=block_size or (None if on_gpu else 32),
