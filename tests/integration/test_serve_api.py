@@ -183,6 +183,28 @@ def test_router_estimates_follow_the_emulated_link(api: httpx.Client, admin_api:
     _poll(lambda: estimate_in(100e3, float("inf")), 30, "the estimate recovering with the link")
 
 
+def test_the_router_sets_each_measured_outcome_beside_its_prediction(api: httpx.Client) -> None:
+    """Every request's measured TTFT and TPOT reach the router beside what its decision predicted; the
+    verify costs it predicts from are a curve over block size, non-negative and non-decreasing."""
+    for path in ("server-only", "device-edge", "on-device"):
+        response = _generate(api, path=path, quality="fast" if path == "on-device" else "exact",
+                             link_id="outcomes", max_tokens=12)
+        assert response.status_code == 200, response.text
+
+    def errors() -> dict | None:
+        found = api.get("/v1/router").json()["prediction_error"]
+        return found if all(p in found for p in ("server-only", "device-edge", "on-device")) else None
+
+    found = _poll(errors, 20, "measured outcomes of all three paths at the router")
+    for path, error in found.items():
+        assert error["requests"] >= 1 and error["ttft_error_median"] > -1.0, (path, error)
+    measured = [d for d in api.get("/v1/router").json()["recent_decisions"] if d.get("measured")]
+    assert measured and all(d["measured"]["path"] == d["path"] for d in measured)
+    curve = api.get("/v1/router").json()["verify_curve"]
+    assert curve and all(s >= 0 for _, s in curve)
+    assert [s for _, s in curve] == sorted(s for _, s in curve) and [n for n, _ in curve] == sorted(n for n, _ in curve)
+
+
 def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx.Client,
                                                                        admin_api: httpx.Client) -> None:
     link = "fast-path"

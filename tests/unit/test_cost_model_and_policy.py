@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiflow_ray.config import DraftPolicyConfig
 from aiflow_ray.network.wire import VERIFY_RESULT_SIZE, verify_request_size
+from aiflow_ray.routing.router import RouterState
 from aiflow_ray.speculative.cost_model import (
     ComputeCosts,
     LinkCosts,
@@ -105,3 +111,92 @@ def test_bursty_acceptance_favours_longer_drafts() -> None:
     k_pooled = best_draft_len(bursty.alpha, CPU_PAIR, link, verify_request_size, VERIFY_RESULT_SIZE, 24)[0]
     k_positional = best_draft_len(positional, CPU_PAIR, link, verify_request_size, VERIFY_RESULT_SIZE, 24)[0]
     assert k_positional > k_pooled
+
+
+# -- the edge's forward cost as a curve -------------------------------------------------------------
+# Raw llama.cpp on the 1.5B model, idle, 2 threads: ms for a block of 1 / 2 / 4 / 8 / 16 tokens.
+LLAMA_CPP_MS = {1: 33.0, 2: 49.0, 4: 76.0, 8: 158.0, 16: 217.0}
+
+
+def _served_forwards(rng: np.random.Generator, n: int) -> list[tuple[int, float]]:
+    """What an edge replica reports: prompt prefills (tens of tokens, cheap per token), one-token decodes and
+    k-token verifies together, with timing noise: no line fits them all."""
+    out = []
+    for _ in range(n):
+        kind = rng.integers(3)
+        if kind == 0:
+            fed = int(rng.integers(20, 90))
+            seconds = 0.217 + 0.006 * (fed - 16)  # 6 ms a token past 16, against 33 for one
+        else:
+            fed = 1 if kind == 1 else int(rng.choice([2, 4, 8, 16]))
+            seconds = LLAMA_CPP_MS[fed] / 1e3
+        out.append((fed, seconds * float(rng.uniform(0.9, 1.1))))
+    return out
+
+
+def test_the_router_reads_verify_costs_from_a_curve_that_holds_on_llama_cpp() -> None:
+    from aiflow_ray.network.estimators import ForgettingLinearFit
+    from aiflow_ray.routing.router import LoadReport, RouteRequest
+
+    rng = np.random.default_rng(0)
+    forwards = _served_forwards(rng, 300)
+    line = ForgettingLinearFit(0.95, prior_slope=0.0, prior_strength=4.0)
+    for fed, seconds in forwards:
+        line.observe(float(fed), seconds)
+    slope = max(line.slope(), 0.0)
+    old_decode_ms = (line.intercept(slope) + slope) * 1e3
+    assert abs(old_decode_ms / LLAMA_CPP_MS[1] - 1) > 0.2  # the old model: one line, wrong by 20% or more
+
+    state = RouterState()
+    for start in range(0, len(forwards), 20):
+        state.report_load(LoadReport(tier="edge", replica="r1", ongoing=0, queued=0, capacity=4,
+                                     service_samples=tuple(forwards[start:start + 20])))
+    compute = state.inputs("").compute
+    for fed, ms in LLAMA_CPP_MS.items():
+        assert compute.verify_s(fed - 1) * 1e3 == pytest.approx(ms, rel=0.06), fed
+    table = [compute.verify_s(k) for k in range(state.cfg.max_draft_len + 1)]
+    assert all(t > 0 for t in table) and table == sorted(table)
+    decision = state.decide(RouteRequest(request_id="r", link_id="", path="auto", quality="exact",
+                                         prompt_bytes=200, max_new_tokens=64))
+    assert min(decision.predicted_s_per_token.values()) > 0
+    assert decision.predicted_tpot_s["server-only"] * 1e3 == pytest.approx(33.0, rel=0.06)
+    # Saved and restored with the router's state.
+    restored = RouterState()
+    restored.restore(state.export_state())
+    assert restored.inputs("").compute.verify_s(3) == pytest.approx(compute.verify_s(3), rel=0.02)
+
+
+@given(samples=st.lists(st.tuples(st.integers(1, 5000), st.floats(0.0, 5.0)), min_size=1, max_size=60),
+       queries=st.lists(st.floats(1.0, 10000.0), min_size=2, max_size=20))
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+def test_the_forward_cost_curve_is_monotone_and_never_negative(samples: list[tuple[int, float]],
+                                                               queries: list[float]) -> None:
+    from aiflow_ray.network.estimators import ForwardCostCurve
+
+    curve = ForwardCostCurve()
+    for fed, seconds in samples:
+        curve.observe(fed, seconds)
+    curve.observe(3, -1.0)  # a clock that went backwards: ignored
+    values = [curve.seconds(x) for x in sorted(queries)]
+    assert all(v is not None and v >= 0 for v in values)
+    assert all(b >= a - 1e-12 for a, b in itertools.pairwise(values))  # type: ignore[operator]
+
+
+def test_each_decision_gets_its_measured_outcome_and_each_path_its_median_error() -> None:
+    from aiflow_ray.routing.router import LoadReport, RouteRequest
+
+    state = RouterState()
+    state.report_load(LoadReport(tier="edge", replica="r1", ongoing=0, queued=0, capacity=4))
+    for i in range(5):
+        decision = state.decide(RouteRequest(request_id=f"r{i}", link_id="", path="server-only", quality="exact",
+                                             prompt_bytes=100, max_new_tokens=16))
+        assert decision.request_id == f"r{i}"
+        ttft = decision.predicted_ttft_s["server-only"] * (1.5 if i < 3 else 1.0)  # three of five 1.5x slower
+        state.report_outcome(f"r{i}", "server-only", ttft, decision.predicted_tpot_s["server-only"] * 0.5, 16)
+    state.report_outcome("never-decided", "server-only", 1.0, 1.0, 4)  # ignored
+    errors = state.prediction_errors()
+    assert errors == {"server-only": {"requests": 5, "ttft_error_median": pytest.approx(0.5),
+                                      "tpot_error_median": pytest.approx(-0.5)}}
+    record = state.snapshot()["recent_decisions"][-1]
+    assert record["measured"]["ttft_error"] == pytest.approx(0.0) and record["measured"]["num_tokens"] == 16
+    assert state.snapshot()["prediction_error"] == errors

@@ -217,7 +217,7 @@ def test_router_state_survives_export_and_restore() -> None:
                                              probe_pairs=(((60, 0.021), (1084, 0.0225)),)))
     state.report_generation(GenerationReport(link_id="", path="calibration", on_device_s_per_token=0.031))
     for fed in (1, 4, 8):
-        state.verify_fit.observe(fed, 0.05 + 0.004 * fed)
+        state.verify_cost.observe(fed, 0.05 + 0.004 * fed)
     restored = RouterState()
     restored.restore(state.export_state())
     assert restored.links["phone"].estimate().bandwidth_bps == pytest.approx(

@@ -27,6 +27,8 @@ The slope is kept to what round trips can measure: bandwidth within [1 B/s, 10 G
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import statistics
 from collections import deque
@@ -230,3 +232,80 @@ class LinkEstimator:
         since a stall is a moment and a prior lasts."""
         rtt_s, slope = self._base()
         return LinkEstimate(rtt_s=rtt_s, bandwidth_bps=1.0 / slope, samples=self.samples)
+
+
+# Block sizes a forward's cost is kept at: every size a verification can feed (a draft of up to 32 tokens plus
+# one), then prefills on a log scale. A forward is filed under the smallest bucket at least its size.
+COST_BUCKETS: tuple[int, ...] = (*range(1, 34), 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072,
+                                 4096, 6144, 8192, 12288, 16384, 32768, 65536, 131072)
+
+
+class ForwardCostCurve:
+    """Seconds of one forward pass as a function of the tokens it feeds: a measured curve, not a line.
+
+    Forward costs are not linear in the block size (llama.cpp on the 1.5B model, idle: 33 / 49 / 76 / 158 /
+    217 ms for 1 / 2 / 4 / 8 / 16 tokens; a GPU's are flat up to a few dozen tokens, then grow): one line
+    fitted over prefills, one-token decodes and verifies together bends to negative intercepts. Here each
+    block size keeps its own forgetting mean (seconds and tokens fed), and a query reads the curve through
+    those means after a weighted isotonic fit (pool adjacent violators), so it is non-decreasing in the
+    tokens fed and never negative, however noisy the samples. Between sizes it interpolates linearly; below
+    the smallest measured size it takes that size's cost (a smaller block costs no more); past the largest
+    it extends the last segment's slope (flat with a single size measured).
+    """
+
+    def __init__(self, forget: float = 0.9) -> None:
+        self.forget = forget
+        self._w: dict[int, float] = {}  # bucket -> weight, sum of tokens fed, sum of seconds
+        self._sx: dict[int, float] = {}
+        self._sy: dict[int, float] = {}
+        self._points: list[tuple[float, float]] | None = None
+
+    @property
+    def count_weight(self) -> float:
+        return sum(self._w.values())
+
+    def observe(self, fed: float, seconds: float, weight: float = 1.0) -> None:
+        if not (fed >= 1 and seconds >= 0 and math.isfinite(seconds)):
+            return  # a forward of nothing, or a clock that went backwards, says nothing about costs
+        bucket = COST_BUCKETS[min(bisect.bisect_left(COST_BUCKETS, fed), len(COST_BUCKETS) - 1)]
+        f = self.forget
+        self._w[bucket] = f * self._w.get(bucket, 0.0) + weight
+        self._sx[bucket] = f * self._sx.get(bucket, 0.0) + weight * fed
+        self._sy[bucket] = f * self._sy.get(bucket, 0.0) + weight * seconds
+        self._points = None
+
+    def points(self) -> list[tuple[float, float]]:
+        """(tokens fed, seconds) through which the curve runs, non-decreasing in both."""
+        if self._points is None:
+            blocks: list[list[float]] = []  # [weight, sum x, sum y] of pooled buckets, by tokens fed
+            for bucket in sorted(self._w):
+                w = self._w[bucket]
+                blocks.append([w, self._sx[bucket], self._sy[bucket]])
+                while len(blocks) > 1 and blocks[-2][2] / blocks[-2][0] > blocks[-1][2] / blocks[-1][0]:
+                    last = blocks.pop()
+                    blocks[-1] = [a + b for a, b in zip(blocks[-1], last, strict=True)]
+            self._points = [(sx / w, sy / w) for w, sx, sy in blocks]
+        return self._points
+
+    def seconds(self, fed: float) -> float | None:
+        """The predicted seconds of a forward feeding ``fed`` tokens (None before any measurement)."""
+        pts = self.points()
+        if not pts:
+            return None
+        if fed <= pts[0][0]:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+            if fed <= x1:
+                return y0 + (y1 - y0) * (fed - x0) / (x1 - x0) if x1 > x0 else y1
+        if len(pts) == 1:
+            return pts[0][1]
+        (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        return y1 + max(y1 - y0, 0.0) / max(x1 - x0, 1e-9) * (fed - x1)
+
+    def export(self) -> list[list[float]]:
+        return [[x, y] for x, y in self.points()]
+
+    def restore(self, points: list[list[float]], weight: float = 2.0) -> None:
+        """Saved points as a few observations each: new measurements soon dominate them."""
+        for x, y in points:
+            self.observe(float(x), float(y), weight=weight)

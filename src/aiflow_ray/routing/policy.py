@@ -73,6 +73,7 @@ class Decision:
     predicted_ttft_s: dict[str, float] = field(default_factory=dict)
     predicted_s_per_token: dict[str, float] = field(default_factory=dict)  # (TTFT + (n-1) TPOT) / n
     refusal: Refusal | None = None  # set exactly when path is None
+    request_id: str = ""  # the request's id, which its measured outcome is reported under
 
 
 def _edge_factor(load: TierLoad) -> float:
@@ -93,8 +94,7 @@ def predict(inputs: RouteInputs) -> Prediction:
     compute = inputs.compute
     link = inputs.link
     factor = _edge_factor(inputs.edge)
-    loaded = ComputeCosts(compute.draft_s_per_token, compute.verify_base_s * factor,
-                          compute.verify_per_token_s * factor, compute.round_overhead_s)
+    loaded = compute.scaled(factor)
     k, spec = best_draft_len(inputs.alpha, loaded, link, verify_request_size, VERIFY_RESULT_SIZE,
                              inputs.max_draft_len)
     # Server-only streams one TOKENS message per token: on a very slow link their serialisation,

@@ -8,6 +8,7 @@ router never reads the link emulator's settings.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from aiflow_ray.config import MAX_DRAFT_LEN, LinkConfig, PathChoice, Quality, RouterArgs, StrictModel, TierName
-from aiflow_ray.network.estimators import Ewma, ForgettingLinearFit, LinkEstimator
+from aiflow_ray.network.estimators import Ewma, ForwardCostCurve, LinkEstimator
 from aiflow_ray.routing.policy import Decision, RouteInputs, TierLoad, decide
 from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
 
@@ -24,6 +25,8 @@ from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
 # replicas report every period from their event loop, which the engine's thread never blocks.
 LOAD_STALE_PERIODS = 5
 LOAD_STALE_MIN_S = 3.0
+MAX_PENDING_OUTCOMES = 4096  # decisions awaiting their request's measured outcome
+ERRORS_KEPT = 100  # recent prediction errors per path
 
 
 Sample = tuple[int, float]  # (bytes, seconds)
@@ -94,7 +97,9 @@ class RouterState:
         self.draft_s = Ewma(0.2)
         # Empty until the edge reports (its start-up calibration does): the prior is used only while
         # there is nothing measured, so a prior sized for another model pair cannot linger.
-        self.verify_fit = ForgettingLinearFit(0.95, prior_slope=0.0, prior_strength=4.0)
+        # The edge's forward cost over tokens fed, from every forward it reports (calibration, prefills,
+        # decodes, verifies): a monotone curve, since one line over all of them goes negative on llama.cpp.
+        self.verify_cost = ForwardCostCurve(forget=0.95)
         self.loads: dict[str, dict[str, tuple[float, TierLoad]]] = {"edge": {}, "cloud": {}}
         self.load_nodes: dict[str, str] = {}  # replica -> node id
         self.dead_nodes: set[str] = set()  # set by the router deployment from the cluster's view
@@ -102,6 +107,9 @@ class RouterState:
         self.cloud_s_per_token = Ewma(0.2)
         self.cloud_retrieval_s = Ewma(0.2)
         self.decisions: deque[dict[str, Any]] = deque(maxlen=self.cfg.decisions_kept)
+        self._pending: dict[str, dict[str, Any]] = {}  # request id -> its decision record, until it ends
+        # Per path: (measured / predicted - 1) of TTFT and TPOT for the last requests that ended.
+        self.errors: dict[str, deque[tuple[float, float | None]]] = {}
         self.decision_counts: dict[str, int] = {}
         # After a restart, until each tier's replicas report again: the capacities saved before it.
         self._assumed: dict[str, TierLoad] = {}
@@ -144,7 +152,7 @@ class RouterState:
         self.load_nodes[report.replica] = report.node_id
         for fed, seconds in report.service_samples:
             if tier == "edge":
-                self.verify_fit.observe(float(fed), seconds)
+                self.verify_cost.observe(float(fed), seconds)
             elif tier == "cloud" and fed > 0:  # (tokens generated, seconds) of a beam search
                 self.cloud_s_per_token.update(seconds / fed)
             elif tier == "cloud":  # (0, seconds) of a retrieval
@@ -178,13 +186,12 @@ class RouterState:
         est = self.links.get(link_id) or LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s)
         link = est.estimate()
         cloud = self.cloud_link.estimate()
-        per_token = max(self.verify_fit.slope(), 0.0)
-        verify_base_s = self.verify_fit.intercept(per_token)
-        if self.verify_fit.count_weight == 0:
-            per_token, verify_base_s = 0.0, self.cfg.prior_verify_s
+        # t_v(k) feeds k + 1 tokens; until the edge reports, the prior for every k.
+        table = tuple(self.verify_cost.seconds(k + 1) or self.cfg.prior_verify_s
+                      for k in range(self.cfg.max_draft_len + 1))
         compute = ComputeCosts(
             draft_s_per_token=self.draft_s.value or self.cfg.prior_draft_s_per_token,
-            verify_base_s=verify_base_s, verify_per_token_s=per_token,
+            verify_base_s=table[0], verify_per_token_s=0.0, verify_table_s=table,
         )
         return RouteInputs(
             alpha=self.alpha, compute=compute, link=LinkCosts(link.rtt_s, link.bandwidth_bps, link.bandwidth_bps),
@@ -200,23 +207,60 @@ class RouterState:
     def decide(self, req: RouteRequest) -> Decision:
         inputs = self.inputs(req.link_id, req.prompt_bytes, req.max_new_tokens)
         decision = decide(req.path, req.quality, inputs, req.draft_len, req.needs_logprobs)
+        decision.request_id = req.request_id
         prompt_bytes, max_new_tokens = req.prompt_bytes, req.max_new_tokens
         record = {
             "request_id": req.request_id, "at": time.time(), "link_id": req.link_id, "requested_path": req.path,
             "quality": req.quality, "path": decision.path, "draft_len": decision.draft_len,
             "reason": decision.reason, "predicted_tpot_s": decision.predicted_tpot_s,
+            "predicted_ttft_s": decision.predicted_ttft_s,
             "predicted_s_per_token": decision.predicted_s_per_token,
             "inputs": {
                 "alpha": inputs.alpha, "rtt_s": inputs.link.rtt_s, "bandwidth_bps": inputs.link.bandwidth_up_bps,
                 "draft_s_per_token": inputs.compute.draft_s_per_token,
-                "verify_s": inputs.compute.verify_s(0), "edge": asdict(inputs.edge), "cloud": asdict(inputs.cloud),
+                "verify_s": inputs.compute.verify_s(0), "verify_s_at_draft_len": inputs.compute.verify_s(
+                    decision.draft_len), "edge": asdict(inputs.edge), "cloud": asdict(inputs.cloud),
                 "prompt_bytes": prompt_bytes, "max_new_tokens": max_new_tokens,
             },
         }
         self.decisions.append(record)
+        if decision.path is not None:
+            self._pending[req.request_id] = record
+            while len(self._pending) > MAX_PENDING_OUTCOMES:  # requests that never reported (failed, cut)
+                del self._pending[next(iter(self._pending))]
         key = str(decision.path)
         self.decision_counts[key] = self.decision_counts.get(key, 0) + 1
         return decision
+
+    def report_outcome(self, request_id: str, path: str, ttft_s: float, tpot_s: float, num_tokens: int) -> None:
+        """What a request measured, beside what its decision predicted (recorded on the decision, and as the
+        path's recent prediction errors). A request served on another path than decided (a fall-back) is
+        compared with that path's prediction."""
+        record = self._pending.pop(request_id, None)
+        if record is None or ttft_s <= 0:
+            return
+        predicted_ttft = record["predicted_ttft_s"].get(path)
+        predicted_tpot = record["predicted_tpot_s"].get(path)
+        if not predicted_ttft:
+            return
+        ttft_error = ttft_s / predicted_ttft - 1.0
+        # One token has no TPOT; beam search answers all at once (predicted TPOT 0).
+        tpot_error = tpot_s / predicted_tpot - 1.0 if num_tokens > 1 and predicted_tpot and tpot_s > 0 else None
+        record["measured"] = {"path": path, "ttft_s": ttft_s, "tpot_s": tpot_s, "num_tokens": num_tokens,
+                              "ttft_error": round(ttft_error, 4),
+                              "tpot_error": None if tpot_error is None else round(tpot_error, 4)}
+        self.errors.setdefault(path, deque(maxlen=ERRORS_KEPT)).append((ttft_error, tpot_error))
+
+    def prediction_errors(self) -> dict[str, dict[str, float | int | None]]:
+        """Per path, the median of (measured / predicted - 1) over the last requests: 0 is a perfect
+        prediction, +0.5 a request 1.5x slower than predicted."""
+        out: dict[str, dict[str, float | int | None]] = {}
+        for path, errors in self.errors.items():
+            tpots = [t for _, t in errors if t is not None]
+            out[path] = {"requests": len(errors),
+                         "ttft_error_median": round(statistics.median(e for e, _ in errors), 4),
+                         "tpot_error_median": round(statistics.median(tpots), 4) if tpots else None}
+        return out
 
     # -- persistence ----------------------------------------------------------------------------
     def export_state(self) -> dict[str, Any]:
@@ -225,10 +269,6 @@ class RouterState:
         Estimators are saved as their current estimates, not their internals: a restored estimator starts
         from them as its priors, and its first measurements refine them.
         """
-        verify = None
-        if self.verify_fit.count_weight > 0:
-            slope = max(self.verify_fit.slope(), 0.0)
-            verify = [self.verify_fit.intercept(slope), slope]
         cloud = self.cloud_link.estimate()
         return {
             "version": 1,
@@ -236,7 +276,7 @@ class RouterState:
             "links": {lid: [e.bandwidth_bps, e.rtt_s] for lid, est in self.links.items()
                       if (e := est.base_estimate())},
             "acceptance": [self.accepted, self.rejected],
-            "draft_s_per_token": self.draft_s.value, "verify": verify,
+            "draft_s_per_token": self.draft_s.value, "verify_curve": self.verify_cost.export() or None,
             "cloud_link": [cloud.bandwidth_bps, cloud.rtt_s],
             "cloud_s_per_token": self.cloud_s_per_token.value, "cloud_retrieval_s": self.cloud_retrieval_s.value,
             "decision_counts": dict(self.decision_counts),
@@ -254,11 +294,8 @@ class RouterState:
         accepted, rejected = state.get("acceptance") or (self.accepted, self.rejected)
         self.accepted, self.rejected = float(accepted), float(rejected)
         self.draft_s.value = state.get("draft_s_per_token") or self.draft_s.value
-        if state.get("verify"):
-            intercept, slope = (float(v) for v in state["verify"])
-            # Two points on the saved line, weighted like a few observations: new measurements soon dominate.
-            for fed in (1.0, 9.0):
-                self.verify_fit.observe(fed, intercept + slope * fed, weight=2.0)
+        if state.get("verify_curve"):
+            self.verify_cost.restore(state["verify_curve"])
         if state.get("cloud_link"):
             bandwidth_bps, rtt_s = state["cloud_link"]
             self.cloud_link = LinkEstimator(float(bandwidth_bps), float(rtt_s), forget=0.9)
@@ -277,8 +314,11 @@ class RouterState:
             "alpha": self.alpha,
             "draft_s_per_token": self.draft_s.value,
             "verify_s": self.inputs("").compute.verify_s(0),
+            # (tokens fed, seconds) of the edge's forwards: the curve every verify-cost prediction reads.
+            "verify_curve": [[round(x, 2), round(y, 6)] for x, y in self.verify_cost.points()],
             "cloud_s_per_token": self.cloud_s_per_token.value, "cloud_retrieval_s": self.cloud_retrieval_s.value,
             "loads": {tier: asdict(self.tier_load(tier)) for tier in self.loads},
             "decision_counts": dict(self.decision_counts),
+            "prediction_error": self.prediction_errors(),
             "recent_decisions": list(self.decisions)[-20:],
         }

@@ -86,6 +86,10 @@ class RouterServer:
         self.state.report_generation(report)
         self._dirty = True
 
+    async def report_outcome(self, request_id: str, path: str, ttft_s: float, tpot_s: float,
+                             num_tokens: int) -> None:
+        self.state.report_outcome(request_id, path, ttft_s, tpot_s, num_tokens)
+
     async def report_load(self, report: LoadReport) -> None:
         self._start()
         self.state.report_load(report)

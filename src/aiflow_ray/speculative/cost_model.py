@@ -28,12 +28,26 @@ class LinkCosts:
 @dataclass(frozen=True)
 class ComputeCosts:
     draft_s_per_token: float  # t_d
-    verify_base_s: float  # t_v(k) = verify_base_s + verify_per_token_s * (k + 1)
+    verify_base_s: float  # t_v(k) = verify_base_s + verify_per_token_s * (k + 1), unless verify_table_s has k
     verify_per_token_s: float
     round_overhead_s: float = 0.0  # per-round time not explained by draft, verify or link
+    # t_v(k) for k = 0, 1, ...: a measured curve (network.estimators.ForwardCostCurve), non-decreasing and
+    # non-negative; past its end the last step repeats.
+    verify_table_s: tuple[float, ...] = ()
 
     def verify_s(self, k: int) -> float:
+        table = self.verify_table_s
+        if table:
+            if k < len(table):
+                return table[k]
+            step = table[-1] - table[-2] if len(table) > 1 else 0.0
+            return table[-1] + step * (k - len(table) + 1)
         return self.verify_base_s + self.verify_per_token_s * (k + 1)
+
+    def scaled(self, factor: float) -> ComputeCosts:
+        """The verifier's costs times ``factor`` (a queue in front of it); the device's unchanged."""
+        return ComputeCosts(self.draft_s_per_token, self.verify_base_s * factor, self.verify_per_token_s * factor,
+                            self.round_overhead_s, tuple(t * factor for t in self.verify_table_s))
 
 
 Acceptance = float | Sequence[float]  # constant alpha, or a_1, a_2, ... (the last repeats)
