@@ -92,6 +92,19 @@ def assert_same_or_near_tie(pair: Pair, prompt_ids: list[int], got: list[int], w
                                            f"(top-2 gap {top2[1] - top2[0]:.2f})"
 
 
+def test_text_only_engines_refuse_images(pair: Pair) -> None:
+    """A text model given an image refuses it (the API turns that into a 400 naming the part), and keeps no
+    half-open session. Vision engines: tests/unit/test_engine_conformance_images.py."""
+    from aiflow_ray.engines.base import ImageInput, ImagesNotSupported
+
+    engine = pair.verifier
+    assert engine.vision is None
+    ids = engine.encode_prompt(PROMPTS[0], chat=True)
+    with pytest.raises(ImagesNotSupported):
+        engine.open_session("img", ids, [ImageInput(tiles=np.zeros((1, 28, 28, 3), np.uint8))])
+    assert not engine.has_session("img")
+
+
 def test_sessions_append_rollback_and_release(pair: Pair) -> None:
     engine = pair.verifier
     ids = engine.encode_prompt(PROMPTS[0], chat=True)

@@ -162,16 +162,6 @@ class Ingress(TierCalls):
         self._report_outcome(routed, result.trace)
         return result, routed, time.perf_counter() - started
 
-    def _report_outcome(self, routed: Routed, trace: dict[str, Any]) -> None:
-        """The measured TTFT and TPOT go back to the router beside its prediction (fire and forget)."""
-        if not routed.decision.request_id:
-            return
-        try:
-            self.router.report_outcome.remote(routed.decision.request_id, str(trace.get("path")),
-                                              float(trace.get("ttft_s") or 0.0), float(trace.get("tpot_s") or 0.0),
-                                              int(trace.get("num_tokens") or 0))
-        except Exception as exc:  # the router is being replaced: this one measurement is lost, nothing else
-            log.warning("could not report an outcome to the router: %s", type(exc).__name__)
 
     async def open_stream(self, body: GenerateBody, messages: Messages,
                           shape: Callable[[StreamDelta | StreamDone, Routed], list[dict[str, Any]]],

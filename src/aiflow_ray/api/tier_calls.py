@@ -46,6 +46,17 @@ class TierCalls:
                 raise calls.TierUnavailable(tier, calls.describe(exc)) from exc
             raise
 
+    def _report_outcome(self, routed: Routed, trace: dict[str, Any]) -> None:
+        """The measured TTFT and TPOT go back to the router beside its prediction (fire and forget)."""
+        if not routed.decision.request_id:
+            return
+        try:
+            self.router.report_outcome.remote(routed.decision.request_id, str(trace.get("path")),
+                                              float(trace.get("ttft_s") or 0.0), float(trace.get("tpot_s") or 0.0),
+                                              int(trace.get("num_tokens") or 0))
+        except Exception as exc:  # the router is being replaced: this one measurement is lost, nothing else
+            log.warning("could not report an outcome to the router: %s", type(exc).__name__)
+
     async def _router_call(self, method: str, *args: Any) -> Any:
         return await self._call("router", self.router, method, self.args.deadlines.router_call_s, *args)
 

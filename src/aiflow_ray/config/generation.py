@@ -27,8 +27,9 @@ TIERS: tuple[TierName, ...] = get_args(TierName)
 LOGPROB_PATHS: tuple[PathName, ...] = ("device-edge", "server-only")
 EngineName = Literal["hf", "llama_cpp", "vllm"]  # the runtimes behind the Engine protocol
 # Which model pair; not to be confused with a deployment profile. tiny-vlm: random InternVL test models;
-# caption: the InternVL captioning pair the project trains on composed Fashion-MNIST scenes.
-ModelPreset = Literal["default", "tiny", "tiny-vlm", "caption"]
+# tiny-qwen-vl: random Qwen2-VL test models; caption: the InternVL captioning pair the project trains on
+# composed Fashion-MNIST scenes.
+ModelPreset = Literal["default", "tiny", "tiny-vlm", "tiny-qwen-vl", "caption"]
 
 
 class StrictModel(BaseModel):
@@ -117,10 +118,9 @@ class ModelPairConfig(StrictModel):
 
     @classmethod
     def for_preset(cls, preset: ModelPreset, dtype: str = "auto", device: str = "auto") -> ModelPairConfig:
-        built = {"tiny": "tiny", "tiny-vlm": "tiny-vlm", "caption": "caption"}.get(preset)
-        if built is not None:
+        if preset != "default":  # the registered names of a pair built here are <preset>-drafter/-verifier
             # Small models built here are exactness fixtures (and fast anyway): fp32 unless asked otherwise.
-            return cls(drafter=f"{built}-drafter", verifier=f"{built}-verifier",
+            return cls(drafter=f"{preset}-drafter", verifier=f"{preset}-verifier",
                        dtype="float32" if dtype == "auto" else dtype, device=device)
         return cls(dtype=dtype, device=device)
 

@@ -158,7 +158,7 @@ class SessionTable:
         self.release(session_id)
         tokens = [int(t) for t in token_ids]
         session = self._new_session(tokens)
-        if images:
+        if images or getattr(self, "vision", None) is not None:  # a vision engine checks image blocks always
             self._attach_images(session, tokens, images)
         self._sessions[session_id] = session
 

@@ -33,7 +33,7 @@ from aiflow_ray.engines.base import ImageInput
 from aiflow_ray.engines.hf import HFEngine, _Session, load_model
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.models.registry import VISION_MODEL_TYPES
-from aiflow_ray.vision.preprocess import VisionSpec, normalize_tiles
+from aiflow_ray.vision.preprocess import QWEN_VL_MODEL_TYPES, TileShapeError, VisionSpec, normalize_tiles
 from aiflow_ray.vision.prompting import IMAGE_CONTEXT, IMAGE_END, IMAGE_START, expand_image_placeholders
 
 log = get_logger(__name__)
@@ -69,18 +69,27 @@ def image_spans(tokens: Sequence[int], image_token_id: int) -> list[tuple[int, i
 class HFVisionEngine(HFEngine):
     """An ``HFEngine`` whose sessions may hold images; see the module docstring."""
 
+    # The text an image block is written as: start marker, one context token per visual token, end marker.
+    BLOCK_TOKENS = (IMAGE_START, IMAGE_CONTEXT, IMAGE_END)
+    encoder_digest: str | None  # None: no device may send this model features
+
     def __init__(self, model: Any, tokenizer: Any, name: str, device: torch.device, vision: VisionSpec) -> None:
         super().__init__(model, tokenizer, name, device)
         self.vision = vision
         config = model.config
+        start, context, end = self.BLOCK_TOKENS
         self.image_token_id = int(config.image_token_id)
-        self.image_start_id = int(tokenizer.convert_tokens_to_ids(IMAGE_START))
-        self.image_end_id = int(tokenizer.convert_tokens_to_ids(IMAGE_END))
-        if tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT) != self.image_token_id:
-            raise ValueError(f"{name}: the tokenizer's {IMAGE_CONTEXT} is not the model's image token")
+        self.image_start_id = int(tokenizer.convert_tokens_to_ids(start))
+        self.image_end_id = int(tokenizer.convert_tokens_to_ids(end))
+        if tokenizer.convert_tokens_to_ids(context) != self.image_token_id:
+            raise ValueError(f"{name}: the tokenizer's {context} is not the model's image token")
+        self._init_encoder()
+
+    def _init_encoder(self) -> None:
+        config = self.model.config
         self._feature_layer = config.vision_feature_layer
         self._feature_strategy = config.vision_feature_select_strategy
-        self.encoder_digest = _digest(model.model.vision_tower)
+        self.encoder_digest = _digest(self.model.model.vision_tower)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str, dtype: str = "auto", device: str = "auto") -> HFVisionEngine:
@@ -89,7 +98,12 @@ class HFVisionEngine(HFEngine):
         model, tokenizer, dev = load_model(AutoModelForImageTextToText, path, name, dtype, device)
         spec = (VisionSpec.from_model_dir(path, model.config) if Path(path).is_dir()
                 else _hub_spec(str(path), model.config))
-        log.info("%s takes images: %d px tiles, %d tokens a tile", name, spec.tile_size, spec.tokens_per_tile)
+        log.info("%s takes images: %s", name, f"{spec.tile_size} px cells of the whole image, up to {spec.max_pixels} "
+                 "pixels" if spec.whole_image else f"{spec.tile_size} px tiles, {spec.tokens_per_tile} tokens a tile")
+        if model.config.model_type in QWEN_VL_MODEL_TYPES:
+            from aiflow_ray.engines.hf_qwen_vl import HFQwenVLEngine
+
+            return HFQwenVLEngine(model, tokenizer, name, dev, spec)
         return cls(model, tokenizer, name, dev, spec)
 
     # -- prompts --------------------------------------------------------------------------------
@@ -98,7 +112,7 @@ class HFVisionEngine(HFEngine):
         """Like ``encode_prompt``, with the i-th ``<image>`` placeholder standing for ``image_tokens[i]``
         visual tokens. Refuses text that spells image tokens itself (they would pass for an image)."""
         text = self._render(prompt, chat)
-        ids = [int(i) for i in self.tokenizer.encode(expand_image_placeholders(text, image_tokens),
+        ids = [int(i) for i in self.tokenizer.encode(expand_image_placeholders(text, image_tokens, *self.BLOCK_TOKENS),
                                                      add_special_tokens=False)]
         self.check_image_blocks(ids, image_tokens)
         return ids
@@ -140,12 +154,13 @@ class HFVisionEngine(HFEngine):
     def image_tokens(self, image: ImageInput) -> int:
         if image.features is not None:
             return int(image.features.shape[0])
-        assert image.tiles is not None
-        size = self.vision.tile_size if self.vision else 0
-        if image.tiles.ndim != 4 or image.tiles.shape[1:] != (size, size, 3) or image.tiles.dtype != np.uint8:
-            raise ImagePromptMismatch(f"image tiles of shape {image.tiles.shape}; expected [n, {size}, {size}, 3] "
-                                      "uint8")
-        return int(image.tiles.shape[0]) * (self.vision.tokens_per_tile if self.vision else 0)
+        assert image.tiles is not None and self.vision is not None
+        if image.tiles.dtype != np.uint8:
+            raise ImagePromptMismatch(f"image tiles of {image.tiles.dtype}; expected uint8")
+        try:
+            return self.vision.tokens_for(image.tiles.shape)
+        except TileShapeError as exc:
+            raise ImagePromptMismatch(str(exc)) from None
 
     # -- compute --------------------------------------------------------------------------------
     def _pending(self, session: _Session) -> list[int]:
@@ -169,13 +184,23 @@ class HFVisionEngine(HFEngine):
     def _forward(self, session: _Session, new_ids: list[int], keep: int) -> torch.Tensor:
         if not isinstance(session, _VisionSession) or not session.spans:
             return super()._forward(session, new_ids, keep)
+        return self._forward_embeds(session, new_ids, keep)
+
+    def _position_ids(self, session: _Session, new_ids: list[int]) -> torch.Tensor | None:
+        """Positions of ``new_ids`` when the model needs them given (None: the model counts them itself)."""
+        return None
+
+    def _forward_embeds(self, session: _Session, new_ids: list[int], keep: int) -> torch.Tensor:
+        """Feed ``new_ids`` as input embeddings, with the session's image features in their blocks."""
         from transformers import DynamicCache
 
         start = len(session.cached)
         ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
         embeds = self.model.get_input_embeddings()(ids)  # [1, L, hidden]
-        covered = [(i, s, e) for i, (s, e) in enumerate(session.spans) if s < start + len(new_ids) and e > start]
+        spans = session.spans if isinstance(session, _VisionSession) else []
+        covered = [(i, s, e) for i, (s, e) in enumerate(spans) if s < start + len(new_ids) and e > start]
         if covered:
+            assert isinstance(session, _VisionSession)
             image_embeds = self._image_embeds(session)
             embeds = embeds.clone()
             for i, s, e in covered:
@@ -184,7 +209,9 @@ class HFVisionEngine(HFEngine):
                 embeds[0, s - start : e - start] = image_embeds[i].to(embeds.dtype)
         if session.cache is None:
             session.cache = DynamicCache(config=self.model.config)
-        out = self.model(inputs_embeds=embeds, past_key_values=session.cache, use_cache=True, logits_to_keep=keep)
+        positions = self._position_ids(session, new_ids)
+        out = self.model(inputs_embeds=embeds, past_key_values=session.cache, use_cache=True, logits_to_keep=keep,
+                         **({} if positions is None else {"position_ids": positions}))
         session.cache = out.past_key_values
         session.cached.extend(new_ids)
         return out.logits[0, -keep:]  # [keep, V]
@@ -226,6 +253,16 @@ class HFVisionEngine(HFEngine):
         feats = feats.reshape(feats.shape[0], side, side, -1)
         feats = inner.pixel_shuffle(feats, scale_factor=self.model.config.downsample_ratio)
         return feats.reshape(-1, feats.shape[-1]).float().cpu().numpy()
+
+
+    def reference_logits(self, ids: list[int], images: list[ImageInput]) -> Any:
+        """The model's own full forward from pixels (no session, no cache, its own image placement): what the
+        conformance suite compares sessions with."""
+        tiles = [image.tiles for image in images if image.tiles is not None]
+        pixels = self._pixels(np.concatenate(tiles)) if tiles else None
+        with torch.inference_mode():
+            return self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                              pixel_values=pixels).logits[0]
 
 
 def _digest(module: torch.nn.Module) -> str:

@@ -21,6 +21,10 @@ def built_model_dir(key: str) -> Path:
         from aiflow_ray.models.tiny_vlm import build_tiny_vlm_pair
 
         pair = build_tiny_vlm_pair()
+    elif key.startswith("qwen-vl-"):
+        from aiflow_ray.models.tiny_qwen_vl import build_tiny_qwen_vl_pair
+
+        pair = build_tiny_qwen_vl_pair()
     elif key.startswith("caption-"):
         from aiflow_ray.vision.captioning import build_caption_pair
 

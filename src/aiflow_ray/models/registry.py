@@ -78,13 +78,18 @@ REGISTRY: dict[str, ModelEntry] = {
                                     modalities=("text", "image")),
     "tiny-vlm-drafter": ModelEntry(name="tiny-vlm-drafter", role="drafter", tiny="vlm-drafter",
                                    modalities=("text", "image")),
+    # Qwen2-VL class (M-RoPE, whole-image resizing): random tiny ones for tests.
+    "tiny-qwen-vl-verifier": ModelEntry(name="tiny-qwen-vl-verifier", role="verifier", tiny="qwen-vl-verifier",
+                                        modalities=("text", "image")),
+    "tiny-qwen-vl-drafter": ModelEntry(name="tiny-qwen-vl-drafter", role="drafter", tiny="qwen-vl-drafter",
+                                       modalities=("text", "image")),
     "caption-verifier": ModelEntry(name="caption-verifier", role="verifier", tiny="caption-verifier",
                                    modalities=("text", "image")),
     "caption-drafter": ModelEntry(name="caption-drafter", role="drafter", tiny="caption-drafter",
                                   modalities=("text", "image")),
 }
 
-VISION_MODEL_TYPES = frozenset({"internvl"})  # config.json model types the vision engine serves
+VISION_MODEL_TYPES = frozenset({"internvl", "qwen2_vl", "qwen2_5_vl"})  # model types the vision engines serve
 
 DEFAULT_PAIR = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
 

@@ -30,7 +30,7 @@ from aiflow_ray.engines.base import ImageInput
 from aiflow_ray.network.messages import ImageEncoding, ImagePayload, WireError
 from aiflow_ray.tiers.trace import Trace
 from aiflow_ray.vision.decode import ImageInputError, ImageLimits, decode_image, encode_jpeg, encode_png
-from aiflow_ray.vision.preprocess import VisionSpec, image_tiles
+from aiflow_ray.vision.preprocess import TileShapeError, VisionSpec, image_tiles
 
 UPLOAD_MODES: tuple[UploadMode, ...] = get_args(UploadMode)
 LOSSLESS: tuple[UploadMode, ...] = ("raw", "resized")
@@ -67,9 +67,10 @@ class PreparedImage:
 
 
 def stack_tiles(tiles: np.ndarray) -> Image.Image:
-    """[n, S, S, 3] -> one S x (n*S) image, the layout both tile encodings use."""
-    n, size = tiles.shape[0], tiles.shape[1]
-    return Image.fromarray(np.ascontiguousarray(tiles.reshape(n * size, size, 3)), "RGB")
+    """[n, H, W, 3] -> one W x (n*H) image, the layout both tile encodings use (for a whole-image model,
+    n = 1: the resized image itself)."""
+    n, height, width = tiles.shape[:3]
+    return Image.fromarray(np.ascontiguousarray(tiles.reshape(n * height, width, 3)), "RGB")
 
 
 def quantize_features(features: np.ndarray, encoder_digest: str) -> bytes:
@@ -159,10 +160,21 @@ def receive_image(payload: ImagePayload, spec: VisionSpec, limits: ImageLimits,
         raise WireError(f"image payload: {exc}") from None
     width, height = decoded.pixels.size
     size = spec.tile_size
-    max_tiles = spec.max_tiles + (1 if spec.max_tiles > 1 else 0)
-    if width != size or height % size or not 1 <= height // size <= max_tiles:
-        raise WireError(f"image tiles of {width} x {height} px do not fit {size} px tiles")
-    tiles = np.asarray(decoded.pixels, np.uint8).reshape(height // size, size, size, 3)
+    try:
+        if spec.whole_image:
+            shape: tuple[int, ...] = (1, height, width, 3)
+            # Exactly a size the verifier's own resizing produces: a resize of it would change nothing.
+            fits = spec.grid(width, height) == (width // size, height // size)
+        else:
+            shape = (height // max(size, 1), size, size, 3)
+            fits = width == size and height % size == 0
+        spec.tokens_for(shape)
+    except TileShapeError:
+        fits = False
+    if not fits:
+        raise WireError(f"image tiles of {width} x {height} px do not fit this verifier's {size} px "
+                        f"{'cells' if spec.whole_image else 'tiles'}")
+    tiles = np.asarray(decoded.pixels, np.uint8).reshape(shape)
     return ImageInput(tiles=np.ascontiguousarray(tiles))
 
 

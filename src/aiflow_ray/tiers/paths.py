@@ -93,7 +93,7 @@ class DeviceSide:
                 ids = engine.encode_prompt(text, chat)
             else:
                 vision = engine.vision
-                tokens = [int(image.tiles.shape[0]) * vision.tokens_per_tile for image in images or ()]
+                tokens = [vision.tokens_for(image.tiles.shape) for image in images or ()]
                 if tokens:
                     text = with_image_placeholders(text, len(tokens))
                 try:

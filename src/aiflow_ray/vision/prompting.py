@@ -15,21 +15,24 @@ IMAGE_START = "<img>"
 IMAGE_END = "</img>"
 IMAGE_CONTEXT = "<IMG_CONTEXT>"
 IMAGE_SPECIAL_TOKENS = (IMAGE_START, IMAGE_END, IMAGE_CONTEXT)
+QWEN_VL_BLOCK_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 
 
 class ImagePromptError(ValueError):
     """The text's placeholders and the images do not match."""
 
 
-def expand_image_placeholders(text: str, tokens_per_image: Sequence[int]) -> str:
-    """Replace the i-th ``<image>`` of ``text`` by the i-th image's token block."""
+def expand_image_placeholders(text: str, tokens_per_image: Sequence[int], start: str = IMAGE_START,
+                              context: str = IMAGE_CONTEXT, end: str = IMAGE_END) -> str:
+    """Replace the i-th ``<image>`` of ``text`` by the i-th image's token block (InternVL's markers unless
+    others are given: Qwen2-VL writes ``<|vision_start|>`` + ``<|image_pad|>`` x n + ``<|vision_end|>``)."""
     pieces = text.split(IMAGE_PLACEHOLDER)
     if len(pieces) - 1 != len(tokens_per_image):
         raise ImagePromptError(f"the prompt has {len(pieces) - 1} image placeholders for {len(tokens_per_image)} "
                                "images")
     out = [pieces[0]]
     for count, piece in zip(tokens_per_image, pieces[1:], strict=True):
-        out.append(f"{IMAGE_START}{IMAGE_CONTEXT * count}{IMAGE_END}{piece}")
+        out.append(f"{start}{context * count}{end}{piece}")
     return "".join(out)
 
 

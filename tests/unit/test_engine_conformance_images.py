@@ -1,0 +1,124 @@
+"""The engine conformance suite's image cases, on tiny random models of the classes released vision-language
+checkpoints use, built at test time: InternVL (``InternVLForConditionalGeneration``) and Qwen2-VL
+(``Qwen2VLForConditionalGeneration``, 3-D M-RoPE positions). fp32, so every comparison is equality.
+
+A session holding an image must score as the model's own forward from pixels does (no session, no cache),
+one token at a time and a whole draft at once; a rollback to any point after the image must score as a fresh
+session; sessions with different images must not disturb each other (Qwen2-VL's model keeps position state of
+the last prompt it saw, which a shared engine must never read). Text-only engines refuse images:
+``test_engine_conformance.test_text_only_engines_refuse_images``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aiflow_ray.config import SamplingConfig
+from aiflow_ray.engines.base import ImageInput
+from aiflow_ray.engines.loader import load_engine
+from aiflow_ray.vision.preprocess import image_tiles
+
+GREEDY = SamplingConfig()
+PROMPT = "<image>\nDescribe the image."
+
+
+@pytest.fixture(scope="module", params=["tiny-vlm", "tiny-qwen-vl"])
+def engine(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    return load_engine(f"{request.param}-verifier", dtype="float32")
+
+
+def _image(engine, seed: int, size: tuple[int, int]) -> tuple[list[int], ImageInput]:  # type: ignore[no-untyped-def]
+    small = (np.random.default_rng(seed).random((5, 7, 3)) * 255).astype(np.uint8)
+    tiles = image_tiles(Image.fromarray(small).resize(size, Image.Resampling.BICUBIC), engine.vision)
+    ids = engine.encode_image_prompt(PROMPT, True, [engine.vision.tokens_for(tiles.shape)])
+    return ids, ImageInput(tiles=tiles)
+
+
+def _reference_greedy(engine, ids: list[int], image: ImageInput, n: int) -> list[int]:  # type: ignore[no-untyped-def]
+    seq, out = list(ids), []
+    for _ in range(n):
+        token = int(engine.reference_logits(seq, [image])[-1].argmax())
+        out.append(token)
+        seq.append(token)
+    return out
+
+
+def test_a_session_on_an_image_decodes_as_the_models_own_forward(engine) -> None:  # type: ignore[no-untyped-def]
+    ids, image = _image(engine, 1, (150, 90))
+    reference = _reference_greedy(engine, ids, image, 8)
+    engine.open_session("one", ids, [image])
+    try:
+        steps = []
+        for _ in range(8):
+            token = engine.score("one", [], GREEDY).greedy_ids[0]
+            steps.append(token)
+            engine.append("one", [token])
+    finally:
+        engine.release("one")
+    assert steps == reference
+    engine.open_session("block", ids, [image])
+    try:
+        block = engine.score("block", reference[:7], GREEDY).greedy_ids
+    finally:
+        engine.release("block")
+    assert block == reference[:8]  # all eight choices from one forward over the draft
+
+
+def test_rollback_after_the_image_scores_as_a_fresh_session(engine) -> None:  # type: ignore[no-untyped-def]
+    ids, image = _image(engine, 2, (80, 120))
+    engine.open_session("r", ids, [image])
+    engine.open_session("fresh", [*ids, 11, 12], [image])
+    try:
+        engine.score("r", [21, 22, 23], GREEDY)
+        engine.append("r", [5, 6, 7])
+        engine.rollback("r", len(ids))
+        engine.append("r", [11, 12])
+        again = engine.score("r", [31, 32], GREEDY, with_logprobs=True)
+        fresh = engine.score("fresh", [31, 32], GREEDY, with_logprobs=True)
+    finally:
+        engine.release("r")
+        engine.release("fresh")
+    assert again.greedy_ids == fresh.greedy_ids
+    assert again.logprobs is not None and fresh.logprobs is not None
+    np.testing.assert_allclose(again.logprobs, fresh.logprobs, atol=1e-4)
+
+
+def test_sessions_with_different_images_do_not_disturb_each_other(engine) -> None:  # type: ignore[no-untyped-def]
+    (ids_a, image_a), (ids_b, image_b) = _image(engine, 3, (200, 60)), _image(engine, 4, (64, 64))
+    alone = {}
+    for key, ids, image in (("a", ids_a, image_a), ("b", ids_b, image_b)):
+        engine.open_session(key, ids, [image])
+        alone[key] = []
+        for _ in range(5):
+            token = engine.score(key, [], GREEDY).greedy_ids[0]
+            alone[key].append(token)
+            engine.append(key, [token])
+        engine.release(key)
+    engine.open_session("a", ids_a, [image_a])
+    engine.open_session("b", ids_b, [image_b])
+    engine.open_session("text", engine.encode_prompt("No image here.", True))
+    together: dict[str, list[int]] = {"a": [], "b": []}
+    try:
+        for _ in range(5):
+            for key in ("a", "text", "b"):  # interleaved, as one edge replica serves many devices
+                token = engine.score(key, [], GREEDY).greedy_ids[0]
+                engine.append(key, [token])
+                if key in together:
+                    together[key].append(token)
+    finally:
+        for key in ("a", "b", "text"):
+            engine.release(key)
+    assert together == alone
+
+
+def test_images_that_do_not_fill_their_blocks_are_refused(engine) -> None:  # type: ignore[no-untyped-def]
+    ids, image = _image(engine, 5, (40, 40))
+    _, other = _image(engine, 6, (300, 60))
+    if engine.vision.tokens_for(other.tiles.shape) == engine.vision.tokens_for(image.tiles.shape):
+        pytest.fail("the two test images must differ in token count")
+    with pytest.raises(ValueError, match="image"):
+        engine.open_session("bad", ids, [other])
+    with pytest.raises(ValueError, match="image"):
+        engine.open_session("none", ids, [])
