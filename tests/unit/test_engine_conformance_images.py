@@ -1,6 +1,7 @@
 """The engine conformance suite's image cases, on tiny random models of the classes released vision-language
-checkpoints use, built at test time: InternVL (``InternVLForConditionalGeneration``) and Qwen2-VL
-(``Qwen2VLForConditionalGeneration``, 3-D M-RoPE positions). fp32, so every comparison is equality.
+checkpoints use, built at test time: InternVL (``InternVLForConditionalGeneration``), Qwen2-VL
+(``Qwen2VLForConditionalGeneration``, 3-D M-RoPE positions) and Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``,
+window attention in its vision tower). fp32, so every comparison is equality.
 
 A session holding an image must score as the model's own forward from pixels does (no session, no cache),
 one token at a time and a whole draft at once; a rollback to any point after the image must score as a fresh
@@ -11,22 +12,56 @@ the last prompt it saw, which a shared engine must never read). Text-only engine
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from aiflow_ray.config import SamplingConfig
 from aiflow_ray.engines.base import ImageInput
-from aiflow_ray.engines.loader import load_engine
+from aiflow_ray.engines.loader import load_engine, resolve_model_path
 from aiflow_ray.vision.preprocess import image_tiles
 
 GREEDY = SamplingConfig()
 PROMPT = "<image>\nDescribe the image."
 
 
-@pytest.fixture(scope="module", params=["tiny-vlm", "tiny-qwen-vl"])
-def engine(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["tiny-vlm", "tiny-qwen-vl", "tiny-qwen2.5-vl"])
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    if request.param == "tiny-qwen2.5-vl":
+        return load_engine(str(_tiny_qwen25_vl(tmp_path_factory.mktemp("qwen25vl"))), dtype="float32")
     return load_engine(f"{request.param}-verifier", dtype="float32")
+
+
+def _tiny_qwen25_vl(out: Path) -> Path:
+    """A random Qwen2.5-VL on the tiny Qwen2-VL pair's tokenizer and image tokens (seeded)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    source = Path(str(resolve_model_path("tiny-qwen-vl-verifier")))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    known = json.loads((source / "config.json").read_text())
+    eos = tokenizer.eos_token_id
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 8192,
+            "initializer_range": 0.25, "eos_token_id": eos, "bos_token_id": eos, "pad_token_id": eos,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    # Two vision blocks: one windowed (56 px windows), one full attention, as the released towers alternate.
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+              "fullatt_block_indexes": [1], "initializer_range": 0.25}
+    tokens = {k: known[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                    "vision_end_token_id")}
+    torch.manual_seed(2525)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                                tie_word_embeddings=True, **tokens))
+    model.float().eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text((source / "preprocessor_config.json").read_text())
+    return out
 
 
 def _image(engine, seed: int, size: tuple[int, int]) -> tuple[list[int], ImageInput]:  # type: ignore[no-untyped-def]
