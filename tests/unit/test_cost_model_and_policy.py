@@ -200,3 +200,23 @@ def test_each_decision_gets_its_measured_outcome_and_each_path_its_median_error(
     record = state.snapshot()["recent_decisions"][-1]
     assert record["measured"]["ttft_error"] == pytest.approx(0.0) and record["measured"]["num_tokens"] == 16
     assert state.snapshot()["prediction_error"] == errors
+
+
+def test_an_images_upload_is_priced_at_what_images_took_lately_never_above_its_raw_size() -> None:
+    from aiflow_ray.routing.router import LoadReport, RouteRequest
+
+    state = RouterState()
+    state.report_load(LoadReport(tier="edge", replica="r1", ongoing=0, queued=0, capacity=4))
+
+    def request(rid: str, *raw: int) -> RouteRequest:
+        return RouteRequest(request_id=rid, link_id="", path="server-only", prompt_bytes=100, image_bytes=raw)
+
+    photo = request("photo", 3_000_000)
+    assert state.upload_bytes(photo) == 100 + 3_000_000  # nothing measured yet: the raw size bounds it
+    first = state.decide(photo)
+    state.report_outcome("photo", "server-only", first.predicted_ttft_s["server-only"], 0.01, 8, (60_000,))
+    assert state.upload_bytes(request("next", 3_000_000)) == 100 + 60_000  # a camera photo crosses resized
+    assert state.upload_bytes(request("small", 2_000, 4_000_000)) == 100 + 2_000 + 60_000
+    later = state.decide(request("later", 3_000_000))
+    assert later.predicted_ttft_s["server-only"] < first.predicted_ttft_s["server-only"]
+    assert state.snapshot()["recent_decisions"][-1]["inputs"]["prompt_bytes"] == 100 + 60_000

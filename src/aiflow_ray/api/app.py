@@ -51,10 +51,9 @@ Messages = list[dict[str, str]] | None
 
 
 
-def _prompt_bytes(body: GenerateBody, messages: Messages, images: tuple[ImageSource, ...] = ()) -> int:
-    # What crosses the link before the first token: the raw input (chat turns as their text, images as sent).
-    text = sum(len(m["content"].encode()) for m in messages) if messages else len(body.prompt.encode())
-    return text + sum(len(image.data) for image in images)
+def _prompt_bytes(body: GenerateBody, messages: Messages) -> int:
+    # What crosses the link before the first token, besides images: the text (chat turns as their text).
+    return sum(len(m["content"].encode()) for m in messages) if messages else len(body.prompt.encode())
 
 
 class Ingress(TierCalls):
@@ -105,7 +104,8 @@ class Ingress(TierCalls):
         request = RouteRequest(
             request_id=uuid.uuid4().hex, link_id=body.link_id, path=body.path, quality=body.quality,
             draft_len=body.draft_len if isinstance(body.draft_len, int) else None,
-            prompt_bytes=_prompt_bytes(body, messages, images), max_new_tokens=body.max_tokens,
+            prompt_bytes=_prompt_bytes(body, messages), image_bytes=tuple(len(image.data) for image in images),
+            max_new_tokens=body.max_tokens,
             needs_logprobs=body.logprobs is not None)
         try:
             routed: Routed = await self._router_call("decide", request)

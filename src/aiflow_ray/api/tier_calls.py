@@ -51,9 +51,12 @@ class TierCalls:
         if not routed.decision.request_id:
             return
         try:
-            self.router.report_outcome.remote(routed.decision.request_id, str(trace.get("path")),
+            path = str(trace.get("path"))
+            # On the device no image crosses the link: what it would have taken is unknown.
+            images = () if path == "on-device" else tuple(int(n) for n in trace.get("image_bytes_each") or ())
+            self.router.report_outcome.remote(routed.decision.request_id, path,
                                               float(trace.get("ttft_s") or 0.0), float(trace.get("tpot_s") or 0.0),
-                                              int(trace.get("num_tokens") or 0))
+                                              int(trace.get("num_tokens") or 0), images)
         except Exception as exc:  # the router is being replaced: this one measurement is lost, nothing else
             log.warning("could not report an outcome to the router: %s", type(exc).__name__)
 

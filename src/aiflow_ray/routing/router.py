@@ -72,7 +72,9 @@ class RouteRequest(StrictModel):
     path: PathChoice = "auto"
     quality: Quality | None = None
     draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_LEN, description="A fixed k the client asked for.")
-    prompt_bytes: int = Field(0, ge=0, description="Raw input that crosses the link before the first token.")
+    prompt_bytes: int = Field(0, ge=0, description="Raw input that crosses the link before the first token "
+                              "(the text; images are in image_bytes).")
+    image_bytes: tuple[int, ...] = Field((), description="Each image's size as the client sent it.")
     max_new_tokens: int = Field(64, ge=1)
     needs_logprobs: bool = False
 
@@ -108,6 +110,9 @@ class RouterState:
         self.cloud_retrieval_s = Ewma(0.2)
         self.decisions: deque[dict[str, Any]] = deque(maxlen=self.cfg.decisions_kept)
         self._pending: dict[str, dict[str, Any]] = {}  # request id -> its decision record, until it ends
+        # Bytes an image took on the link lately (after the device's task-oriented encoding): a camera photo
+        # crosses as its resized tiles, tens of times smaller; the raw size bounds it.
+        self.image_sent_bytes = Ewma(0.3)
         # Per path: (measured / predicted - 1) of TTFT and TPOT for the last requests that ended.
         self.errors: dict[str, deque[tuple[float, float | None]]] = {}
         self.decision_counts: dict[str, int] = {}
@@ -204,11 +209,17 @@ class RouterState:
             cloud_s_per_token=self.cloud_s_per_token.value or self.cfg.prior_verify_s,
         )
 
+    def upload_bytes(self, req: RouteRequest) -> int:
+        """What the request's input should take on the link: its text, and each image at what images took
+        lately, never more than its raw size (the device never sends more: ``auto`` picks the smaller)."""
+        sent = self.image_sent_bytes.value
+        return req.prompt_bytes + sum(raw if sent is None else min(raw, int(sent)) for raw in req.image_bytes)
+
     def decide(self, req: RouteRequest) -> Decision:
-        inputs = self.inputs(req.link_id, req.prompt_bytes, req.max_new_tokens)
+        inputs = self.inputs(req.link_id, self.upload_bytes(req), req.max_new_tokens)
         decision = decide(req.path, req.quality, inputs, req.draft_len, req.needs_logprobs)
         decision.request_id = req.request_id
-        prompt_bytes, max_new_tokens = req.prompt_bytes, req.max_new_tokens
+        prompt_bytes, max_new_tokens = inputs.prompt_bytes, req.max_new_tokens
         record = {
             "request_id": req.request_id, "at": time.time(), "link_id": req.link_id, "requested_path": req.path,
             "quality": req.quality, "path": decision.path, "draft_len": decision.draft_len,
@@ -232,10 +243,14 @@ class RouterState:
         self.decision_counts[key] = self.decision_counts.get(key, 0) + 1
         return decision
 
-    def report_outcome(self, request_id: str, path: str, ttft_s: float, tpot_s: float, num_tokens: int) -> None:
+    def report_outcome(self, request_id: str, path: str, ttft_s: float, tpot_s: float, num_tokens: int,
+                       image_bytes_sent: tuple[int, ...] = ()) -> None:
         """What a request measured, beside what its decision predicted (recorded on the decision, and as the
         path's recent prediction errors). A request served on another path than decided (a fall-back) is
-        compared with that path's prediction."""
+        compared with that path's prediction. ``image_bytes_sent``: per image, what crossed the link."""
+        for sent in image_bytes_sent:
+            if sent > 0:
+                self.image_sent_bytes.update(float(sent))
         record = self._pending.pop(request_id, None)
         if record is None or ttft_s <= 0:
             return

@@ -87,8 +87,8 @@ class RouterServer:
         self._dirty = True
 
     async def report_outcome(self, request_id: str, path: str, ttft_s: float, tpot_s: float,
-                             num_tokens: int) -> None:
-        self.state.report_outcome(request_id, path, ttft_s, tpot_s, num_tokens)
+                             num_tokens: int, image_bytes_sent: tuple[int, ...] = ()) -> None:
+        self.state.report_outcome(request_id, path, ttft_s, tpot_s, num_tokens, image_bytes_sent)
 
     async def report_load(self, report: LoadReport) -> None:
         self._start()

@@ -187,3 +187,4 @@ def trace_images(trace: Trace, images: Sequence[PreparedImage]) -> None:
     if images:
         trace.image_upload = ",".join(sorted({image.mode for image in images}))
         trace.image_bytes_raw = sum(image.raw_bytes for image in images)
+        trace.image_bytes_each = [image.sent_bytes for image in images]

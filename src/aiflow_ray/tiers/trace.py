@@ -41,6 +41,7 @@ class Trace:
     image_upload: str = ""  # "" = no image; else raw | resized | jpeg | features
     image_bytes_raw: int = 0
     image_bytes_sent: int = 0  # once per edge session: a resend after a lost session counts again
+    image_bytes_each: list[int] = field(default_factory=list)  # [images] what one crossing of each takes
     # Time at which each output token reached the device, relative to the request start.
     token_times_s: list[float] = field(default_factory=list)
 
