@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from aiflow_ray.serve.configs import profile_args
+from aiflow_ray.serve.configs import serve_config
 from tests.integration.conftest import API_KEY
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.real_model]
@@ -29,13 +29,19 @@ PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
            "Explain in two sentences what a hash table is."]
 
 
+def local_args() -> dict:  # type: ignore[type-arg]
+    """The text application's arguments as `make run` deploys them."""
+    args: dict = serve_config("local")["applications"][0]["args"]  # type: ignore[type-arg]
+    return args
+
+
 @pytest.fixture(scope="module")
 def llama_api(serve_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     from ray import serve
 
     from aiflow_ray.serve import build_app
 
-    args = profile_args("local")
+    args = local_args()
     assert {args[tier]["engine"] for tier in ("device", "edge", "cloud")} == {"llama_cpp"}
     args["name"] = APP
     args["kb"] = {"path": str(tmp_path_factory.mktemp("llama-kb") / "kb.sqlite")}
@@ -103,4 +109,4 @@ def test_the_profile_under_test_is_the_committed_one() -> None:
 
     root = Path(__file__).resolve().parents[2]
     committed = yaml.safe_load((root / "deployments" / "local.yaml").read_text())
-    assert committed["applications"][0]["args"] == profile_args("local")
+    assert committed["applications"][0]["args"] == local_args()
