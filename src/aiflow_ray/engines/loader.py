@@ -88,7 +88,8 @@ def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: boo
         kv_bytes = settings.kv_cache_bytes
         if kv_bytes is None and not cuda_available():
             kv_bytes = 1 << 30
-        vllm_dtype = settings.dtype if settings.dtype != "auto" else (dtype if dtype != "auto" else "bfloat16")
+        # auto resolves in the engine: bf16 where the GPU or CPU computes in it, fp32 elsewhere (vllm_dtype).
+        vllm_dtype = settings.dtype if settings.dtype != "auto" else dtype
         return VllmEngine(resolve_model_path(name, fetch), name=name, dtype=vllm_dtype,
                           max_model_len=settings.max_model_len, kv_cache_bytes=kv_bytes,
                           gpu_memory_utilization=settings.gpu_memory_utilization, enforce_eager=settings.enforce_eager,

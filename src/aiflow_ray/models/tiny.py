@@ -98,3 +98,28 @@ def build_tiny_pair(home: Path | None = None, force: bool = False) -> tuple[Path
     (root / "complete.json").write_text(json.dumps({"version": TINY_VERSION, "vocab_size": vocab}))
     log.info("built tiny nested pair (vocab %d) at %s", vocab, root)
     return verifier_dir, drafter_dir
+
+
+def tiny_tokenizer_with(special_tokens: tuple[str, ...], home: Path | None = None) -> Any:
+    """The tiny pair's tokenizer with a vision family's image tokens added (special, never split)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    text_verifier, _ = build_tiny_pair(home)
+    tokenizer = AutoTokenizer.from_pretrained(text_verifier)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens], special_tokens=True)
+    return tokenizer
+
+
+def save_vision_pair(root: Path, verifier: Any, drafter: Any, tokenizer: Any, processor: dict[str, Any],
+                     version: int) -> tuple[Path, Path]:
+    """Write a built vision pair (weights, tokenizer, image processor settings) and mark it complete last, so
+    an interrupted build is rebuilt rather than half-used. Returns (verifier_dir, drafter_dir)."""
+    verifier_dir, drafter_dir = root / "verifier", root / "drafter"
+    for model, out in ((verifier, verifier_dir), (drafter, drafter_dir)):
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    (root / "complete.json").write_text(json.dumps({"version": version, "vocab_size": len(tokenizer)}))
+    return verifier_dir, drafter_dir

@@ -9,13 +9,12 @@ an image is 4 to 64 visual tokens, and tests exercise M-RoPE's 3-D positions at 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from aiflow_ray import envs
 from aiflow_ray.logging_utils import get_logger
-from aiflow_ray.models.tiny import build_tiny_pair, nest
+from aiflow_ray.models.tiny import nest, save_vision_pair, tiny_tokenizer_with
 from aiflow_ray.vision.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from aiflow_ray.vision.prompting import QWEN_VL_BLOCK_TOKENS
 
@@ -36,20 +35,14 @@ def tiny_qwen_vl_dir(home: Path | None = None) -> Path:
 def build_tiny_qwen_vl_pair(home: Path | None = None, force: bool = False) -> tuple[Path, Path]:
     """Return (verifier_dir, drafter_dir), building them deterministically when missing."""
     import torch
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     root = tiny_qwen_vl_dir(home)
-    verifier_dir, drafter_dir = root / "verifier", root / "drafter"
     if not force and (root / "complete.json").exists():
-        return verifier_dir, drafter_dir
+        return root / "verifier", root / "drafter"
     shutil.rmtree(root, ignore_errors=True)
-    text_verifier, _ = build_tiny_pair(home)
-    tokenizer = AutoTokenizer.from_pretrained(text_verifier)
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in (*QWEN_VL_BLOCK_TOKENS,
-                                                                                 "<|video_pad|>")],
-                         special_tokens=True)
-    start, pad, end, video = (int(tokenizer.convert_tokens_to_ids(t))  # type: ignore[arg-type]
+    tokenizer = tiny_tokenizer_with((*QWEN_VL_BLOCK_TOKENS, "<|video_pad|>"), home)
+    start, pad, end, video = (int(tokenizer.convert_tokens_to_ids(t))
                               for t in (*QWEN_VL_BLOCK_TOKENS, "<|video_pad|>"))
     vocab = len(tokenizer)
 
@@ -76,11 +69,6 @@ def build_tiny_qwen_vl_pair(home: Path | None = None, force: bool = False) -> tu
     processor = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "merge_size": 2,
                  "temporal_patch_size": 2, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
                  "image_processor_type": "Qwen2VLImageProcessor"}
-    for model, out in ((verifier, verifier_dir), (drafter, drafter_dir)):
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
-    (root / "complete.json").write_text(json.dumps({"version": TINY_QWEN_VL_VERSION, "vocab_size": vocab}))
+    built = save_vision_pair(root, verifier, drafter, tokenizer, processor, TINY_QWEN_VL_VERSION)
     log.info("built tiny nested Qwen2-VL pair (vocab %d) at %s", vocab, root)
-    return verifier_dir, drafter_dir
+    return built

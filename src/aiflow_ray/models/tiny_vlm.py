@@ -11,13 +11,12 @@ to 4 tiles plus a thumbnail, so tests exercise tiling at a few tokens an image.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from aiflow_ray import envs
 from aiflow_ray.logging_utils import get_logger
-from aiflow_ray.models.tiny import build_tiny_pair, nest
+from aiflow_ray.models.tiny import nest, save_vision_pair, tiny_tokenizer_with
 from aiflow_ray.vision.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from aiflow_ray.vision.prompting import IMAGE_CONTEXT, IMAGE_SPECIAL_TOKENS
 
@@ -38,19 +37,14 @@ def tiny_vlm_dir(home: Path | None = None) -> Path:
 def build_tiny_vlm_pair(home: Path | None = None, force: bool = False) -> tuple[Path, Path]:
     """Return (verifier_dir, drafter_dir), building them deterministically when missing."""
     import torch
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
     from transformers.models.internvl import InternVLVisionConfig
 
     root = tiny_vlm_dir(home)
-    verifier_dir, drafter_dir = root / "verifier", root / "drafter"
     if not force and (root / "complete.json").exists():
-        return verifier_dir, drafter_dir
+        return root / "verifier", root / "drafter"
     shutil.rmtree(root, ignore_errors=True)
-    text_verifier, _ = build_tiny_pair(home)
-    tokenizer = AutoTokenizer.from_pretrained(text_verifier)
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in IMAGE_SPECIAL_TOKENS],
-                         special_tokens=True)
+    tokenizer = tiny_tokenizer_with(IMAGE_SPECIAL_TOKENS, home)
     vocab = len(tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT)
     assert isinstance(image_token_id, int)
@@ -77,11 +71,6 @@ def build_tiny_vlm_pair(home: Path | None = None, force: bool = False) -> tuple[
     processor = {"crop_to_patches": True, "min_patches": 1, "max_patches": MAX_TILES,
                  "size": {"height": TILE_SIZE, "width": TILE_SIZE},
                  "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
-    for model, out in ((verifier, verifier_dir), (drafter, drafter_dir)):
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
-    (root / "complete.json").write_text(json.dumps({"version": TINY_VLM_VERSION, "vocab_size": vocab}))
+    built = save_vision_pair(root, verifier, drafter, tokenizer, processor, TINY_VLM_VERSION)
     log.info("built tiny nested InternVL pair (vocab %d, %d px tiles) at %s", vocab, TILE_SIZE, root)
-    return verifier_dir, drafter_dir
+    return built
