@@ -26,6 +26,7 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
+from gevent import GreenletExit
 from locust import HttpUser, LoadTestShape, events, task
 
 STAGES: list[tuple[float, float]] = [(float(d), float(r)) for d, r in json.loads(
@@ -58,6 +59,12 @@ _ids = itertools.count()
 _out: Any = None
 _sent = 0
 _quitting = False
+_in_flight = 0
+# Past the last stage no request starts; the run ends once those in flight are answered (or after one
+# request timeout). Ending at once would lose them: locust's quit kills the greenlet still waiting on the
+# users a ramp-down asked to stop, and those users die mid-request at exit (seen as a request sent and
+# never answered).
+_draining = False
 
 
 def _write(record: dict[str, Any]) -> None:
@@ -78,13 +85,22 @@ def _loopback_only(environment: Any, **_kw: Any) -> None:
 class StepShape(LoadTestShape):
     """The stages one after another: users = rate x interval, spawned within a second or two."""
 
+    _last: tuple[int, float] | None = None
+
     def tick(self) -> tuple[int, float] | None:
+        global _draining
         elapsed_s = self.get_run_time()
         for duration_s, rate_rps in STAGES:
             if elapsed_s < duration_s:
                 users = max(1, math.ceil(rate_rps * USER_INTERVAL_S))
-                return users, max(users, 1)
+                self._last = (users, max(users, 1))
+                return self._last
             elapsed_s -= duration_s
+        _draining = True
+        with _lock:
+            in_flight = _in_flight
+        if in_flight and elapsed_s < REQUEST_TIMEOUT_S + 5:
+            return self._last  # unchanged: no user is started or stopped while the last requests finish
         return None
 
 
@@ -146,16 +162,26 @@ class ApiUser(HttpUser):
         self._send("/v1/generate", body, kind, stream)
 
     def _send(self, route: str, body: dict[str, Any], kind: str, stream: bool) -> None:
-        global _sent, _quitting
+        global _sent, _quitting, _in_flight
         with _lock:
+            if _draining:
+                return
             over = _sent >= MAX_REQUESTS
             first_over = over and not _quitting
             _quitting = _quitting or over
             _sent += 0 if over else 1
+            _in_flight += 0 if over else 1
         if first_over:
             self.environment.runner.quit()
         if over:
             return
+        try:
+            self._send_and_record(route, body, kind, stream)
+        finally:
+            with _lock:
+                _in_flight -= 1
+
+    def _send_and_record(self, route: str, body: dict[str, Any], kind: str, stream: bool) -> None:
         rid = next(_ids)
         _write({"ev": "sent", "id": rid, "t": time.time(), "kind": kind, "stream": stream,
                 "link": body.get("link_id")})
@@ -183,6 +209,13 @@ class ApiUser(HttpUser):
         except Exception as exc:  # a broken stream, a body that is not JSON: recorded, never raised into locust
             done["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             done["timeout"] = "timeout" in type(exc).__name__.lower()
+        except GreenletExit:
+            # Killed by locust itself (a stop past --stop-timeout): the client got no answer, so the request
+            # is lost, and the record says why.
+            done.update(error="abandoned: the load generator stopped this user mid-request", abandoned=True,
+                        e2e_s=time.perf_counter() - started, t=time.time())
+            _write(done)
+            raise
         done["e2e_s"] = time.perf_counter() - started
         done["t"] = time.time()
         _write(done)

@@ -264,8 +264,9 @@ def _progress_line(label: str, records: list[dict[str, Any]], started: float, st
 
 # -- classification and summary -------------------------------------------------------------------
 def classify(record: dict[str, Any]) -> str:
-    """ok, rejected_503, rejected_429, lost (never answered, or abandoned at the time bound), errors_other."""
-    if "done_t" not in record or record.get("timeout"):
+    """ok, rejected_503, rejected_429, lost (never answered, timed out, or abandoned by the load generator),
+    errors_other."""
+    if "done_t" not in record or record.get("timeout") or record.get("abandoned"):
         return "lost"
     status = record.get("status")
     if status == 200 and not record.get("error"):

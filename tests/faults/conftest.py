@@ -11,6 +11,7 @@ theirs. Every drill is bounded: requests have client timeouts, loads a fixed cou
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import os
 import signal
@@ -141,6 +142,41 @@ class Drill:
         pid = int(actors[0]["pid"])
         os.kill(pid, signal.SIGKILL)
         return pid
+
+    def replica_sessions(self, deployment: str = "EdgeVerifier") -> dict[int, int]:
+        """Live sessions per replica process (pid), asked of each replica itself: each probe carries a session
+        id that the session-affinity router (serve/affinity.py) sends to that very replica."""
+        from ray import serve
+
+        from aiflow_ray.serve.affinity import rendezvous_rank
+
+        # Serve names a replica's actor SERVE_REPLICA::<app>#<deployment>#<replica id>.
+        ids = [str(a["name"]).rsplit("#", 1)[-1] for a in self.replica_actors(deployment)]
+        handle = serve.get_deployment_handle(deployment, app_name=self.app)
+        sessions: dict[int, int] = {}
+        for replica_id in ids:
+            probe = next(f"probe-{i}" for i in itertools.count() if rendezvous_rank(f"probe-{i}", ids)[0] == replica_id)
+            stats = handle.options(multiplexed_model_id=probe).stats.remote().result(timeout_s=5)
+            sessions[int(stats["pid"])] = int(stats["sessions"] or 0)
+        return sessions
+
+    def kill_replica_holding_sessions(self, deployment: str = "EdgeVerifier", min_sessions: int = 1,
+                                      timeout_s: float = 20.0) -> int:
+        """SIGKILL the first replica seen holding ``min_sessions`` live sessions, so that the kill surely lands
+        on requests in flight (a kill at a fixed time can find the replica idle). Returns its PID, 0 if none
+        held that many within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                held = self.replica_sessions(deployment)
+            except Exception:  # a replica starting or stopping: ask again
+                held = {}
+            for pid, count in sorted(held.items(), key=lambda kv: -kv[1]):
+                if count >= min_sessions:
+                    os.kill(pid, signal.SIGKILL)
+                    return pid
+            time.sleep(0.02)
+        return 0
 
     def kill_proxy(self) -> int:
         from ray.util.state import list_actors

@@ -9,6 +9,7 @@ context. The replica keeps at most ``edge_sessions_per_replica`` sessions (LRU, 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -78,7 +79,8 @@ class EdgeVerifierServer:
     async def stats(self) -> dict[str, Any]:
         import torch
 
-        return {"torch_threads": torch.get_num_threads(), "sessions": getattr(self.edge.engine, "num_sessions", None),
+        return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                "sessions": getattr(self.edge.engine, "num_sessions", None),
                 "context_requests": self.edge.context_requests, "ongoing": self.load.ongoing,
                 "queued": self.load.queued, "engine": type(self.edge.engine).__name__,
                 "concurrent": self.gate.concurrent}
