@@ -40,14 +40,16 @@ def tiny_pipeline() -> Pipeline:
 
 
 @pytest.fixture(scope="session")
-def vllm_pair() -> Iterator[tuple[Engine, Engine]]:
+def vllm_pair(request: pytest.FixtureRequest) -> Iterator[tuple[Engine, Engine]]:
     """The real 0.5B/1.5B pair on vLLM's CPU build, started once per test session (about a minute)."""
     from aiflow_ray.config import VllmArgs
     from aiflow_ray.engines.loader import load_engine
 
-    # bf16 whatever the CPU: fp32 (the engine's choice where the CPU lacks bf16, 3.7x faster there) doubles the
-    # weights, and beside the rest of the suite's models the 1.5B's worker (10.7 GB) was OOM-killed on 24 GB.
-    settings = VllmArgs(kv_cache_bytes=1 << 30, max_model_len=2048, dtype="bfloat16")
+    # The engine's own dtype choice (fp32 where the CPU lacks bf16: 2-3.7x faster there) when this process runs
+    # vLLM tests only, as `make test` runs them. fp32 doubles the weights: beside the rest of the suite's models
+    # the 1.5B's worker (10.7 GB) was OOM-killed on 24 GB, so a mixed run keeps bf16.
+    only_vllm = all(item.get_closest_marker("vllm") is not None for item in request.session.items)
+    settings = VllmArgs(kv_cache_bytes=1 << 30, max_model_len=2048, dtype="auto" if only_vllm else "bfloat16")
     drafter = load_engine("qwen2.5-coder-0.5b-instruct", engine="vllm", vllm=settings)
     verifier = load_engine("qwen2.5-coder-1.5b-instruct", engine="vllm", vllm=settings)
     try:

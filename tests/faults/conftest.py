@@ -61,6 +61,12 @@ class Outcome:
         return self.status == 200
 
     @property
+    def lost(self) -> bool:
+        """No complete answer, whatever the reason: a reset or refused connection, no answer within the client's
+        timeout, or a 200 whose body never arrived whole. A 503/429 with Retry-After is an answer."""
+        return self.status == 0 or (self.status == 200 and not self.json)
+
+    @property
     def retryable(self) -> bool:
         """An explicit, retryable refusal in the API's JSON error shape."""
         return self.status in (429, 503) and self.retry_after is not None and "error" in self.json
@@ -226,7 +232,7 @@ class Drill:
             "fault": fault, "requests": len(outcomes), "statuses": statuses,
             "retryable_rejections": sum(o.retryable for o in outcomes),
             "bare_500": sum(o.status == 500 for o in outcomes),
-            "lost": sum(o.status == 0 and o.elapsed_s >= CLIENT_TIMEOUT_S - 1 for o in outcomes),
+            "lost": sum(o.lost for o in outcomes),
             "max_latency_s": round(max((o.elapsed_s for o in outcomes), default=0.0), 2),
             "recovery_s": None if recovery_s is None else round(recovery_s, 1), "note": note,
         })
@@ -247,7 +253,9 @@ def _write_report(records: list[dict[str, Any]], path: Path) -> None:
         recovery = r["recovery_s"] if r["recovery_s"] is not None else "-"
         lines.append(f"| {r['fault']} | {r['requests']} | {seen} | {r['retryable_rejections']} | {r['bare_500']} "
                      f"| {r['lost']} | {r['max_latency_s']} | {recovery} | {r['note']} |")
-    lines += ["", "Recovery: from the fault until the cluster answered as before "
+    lines += ["", "Lost: the client got no complete answer, whatever the reason (a reset or refused connection, no "
+              f"answer within {CLIENT_TIMEOUT_S:.0f} s, a body cut short); a 503/429 with Retry-After is an answer.",
+              "", "Recovery: from the fault until the cluster answered as before "
               "(replicas back and /readyz 200, "
               "or the first 200 after a proxy restart).", ""]
     path.write_text("\n".join(lines))

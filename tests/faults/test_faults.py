@@ -91,15 +91,23 @@ def test_edge_replica_killed_mid_verify(drill: Drill, slow_link: None) -> None:
 
 
 def test_cloud_replica_killed_during_grounded_requests(drill: Drill) -> None:
-    body = {"prompt": "How high do spring tides reach at the harbour?", "path": "device-edge-cloud",
-            "quality": "grounded", "max_tokens": 24, "link_id": "drill-cloud"}
+    """Grounded requests while a cloud replica dies: retrieval fails over to the other replica, which holds the
+    same knowledge base, so every answer equals the fault-free one token for token."""
+    prompt = "How high do spring tides reach at the harbour?"
+    # Beam search at the cloud, named: left to the router, a busy cloud makes it draft at the device instead, and
+    # beam search's answer is not the greedy one.
+    body = {"prompt": prompt, "path": "device-edge-cloud", "quality": "grounded", "generation": "beam",
+            "beam_width": 2, "max_tokens": 24, "link_id": "drill-cloud"}
+    reference = drill.send(body)
+    assert reference.ok, (reference.status, reference.json)
     outcomes, _, fault_at = drill.load([body] * 8, concurrency=3,
                                        fault=lambda: drill.kill_replica("CloudService"), fault_after_s=0.4)
-    _check(outcomes)
+    _check(outcomes, {prompt: reference.token_ids})
     assert sum(o.ok for o in outcomes) >= 6
     drill.wait_healthy({"CloudService": 2})
     recovery_s = time.monotonic() - fault_at
-    drill.record("cloud replica killed during grounded requests", outcomes, recovery_s)
+    drill.record("cloud replica killed during grounded requests", outcomes, recovery_s,
+                 "answers identical to the fault-free run")
 
 
 def test_router_killed_decisions_go_on_and_state_survives(drill: Drill) -> None:
@@ -173,16 +181,30 @@ def test_backpressure_is_503_with_retry_after(drill: Drill) -> None:
     drill.record("burst of 60 concurrent requests", outcomes, None)
 
 
+PROXY_BACK_BOUND_S = 60.0
+
+
 def test_proxy_restart(drill: Drill) -> None:
+    """The HTTP proxy dies: requests in flight on it, and those sent while it is down, get no answer and are
+    counted lost (a client sees a reset or a refused connection); Serve starts a new proxy, and a request sent
+    after the kill is answered within PROXY_BACK_BOUND_S; every request after that is answered."""
     bodies = [{"prompt": PROMPTS[i % 4], "max_tokens": 16, "link_id": "drill"} for i in range(12)]
     outcomes, _, fault_at = drill.load(bodies, concurrency=2, fault=drill.kill_proxy, fault_after_s=0.5)
-    for o in outcomes:  # a connection cut by the dying proxy is not an HTTP answer; anything else keeps the contract
+    for o in outcomes:  # no answer is allowed here (and counted lost); any answer keeps the contract
         assert o.status != 500 and o.elapsed_s < CLIENT_TIMEOUT_S - 1
         assert o.status == 0 or o.ok or o.retryable, (o.status, o.json)
-    drill.wait_until("the proxy answering again", lambda: drill.send(bodies[0]).ok, 120)
+    lost = [o for o in outcomes if o.lost]
+    assert lost, "the proxy was killed under load, yet every request was answered: the kill did not land"
+    assert all(o.started_at + o.elapsed_s >= fault_at - 0.1 for o in lost), "a request failed before the kill"
+    # A client retrying after the kill: the first answer comes within the bound.
+    drill.wait_until("the proxy answering again", lambda: drill.send(bodies[0]).ok, PROXY_BACK_BOUND_S)
     recovery_s = time.monotonic() - fault_at
-    drill.record("HTTP proxy killed", outcomes, recovery_s,
-                 "requests in flight on the dying proxy lose their connection (client sees a reset)")
+    after = [drill.send(body) for body in bodies[:4]]
+    assert all(o.ok for o in after), [(o.status, o.error) for o in after]
+    drill.record("HTTP proxy killed", outcomes + after, recovery_s,
+                 f"{len(lost)} requests in flight on the dying proxy or sent while it was down got no answer "
+                 f"(counted lost); the first answer {recovery_s:.0f} s after the kill, all {len(after)} after it "
+                 "answered")
 
 
 def test_edge_raylet_killed_with_orphaned_workers(drill: Drill, slow_link: None) -> None:

@@ -192,3 +192,26 @@ def test_a_cloud_replica_reads_its_own_ingestion_at_once_and_keeps_versions_boun
     assert other.stats()["serving_version"] == 0  # the other replica moves on at its next refresh
     other.retriever.refresh_now()
     assert other.retrieve(RetrieveRequest(query="leader election", top_k=1)).hits[0].source == "test:raft"
+
+
+@pytest.mark.parametrize("source", ["snapshots", "live-file"])
+def test_an_idle_retriever_swaps_a_new_version_in_before_its_next_query(
+        tmp_path: Path, embedder, source: str) -> None:  # type: ignore[no-untyped-def]
+    """No query in between: the next query must not be answered from the version before the ingestion."""
+    from aiflow_ray.rag.store import KnowledgeBase
+
+    if source == "snapshots":
+        reader_source, writer = SnapshotStore(tmp_path / "kb"), SnapshotStore(tmp_path / "kb")
+    else:
+        reader_source, writer = KnowledgeBase(tmp_path / "kb.sqlite"), KnowledgeBase(tmp_path / "kb.sqlite")
+    retriever = Retriever(reader_source, embedder, refresh_interval_s=0.05)
+    try:
+        assert retriever.num_chunks == 0
+        writer.ingest(DOCS, embedder)
+        deadline = time.monotonic() + 10
+        while retriever.num_chunks == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert retriever.num_chunks > 0, "an idle retriever kept serving the version before the ingestion"
+        assert retriever.search("garbage collection", top_k=2)
+    finally:
+        retriever.close()

@@ -6,12 +6,18 @@ vector index of that version together with the reader it came from, so the lexic
 the chunk texts and the vectors all answer from the same version. A new version is built in a background
 thread and swapped in by one reference assignment: a query in flight finishes on the version it started
 on, and no query ever waits for a build.
+
+A watcher thread checks the source every ``refresh_interval_s`` whether or not queries come: checking only
+behind queries let a replica idle since before an ingestion answer its next query from the old version (a
+grounded answer without the documents just added). So a version is served by every replica within
+``refresh_interval_s`` plus its build time.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +56,15 @@ class Retriever:
         self._snapshot = self._build()
         self._checked_at = time.monotonic()
         self._rebuilding = threading.Lock()
+        self._closed = threading.Event()
+        # The watcher holds the retriever weakly: a retriever nobody uses any more is collected, and its
+        # watcher ends at its next wake-up.
+        threading.Thread(target=_watch, args=(weakref.ref(self), self._closed, refresh_interval_s),
+                         name="aiflow-kb-watch", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop watching the source (the current snapshot keeps answering)."""
+        self._closed.set()
 
     def _build(self) -> _Snapshot:
         reader = self.source.open_latest()
@@ -77,6 +92,8 @@ class Retriever:
         threading.Thread(target=work, name="aiflow-kb-refresh", daemon=True).start()
 
     def maybe_refresh(self) -> None:
+        """Start a rebuild in the background when the source has a new version (checked at most once per
+        ``refresh_interval_s``)."""
         now = time.monotonic()
         if now - self._checked_at < self.refresh_interval_s:
             return
@@ -147,3 +164,15 @@ class Retriever:
             if len(hits) == top_k:
                 break
         return hits
+
+
+def _watch(ref: weakref.ReferenceType[Retriever], closed: threading.Event, interval_s: float) -> None:
+    while not closed.wait(interval_s):
+        retriever = ref()
+        if retriever is None:
+            return
+        try:
+            retriever.maybe_refresh()
+        except Exception as exc:  # a source briefly unreadable (a volume remounting): the next check retries
+            log.warning("knowledge base check failed: %s", exc)
+        del retriever  # no strong reference while asleep
