@@ -21,6 +21,7 @@ from PIL import Image
 
 from aiflow_ray.config import SamplingConfig
 from aiflow_ray.engines.base import ImageInput
+from aiflow_ray.engines.hf_qwen_vl import HFQwenVLEngine
 from aiflow_ray.engines.loader import load_engine, resolve_model_path
 from aiflow_ray.vision.preprocess import image_tiles
 
@@ -90,6 +91,10 @@ def test_a_session_on_an_image_decodes_as_the_models_own_forward(engine) -> None
             token = engine.score("one", [], GREEDY).greedy_ids[0]
             steps.append(token)
             engine.append("one", [token])
+        if isinstance(engine, HFQwenVLEngine):
+            # Qwen2-VL class: the decode steps past the image took their M-RoPE positions from the session's
+            # offset (the equality above checks them against the model's own forward).
+            assert engine._sessions["one"].text_position_offset is not None
     finally:
         engine.release("one")
     assert steps == reference

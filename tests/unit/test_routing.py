@@ -51,11 +51,55 @@ def test_edge_down_or_saturated() -> None:
     down = TierLoad(available=False, capacity=0)
     assert decide("auto", "fast", _inputs(edge=down)).path == "on-device"
     assert decide("auto", "exact", _inputs(edge=down)).path is None
-    full = TierLoad(True, ongoing=8, queued=4, capacity=8)
-    shed = decide("device-edge", "fast", _inputs(edge=full))
+    busy = TierLoad(True, ongoing=8, queued=4, capacity=8, queue_limit=32)
+    shed = decide("device-edge", "fast", _inputs(edge=busy))
     assert shed.path == "on-device" and "saturated" in shed.reason
-    queued = decide("auto", "fast", RouteInputs(**{**_inputs(edge=full).__dict__, "shed_to_device": False}))
+    queued = decide("auto", "fast", RouteInputs(**{**_inputs(edge=busy).__dict__, "shed_to_device": False}))
     assert queued.path in ("device-edge", "server-only") and "queueing" in queued.reason
+
+
+def test_a_busy_edge_queues_exact_requests_up_to_its_bound_then_refuses_with_retry_after() -> None:
+    # Every slot taken: an exact request waits in the bounded queue rather than being refused.
+    busy = TierLoad(True, ongoing=4, queued=0, capacity=4, queue_limit=8)
+    for requested in ("auto", "device-edge", "server-only"):
+        decision = decide(requested, "exact", _inputs(edge=busy))
+        assert decision.path in ("device-edge", "server-only") and decision.refusal is None, decision
+        assert "queued behind 1 of at most 8" in decision.reason
+    # The router's own count (requests admitted, not ended) counts even when the reports lag behind.
+    counted = TierLoad(True, ongoing=0, queued=0, capacity=4, in_flight=12, queue_limit=8)
+    refused = decide("auto", "exact", _inputs(edge=counted))
+    assert refused.path is None and refused.refusal is not None and refused.refusal.status == 503
+    assert "edge full: 12 requests for 4 slots and a queue of 8" in refused.reason
+    assert refused.refusal.retry_after_s is not None and refused.refusal.retry_after_s >= 1
+    within = TierLoad(True, ongoing=0, queued=0, capacity=4, in_flight=11, queue_limit=8)
+    assert decide("auto", "exact", _inputs(edge=within)).path is not None
+    # A queue the request would time out in is cut to what the capacity works off within the deadline.
+    tight = RouteInputs(**{**_inputs(edge=within).__dict__, "request_deadline_s": 1.0, "max_new_tokens": 64})
+    cut = decide("auto", "exact", tight)
+    assert cut.path is None and "a queue of 0" in cut.reason
+    # Without room, fast requests still go to the device, never to the queue.
+    assert decide("auto", "fast", _inputs(edge=counted)).path == "on-device"
+
+
+def test_the_router_counts_requests_in_flight_until_they_end() -> None:
+    state = RouterState(queue_limits={"edge": 1, "cloud": 0})
+    state.report_load(LoadReport(tier="edge", replica="e0", ongoing=0, queued=0, capacity=2))
+    state.report_load(LoadReport(tier="cloud", replica="c0", ongoing=0, queued=0, capacity=2))
+
+    def ask(request_id: str) -> str | None:
+        return state.decide(RouteRequest(request_id=request_id, link_id="l", path="server-only",
+                                          quality="exact")).path
+
+    assert [ask(f"r{i}") for i in range(3)] == ["server-only"] * 3  # 2 slots and 1 queued
+    assert ask("r3") is None  # the replicas' reports still say idle: the router's count refuses it
+    assert state.tier_load("edge").in_flight == 3
+    state.report_outcome("r0", "server-only", 0.1, 0.01, 8)  # ended with an outcome
+    state.report_end("r1")  # ended without one (a failure, a client gone)
+    assert state.tier_load("edge").in_flight == 1
+    assert ask("r4") == "server-only"
+    grounded = RouteRequest(request_id="g", link_id="l", path="auto", quality="grounded")
+    assert state.decide(grounded).path == "device-edge-cloud" and state.tier_load("cloud").in_flight == 1
+    assert state.tier_load("edge").in_flight == 2
 
 
 def test_grounded_needs_the_cloud_and_on_device_cannot_be_exact() -> None:
@@ -63,7 +107,11 @@ def test_grounded_needs_the_cloud_and_on_device_cannot_be_exact() -> None:
     assert grounded.path == "device-edge-cloud" and grounded.predicted_s_per_token["device-edge-cloud"] > 0
     assert decide("auto", "grounded", _inputs(cloud=TierLoad(available=False))).path is None
     full = decide("auto", "grounded", _inputs(cloud=TierLoad(True, ongoing=4, queued=0, capacity=4)))
-    assert full.path is None and "cloud saturated" in full.reason
+    assert full.path is None and "cloud full" in full.reason
+    assert full.refusal is not None and full.refusal.retry_after_s is not None
+    queued = decide("auto", "grounded", _inputs(cloud=TierLoad(True, ongoing=4, queued=0, capacity=4,
+                                                               queue_limit=4)))
+    assert queued.path == "device-edge-cloud" and "cloud busy" in queued.reason
     # A loaded cloud is predicted slower, as a loaded edge is.
     busy = decide("auto", "grounded", _inputs(cloud=TierLoad(True, ongoing=3, queued=0, capacity=4)))
     assert busy.predicted_s_per_token["device-edge-cloud"] > grounded.predicted_s_per_token["device-edge-cloud"]

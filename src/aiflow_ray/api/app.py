@@ -153,8 +153,13 @@ class Ingress(TierCalls):
         started = time.perf_counter()
         images = self._images(body, image_fields)
         routed = await self._route(body, messages, images)
-        result = await self._call_device(self._options(body, routed, messages, images))
+        try:
+            result = await self._call_device(self._options(body, routed, messages, images))
+        except BaseException:
+            self._report_end(routed)
+            raise
         if isinstance(result, Refusal):
+            self._report_end(routed)
             metrics.REQUESTS.labels(str(routed.decision.path), str(result.status)).inc()
             raise refusal_error(result)
         metrics.observe(result.trace)
@@ -169,8 +174,13 @@ class Ingress(TierCalls):
         """Decide, and wait for the first event, before the response starts: a refusal keeps its status."""
         images = self._images(body, image_fields)
         routed = await self._route(body, messages, images)
-        stream, first = await self._open_device_stream(self._options(body, routed, messages, images))
+        try:
+            stream, first = await self._open_device_stream(self._options(body, routed, messages, images))
+        except BaseException:
+            self._report_end(routed)
+            raise
         if isinstance(first, Refusal):
+            self._report_end(routed)
             stream.cancel()
             raise refusal_error(first)
 
@@ -180,6 +190,7 @@ class Ingress(TierCalls):
             return f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
 
         async def events() -> AsyncIterator[str]:
+            finished = False
             try:
                 event = first
                 while True:
@@ -190,6 +201,7 @@ class Ingress(TierCalls):
                         metrics.observe(event.trace)
                         metrics.REQUESTS.labels(event.trace["path"], "200").inc()
                         self._report_outcome(routed, event.trace)
+                        finished = True
                     for out in shape(event, routed):
                         yield f"data: {json.dumps(out)}\n\n"
                     if isinstance(event, StreamDone):
@@ -207,6 +219,8 @@ class Ingress(TierCalls):
                 yield "data: [DONE]\n\n"
             finally:
                 stream.cancel()  # the client went away: stop generating
+                if not finished:
+                    self._report_end(routed)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -60,6 +60,16 @@ class TierCalls:
         except Exception as exc:  # the router is being replaced: this one measurement is lost, nothing else
             log.warning("could not report an outcome to the router: %s", type(exc).__name__)
 
+    def _report_end(self, routed: Routed) -> None:
+        """A request that ended without an outcome (a failure, a tier's refusal, a client gone): the router
+        stops counting it against its tier's queue (fire and forget)."""
+        if not routed.decision.request_id or routed.decision.path is None:
+            return
+        try:
+            self.router.report_end.remote(routed.decision.request_id)
+        except Exception as exc:  # the router is being replaced: its count expires the entry at the deadline
+            log.warning("could not report a request's end to the router: %s", type(exc).__name__)
+
     async def _router_call(self, method: str, *args: Any) -> Any:
         return await self._call("router", self.router, method, self.args.deadlines.router_call_s, *args)
 

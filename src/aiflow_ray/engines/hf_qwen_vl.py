@@ -10,7 +10,9 @@ What differs from InternVL (``engines.hf_vision``), and how the session engine h
   token's position is not its index. The model would infer positions from a ``rope_deltas`` it caches on
   itself from the last prompt it saw, which is wrong for any other session sharing the engine; here every
   forward passes its positions, computed with the model's own ``get_rope_index`` over the session's tokens
-  (KV cache plus the fed ones) and its images' grids, for text-only sessions too (plain 0, 1, 2, ...).
+  (KV cache plus the fed ones) and its images' grids while a forward reaches into or before an image block;
+  past the last block, positions are the token's index plus one per-session offset, learnt from that
+  computation, so a verify round costs O(draft), not O(context). Text-only sessions: plain 0, 1, 2, ...
 - No ``features`` upload: the merger that turns patches into tokens sits inside the vision tower, and the
   project sends such a model's pixels (``resized``: the resized image, losslessly).
 
@@ -51,15 +53,31 @@ class HFQwenVLEngine(HFVisionEngine):
 
     def _position_ids(self, session: _Session, new_ids: list[int]) -> torch.Tensor:
         start = len(session.cached)
-        if not isinstance(session, _VisionSession) or not session.images:
-            positions = torch.arange(start, start + len(new_ids), device=self.device)
-            return positions.view(1, 1, -1).expand(3, 1, -1)
+        offset = 0
+        if isinstance(session, _VisionSession) and session.images:
+            # Past the last image block every position is the token's index plus one offset: rounds of draft
+            # verification there (nearly every forward of a caption) take it from the session instead of
+            # re-running get_rope_index over the whole context, which grew with every round.
+            after_images = start >= session.spans[-1][1] and self.image_token_id not in new_ids
+            if not after_images or session.text_position_offset is None:
+                return self._rope_positions(session, new_ids)
+            offset = session.text_position_offset
+        positions = torch.arange(start + offset, start + offset + len(new_ids), device=self.device)
+        return positions.view(1, 1, -1).expand(3, 1, -1)
+
+    def _rope_positions(self, session: _VisionSession, new_ids: list[int]) -> torch.Tensor:
+        """The model's own get_rope_index over the session's tokens; learns the session's text offset once
+        the tokens reach past its last image block."""
+        start = len(session.cached)
         ids = torch.tensor([[*session.cached, *new_ids]], dtype=torch.long, device=self.device)
         kinds = (ids == self.image_token_id).to(torch.int32)  # 1: image token, 0: text
         blocks = len([s for s, _ in session.spans if s < ids.shape[1]])
         grids = torch.tensor([self._grid(image) for image in session.images[:blocks]], dtype=torch.long,
                              device=self.device)
         positions, _ = self.model.model.get_rope_index(ids, kinds, image_grid_thw=grids if blocks else None)
+        last = ids.shape[1] - 1
+        if last >= session.spans[-1][1]:  # the last token is text after every image block
+            session.text_position_offset = int(positions[0, 0, last]) - last
         return positions[:, :, start:]
 
     @torch.inference_mode()

@@ -49,6 +49,9 @@ class _VisionSession(_Session):
     images: list[ImageInput] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)  # [images] (start, end) of each context block
     embeds: list[torch.Tensor] | None = None  # [images] projected features, [tokens, hidden] each
+    # Engines whose positions are not token indices (Qwen2-VL's M-RoPE): a text token past the last image
+    # block sits at its index plus this offset, learnt once per session.
+    text_position_offset: int | None = None
 
 
 def image_spans(tokens: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:

@@ -19,7 +19,7 @@ cross Ray hops intact and reach the client as one sentence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from aiflow_ray.config import DEFAULT_MAX_DRAFT_LEN, LOGPROB_PATHS, PathName, Quality
@@ -32,14 +32,33 @@ Path = PathName
 
 @dataclass(frozen=True)
 class TierLoad:
+    """A tier's load as its replicas report it, and as the router counts it.
+
+    ``saturated``: every slot is taken, so new work would wait (``fast`` requests go to the device instead).
+    ``full``: the tier is also past its bounded queue; only then is a request that needs the tier refused
+    (503 with Retry-After). Both count by the replicas' reports or by the router's own count of requests it
+    admitted there that have not ended, whichever is higher: reports lag up to a period behind.
+    """
+
     available: bool = True
     ongoing: int = 0
     queued: int = 0
     capacity: int = 8  # requests the tier serves at once (replicas x max ongoing)
+    in_flight: int = 0  # requests the router admitted to this tier that have not ended
+    queue_limit: int = 0  # requests that may wait for a slot beyond ``capacity``
 
     @property
     def saturated(self) -> bool:
-        return not self.available or self.ongoing + self.queued >= self.capacity
+        return not self.available or self.waiting > 0
+
+    @property
+    def waiting(self) -> int:
+        """Requests past the tier's capacity: those a new request would queue behind."""
+        return max(self.ongoing + self.queued, self.in_flight) - self.capacity + 1
+
+    def full(self, queue_limit: int | None = None) -> bool:
+        limit = self.queue_limit if queue_limit is None else queue_limit
+        return not self.available or self.waiting > limit
 
     @property
     def utilisation(self) -> float:
@@ -62,6 +81,7 @@ class RouteInputs:
     cloud_link: LinkCosts = field(default_factory=lambda: LinkCosts(0.04, 1e7, 1e7))
     cloud_retrieval_s: float = 0.05
     cloud_s_per_token: float = 0.5
+    request_deadline_s: float = 300.0  # a request's whole budget: a queue it would time out in is refused
 
 
 @dataclass
@@ -123,6 +143,17 @@ def predict(inputs: RouteInputs) -> Prediction:
     return Prediction(k, tpot, ttft, per_token)
 
 
+def _queue_bound(inputs: RouteInputs, load: TierLoad, path: Path) -> tuple[float, int]:
+    """(seconds one request takes on an idle tier, the tier's queue bound). The bound is the configured one,
+    cut to what the capacity works off within the request deadline at that pace: a request queued past it
+    would time out waiting, so it is refused now, with a Retry-After it can use."""
+    idle = predict(replace(inputs, edge=TierLoad(capacity=inputs.edge.capacity),
+                           cloud=TierLoad(capacity=inputs.cloud.capacity)))
+    request_s = max(idle.s_per_token[path] * max(inputs.max_new_tokens, 1), 1e-3)
+    workable = int(load.capacity * inputs.request_deadline_s / request_s) - load.capacity
+    return request_s, max(min(load.queue_limit, workable), 0)
+
+
 # Which answers each path can give: a path contradicts a quality it cannot satisfy.
 _PATH_QUALITIES: dict[str, tuple[Quality, ...]] = {
     "on-device": ("fast",),
@@ -140,7 +171,8 @@ def decide(requested: str, quality: Quality | None, inputs: RouteInputs, fixed_d
 
     ``quality`` None means the client did not say: a forced path just runs, ``auto`` means 'exact'.
     A refusal is a 400 when the request contradicts itself and a 503 with Retry-After when the tier it
-    needs is down or saturated.
+    needs is down, or full: every slot taken and its bounded queue too. A busy tier queues requests that
+    need it (``fast`` ones go to the device instead while ``shed_to_device``).
     """
     pred = predict(inputs)
     k = fixed_draft_len if fixed_draft_len is not None else pred.draft_len
@@ -154,6 +186,23 @@ def decide(requested: str, quality: Quality | None, inputs: RouteInputs, fixed_d
     def bad(field: str, message: str) -> Decision:
         return made(None, k, message, Refusal(400, message, field))
 
+    def admit(path: Path, tier: str, reason: str) -> Decision:
+        """``path`` if its tier has a free slot or room in its bounded queue, else a 503 with Retry-After."""
+        load = inputs.edge if tier == "edge" else inputs.cloud
+        if not load.available:
+            return made(None, k, f"{tier} tier unavailable")
+        if not load.saturated:
+            return made(path, k, reason)
+        request_s, limit = _queue_bound(inputs, load, path)
+        if load.full(limit):
+            retry_s = int(min(max(request_s * load.waiting / max(load.capacity, 1), 1.0), 60.0) + 0.999)
+            message = (f"{tier} full: {max(load.waiting, 0) + load.capacity - 1} requests for {load.capacity} slots "
+                       f"and a queue of {limit} (sized for the {inputs.request_deadline_s:.0f} s deadline at "
+                       f"{request_s:.1f} s a request)")
+            return made(None, k, message, Refusal(503, f"no tier can serve this request now: {message}", None,
+                                                  retry_s))
+        return made(path, k, f"{reason}; {tier} busy, queued behind {max(load.waiting, 0)} of at most {limit}")
+
     if requested != "auto" and quality is not None and quality not in _PATH_QUALITIES[requested]:
         return bad("quality", f"path '{requested}' cannot give quality '{quality}' ({_QUALITY_MEANS[quality]})")
     if needs_logprobs and (requested not in ("auto", *LOGPROB_PATHS) or quality == "grounded"):
@@ -161,38 +210,30 @@ def decide(requested: str, quality: Quality | None, inputs: RouteInputs, fixed_d
                    f"{' and '.join(LOGPROB_PATHS)} have")
     edge_ok = inputs.edge.available and not inputs.edge.saturated
     if quality == "grounded" or requested == "device-edge-cloud":
-        if not inputs.cloud.available:
-            return made(None, k, "cloud tier unavailable")
-        if inputs.cloud.saturated:
-            return made(None, k, "cloud saturated; grounded answers need the cloud knowledge base")
-        return made("device-edge-cloud", k, "grounded answers need the cloud knowledge base (predicted "
-                    f"{lat['device-edge-cloud'] * 1e3:.1f} ms per token)")
+        return admit("device-edge-cloud", "cloud", "grounded answers need the cloud knowledge base (predicted "
+                     f"{lat['device-edge-cloud'] * 1e3:.1f} ms per token)")
     if requested == "on-device":
         return made("on-device", 0, "requested on-device")
     # With logprobs, a 'fast' request still needs the large model: the device cannot stand in for it.
     may_shed = quality != "exact" and inputs.shed_to_device and not needs_logprobs
     if requested in ("device-edge", "server-only"):
-        if edge_ok:
-            return made(cast(Path, requested), k, f"requested {requested}")
-        if quality == "fast" and may_shed:
+        if not edge_ok and quality == "fast" and may_shed:
             return made("on-device", 0, f"edge {'saturated' if inputs.edge.available else 'unreachable'}: "
                         "falling back to on-device")
-        return made(None, k, "edge unavailable or saturated")
+        return admit(cast(Path, requested), "edge", f"requested {requested}")
     # auto
     large_path: Path = "device-edge" if lat["device-edge"] <= lat["server-only"] else "server-only"
     # (auto never picks the cloud for exact or fast requests: it answers another question, slower.)
     large_ms = lat[large_path] * 1e3
     if quality != "fast" or needs_logprobs:
-        if not inputs.edge.available:
-            return made(None, k, "edge unreachable; exact answers need the large model")
-        if inputs.edge.saturated and inputs.shed_to_device:
-            return made(None, k, "edge saturated; exact answers need the large model")
-        return made(large_path, k, f"{large_path} has the lowest predicted latency ({large_ms:.1f} ms per token)")
+        # Exact answers need the large model: a busy edge queues them (bounded), as a serving engine does.
+        return admit(large_path, "edge", f"{large_path} has the lowest predicted latency ({large_ms:.1f} ms per "
+                     "token)")
     if not edge_ok:
         state = "saturated" if inputs.edge.available else "unreachable"
         if may_shed or not inputs.edge.available:
             return made("on-device", 0, f"edge {state}: on-device")
-        return made(large_path, k, f"edge {state}: queueing for the large model")
+        return admit(large_path, "edge", f"edge {state}: queueing for the large model")
     slo_ms = inputs.fast_slo_s_per_token * 1e3
     if lat[large_path] <= inputs.fast_slo_s_per_token:
         return made(large_path, k, f"{large_path} predicted {large_ms:.1f} ms per token (TTFT included) meets "

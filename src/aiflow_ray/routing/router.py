@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -88,9 +88,24 @@ class Routed:
     link: LinkConfig
 
 
+# Which tier a path's requests wait for (admission counts them there).
+PATH_TIER = {"device-edge": "edge", "server-only": "edge", "device-edge-cloud": "cloud"}
+UNBOUNDED_QUEUE = 1_000_000
+
+
 class RouterState:
-    def __init__(self, cfg: RouterArgs | None = None) -> None:
+    def __init__(self, cfg: RouterArgs | None = None, queue_limits: dict[str, int] | None = None,
+                 request_deadline_s: float = 300.0) -> None:
+        """``queue_limits``: per tier, the requests that may wait beyond its capacity (its deployment's
+        ``max_queued_requests``; -1 unbounded). ``request_deadline_s``: a request's whole budget."""
         self.cfg = cfg or RouterArgs()
+        self.queue_limits = {tier: UNBOUNDED_QUEUE if limit < 0 else limit
+                             for tier, limit in (queue_limits or {"edge": 32, "cloud": 32}).items()}
+        self.request_deadline_s = request_deadline_s
+        # Requests admitted to a tier and not ended (request id -> (tier, admitted at)): the router's own
+        # count, exact at once, where load reports lag a period behind. An entry whose end never came (its
+        # ingress died) expires after the request deadline.
+        self.in_flight: dict[str, tuple[str, float]] = {}
         self.links: dict[str, LinkEstimator] = {}
         self.accepted = self.cfg.prior_alpha * 8.0
         self.rejected = (1 - self.cfg.prior_alpha) * 8.0
@@ -175,12 +190,24 @@ class RouterState:
         # A worker whose node died can live on and keep reporting; its replica serves nobody.
         fresh = [load for replica, (at, load) in self.loads.get(tier, {}).items()
                  if now - at < self._stale_s() and self.load_nodes.get(replica, "") not in self.dead_nodes]
+        in_flight, queue_limit = self.in_flight_count(tier), self.queue_limits.get(tier, 0)
         if not fresh:
             if assume_saved and tier in self._assumed and now < self._assumed_until and not self.loads.get(tier):
-                return self._assumed[tier]
+                return replace(self._assumed[tier], in_flight=in_flight, queue_limit=queue_limit)
             return TierLoad(available=False, capacity=0)
         return TierLoad(True, sum(x.ongoing for x in fresh), sum(x.queued for x in fresh),
-                        sum(x.capacity for x in fresh))
+                        sum(x.capacity for x in fresh), in_flight, queue_limit)
+
+    def in_flight_count(self, tier: str) -> int:
+        expired = time.monotonic() - self.request_deadline_s - 30.0
+        for request_id in [r for r, (_, at) in self.in_flight.items() if at < expired]:
+            del self.in_flight[request_id]
+        return sum(1 for t, _ in self.in_flight.values() if t == tier)
+
+    def report_end(self, request_id: str) -> None:
+        """The request ended without an outcome to compare (failed, refused by a tier, cut by its client)."""
+        self.in_flight.pop(request_id, None)
+        self._pending.pop(request_id, None)
 
     # -- decisions ------------------------------------------------------------------------------
     @property
@@ -207,6 +234,7 @@ class RouterState:
             cloud_link=LinkCosts(cloud.rtt_s, cloud.bandwidth_bps, cloud.bandwidth_bps),
             cloud_retrieval_s=self.cloud_retrieval_s.value or 0.05,
             cloud_s_per_token=self.cloud_s_per_token.value or self.cfg.prior_verify_s,
+            request_deadline_s=self.request_deadline_s,
         )
 
     def upload_bytes(self, req: RouteRequest) -> int:
@@ -236,6 +264,8 @@ class RouterState:
         }
         self.decisions.append(record)
         if decision.path is not None:
+            if decision.path in PATH_TIER and req.request_id:
+                self.in_flight[req.request_id] = (PATH_TIER[decision.path], time.monotonic())
             self._pending[req.request_id] = record
             while len(self._pending) > MAX_PENDING_OUTCOMES:  # requests that never reported (failed, cut)
                 del self._pending[next(iter(self._pending))]
@@ -251,6 +281,7 @@ class RouterState:
         for sent in image_bytes_sent:
             if sent > 0:
                 self.image_sent_bytes.update(float(sent))
+        self.in_flight.pop(request_id, None)
         record = self._pending.pop(request_id, None)
         if record is None or ttft_s <= 0:
             return

@@ -32,7 +32,9 @@ class RouterServer:
     def __init__(self, args: dict[str, Any], persist: bool = True) -> None:
         """``persist=False`` (unit tests) keeps the state in memory only."""
         self.args = AppArgs.model_validate(args)
-        self.state = RouterState(self.args.router)
+        self.state = RouterState(self.args.router, {"edge": self.args.edge.max_queued_requests,
+                                                    "cloud": self.args.cloud.max_queued_requests},
+                                 self.args.deadlines.request_s)
         self.persist = persist
         saved = load_saved_state(self.args.name) if persist else None
         if saved:
@@ -89,6 +91,9 @@ class RouterServer:
     async def report_outcome(self, request_id: str, path: str, ttft_s: float, tpot_s: float,
                              num_tokens: int, image_bytes_sent: tuple[int, ...] = ()) -> None:
         self.state.report_outcome(request_id, path, ttft_s, tpot_s, num_tokens, image_bytes_sent)
+
+    async def report_end(self, request_id: str) -> None:
+        self.state.report_end(request_id)
 
     async def report_load(self, report: LoadReport) -> None:
         self._start()
