@@ -88,6 +88,9 @@ stop: ## stop exactly the local cluster that `make run` started
 configs: install ## regenerate deployments/*.yaml and the k8s/ manifests from the builder profiles
 	$(AIFLOW) configs render
 
+bench-concurrency: install ## guidellm and vLLM's benchmark client at 1/4/8/16 streams against a running API (URL=) -> docs/benchmarks/concurrency.*
+	$(PY) -m load_tests.concurrency --url $(or $(URL),http://127.0.0.1:$(HTTP_PORT))
+
 bench-kb: install ## knowledge-base ingestion (one process vs Ray Data) and the snapshot swap -> docs/benchmarks/kb_ingest.*
 	$(PY) -m aiflow_ray.bench.kb_ingest --out docs/benchmarks
 
