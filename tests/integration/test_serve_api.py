@@ -350,7 +350,14 @@ def test_metrics_and_health(api: httpx.Client, serve_url: str) -> None:
     assert api.get("/healthz", timeout=10).json() == {"status": "ok"}
     assert httpx.get(f"{serve_url}/readyz", timeout=10).json() == {"status": "ready"}  # open, like /healthz
     text = api.get("/metrics", timeout=10).text
-    assert "aiflow_requests_total" in text and "aiflow_tpot_seconds_bucket" in text
+    # vLLM's names under this project's prefix, after the requests the module's other tests sent.
+    for name in ("aiflow:requests_total", "aiflow:time_to_first_token_seconds_bucket",
+                 "aiflow:request_time_per_output_token_seconds_bucket", "aiflow:spec_decode_num_draft_tokens_total",
+                 "aiflow:spec_decode_num_accepted_tokens_total", "aiflow:generation_tokens_total"):
+        assert name in text, name
+    # The router's view, refreshed at the scrape: each tier's slots and queue, and its link estimates.
+    assert 'aiflow:num_requests_running{tier="edge"}' in text and 'aiflow:num_requests_waiting{tier="edge"}' in text
+    assert "aiflow:link_bandwidth_bytes_per_second{" in text and "aiflow:router_acceptance_rate" in text
 
 
 KB_DOCS = [

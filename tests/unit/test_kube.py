@@ -59,7 +59,7 @@ def validate(obj: dict[str, Any]) -> None:
 @pytest.mark.parametrize("overlay", sorted(kube.OVERLAY_PROFILES))
 def test_each_overlay_renders_objects_that_validate(overlay: str) -> None:
     objects = render(overlay)
-    assert sorted(o["kind"] for o in objects) == ["PersistentVolumeClaim", "RayService"]
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "PersistentVolumeClaim", "RayService"]
     for obj in objects:
         validate(obj)
         assert obj["metadata"]["namespace"] == kube.NAMESPACE

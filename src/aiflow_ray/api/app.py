@@ -10,6 +10,7 @@ still loading). The trace is the tier's own; the ingress adds its routing decisi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -162,7 +163,7 @@ class Ingress(TierCalls):
             self._report_end(routed)
             metrics.REQUESTS.labels(str(routed.decision.path), str(result.status)).inc()
             raise refusal_error(result)
-        metrics.observe(result.trace)
+        metrics.observe(result.trace, result.prompt_tokens)
         metrics.REQUESTS.labels(result.trace["path"], "200").inc()
         self._report_outcome(routed, result.trace)
         return result, routed, time.perf_counter() - started
@@ -198,7 +199,7 @@ class Ingress(TierCalls):
                         yield error_event(event.message, event.status)
                         break
                     if isinstance(event, StreamDone):
-                        metrics.observe(event.trace)
+                        metrics.observe(event.trace, event.prompt_tokens)
                         metrics.REQUESTS.labels(event.trace["path"], "200").inc()
                         self._report_outcome(routed, event.trace)
                         finished = True
@@ -250,6 +251,13 @@ class Ingress(TierCalls):
 
     async def router_state(self) -> Any:
         return await self._router_call("snapshot")
+
+    async def metrics_text(self) -> str:
+        """The Prometheus exposition, with the router's view of the tiers refreshed first (a router being
+        replaced leaves those gauges as last seen)."""
+        with contextlib.suppress(calls.TierUnavailable):
+            metrics.observe_router(await self._router_call("snapshot"))
+        return generate_latest(metrics.REGISTRY).decode()
 
     async def set_link(self, link_id: str, update: LinkUpdate) -> Any:
         if update.bandwidth_bps is None and update.bandwidth is None:
@@ -382,7 +390,7 @@ def build_api(args: AppArgs, ingress: Callable[[], Ingress]) -> FastAPI:
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics_endpoint() -> Any:
-        return PlainTextResponse(generate_latest(metrics.REGISTRY).decode(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await ingress().metrics_text(), media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
     async def models() -> Any:

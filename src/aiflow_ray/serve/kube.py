@@ -244,6 +244,13 @@ def rayjob(name: str) -> dict[str, Any]:
     }
 
 
+# The Grafana dashboard (serve/dashboard.py), shipped as a ConfigMap that Grafana's dashboard sidecar (as the
+# kube-prometheus-stack chart runs it) picks up by its label.
+DASHBOARD_FILE = "k8s/base/grafana/aiflow-dashboard.json"
+DASHBOARD_CONFIGMAP = {"name": "aiflow-grafana-dashboard", "files": ["grafana/aiflow-dashboard.json"],
+                       "options": {"labels": {"grafana_dashboard": "1"}, "disableNameSuffixHash": True}}
+
+
 def _kustomization(**fields: Any) -> dict[str, Any]:
     return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", **fields}
 
@@ -253,7 +260,8 @@ def manifests() -> dict[str, Any]:
     out: dict[str, Any] = {
         "k8s/base/rayservice.yaml": rayservice("cpu"),
         "k8s/base/data-volume.yaml": data_volume(),
-        "k8s/base/kustomization.yaml": _kustomization(resources=["rayservice.yaml", "data-volume.yaml"]),
+        "k8s/base/kustomization.yaml": _kustomization(resources=["rayservice.yaml", "data-volume.yaml"],
+                                                      configMapGenerator=[DASHBOARD_CONFIGMAP]),
         "k8s/overlays/cpu/kustomization.yaml": _kustomization(namespace=NAMESPACE, resources=["../../base"],
                                                               images=[{"name": IMAGE, "newTag": TAGS["cpu"]}]),
     }
