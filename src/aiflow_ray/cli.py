@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "kb":
             return _kb(args)
         if args.command == "configs":
-            from aiflow_ray.serve.configs import render
+            from aiflow_ray.serve.render import render
 
             for path in render(Path.cwd()):
                 print(path)

@@ -9,7 +9,8 @@ import yaml
 
 from aiflow_ray.config.app import AppArgs
 from aiflow_ray.models.registry import model_modalities
-from aiflow_ray.serve.configs import IMPORT_PATH, rendered_files
+from aiflow_ray.serve.configs import IMPORT_PATH
+from aiflow_ray.serve.render import rendered_files
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,7 +24,7 @@ def _digest(model_dir: Path) -> str:
 @pytest.mark.parametrize("build", [build_tiny_vlm_pair, build_tiny_qwen_vl_pair], ids=["internvl", "qwen2-vl"])
 def test_tiny_vision_pairs_build_in_an_empty_home_and_the_same_everywhere(
         build: Callable[..., tuple[Path, Path]], tmp_path: Path) -> None:
-    from aiflow_ray.engines.hf_vision import HFVisionEngine
+    from aiflow_ray.engines.loader import load_engine
 
     first = build(tmp_path / "one")
     second = build(tmp_path / "two")
@@ -32,6 +32,6 @@ def test_tiny_vision_pairs_build_in_an_empty_home_and_the_same_everywhere(
         assert _digest(a) and _digest(a) == _digest(b)
     stamp = (first[0] / "config.json").stat().st_mtime_ns
     assert build(tmp_path / "one") == first and (first[0] / "config.json").stat().st_mtime_ns == stamp  # cached
-    verifier = HFVisionEngine.from_pretrained(first[0], "verifier", dtype="float32", device="cpu")
-    drafter = HFVisionEngine.from_pretrained(first[1], "drafter", dtype="float32", device="cpu")
+    verifier = load_engine(str(first[0]), dtype="float32", device="cpu")
+    drafter = load_engine(str(first[1]), dtype="float32", device="cpu")
     assert verifier.vision == drafter.vision and verifier.vocab_fingerprint() == drafter.vocab_fingerprint()

@@ -145,3 +145,11 @@ def test_logprobs_blocks_are_bounded() -> None:
     res = wire.VerifyResult(_header(wire.MsgType.VERIFY_RESULT), wire.VerifyStatus.OK, 2, 9, 10, 4, _logprobs(2, 1))
     with pytest.raises(wire.WireError, match="expected 3 tokens"):
         wire.decode(wire.encode_verify_result(res))
+
+
+def test_a_messages_session_id_is_read_without_decoding_it() -> None:
+    req = wire.VerifyRequest(_header(wire.MsgType.VERIFY), base_len=5, draft_ids=np.array([7], np.int32))
+    for payload in (wire.encode_verify(req), wire.encode_verify_result(wire.VerifyResult(
+            _header(wire.MsgType.VERIFY_RESULT), wire.VerifyStatus.OK, 1, 9, 10, 6))):
+        assert wire.peek_session_id(payload) == SID == wire.decode(payload).header.session_id
+    assert wire.peek_session_id(b"AF") is None  # too short to hold a header

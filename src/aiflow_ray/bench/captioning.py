@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> Path:
     _write_csv(out_dir / "captioning_paper_shapes.csv", paper)
     from aiflow_ray.bench.captioning_plot import plot
 
-    plot(out_dir, fig_rows, upload_rows, paper)
+    plot(out_dir, fig_rows, upload_rows, paper, BANDWIDTHS_BPS, UPLOADS)
     md = write_markdown(out_dir, args, fig_rows, pair, upload_rows, released, paper, time.perf_counter() - started)
     return md
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aiflow_ray.bench.captioning import BANDWIDTHS_BPS, UPLOADS
 from aiflow_ray.units import format_bandwidth
 
 
 def plot(out_dir: Path, fig_rows: list[dict[str, Any]], upload_rows: list[dict[str, Any]],
-         paper: list[dict[str, Any]]) -> Path:
+         paper: list[dict[str, Any]], bandwidths_bps: tuple[float, ...], uploads: tuple[str, ...]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for bw in BANDWIDTHS_BPS:
+    for bw in bandwidths_bps:
         spec = [r for r in fig_rows if r["bandwidth_bps"] == bw and r["method"] == "speculative"]
         server = next(r for r in fig_rows if r["bandwidth_bps"] == bw and r["method"] == "server-only")
         line = axes[0].plot([r["draft_len"] for r in spec], [r["tpot_s"] * 1e3 for r in spec], marker="o",
@@ -28,14 +27,14 @@ def plot(out_dir: Path, fig_rows: list[dict[str, Any]], upload_rows: list[dict[s
     axes[0].set(xlabel="draft length k", ylabel="TPOT (ms)", title="trained pair: measured (dots: model), "
                 "server-only dashed")
     axes[0].legend(fontsize=7)
-    for mode in UPLOADS:
+    for mode in uploads:
         sub = [r for r in upload_rows if r["upload"] == mode and r["kind"] == "photo"]
         axes[1].plot([r["bandwidth_bps"] / 1e6 for r in sub], [r["ttft_s"] for r in sub], marker="o", ls="",
                      label=mode)
     axes[1].set(xlabel="bandwidth (MB/s)", ylabel="TTFT (s)", yscale="log",
                 title="12-MP photo: TTFT per upload mode")
     axes[1].legend(fontsize=7)
-    for bw in BANDWIDTHS_BPS:
+    for bw in bandwidths_bps:
         sub = [r for r in paper if r["bandwidth_bps"] == bw]
         axes[2].plot([r["draft_len"] for r in sub], [r["predicted_tpot_s"] * 1e3 for r in sub], marker=".",
                      label=format_bandwidth(bw))

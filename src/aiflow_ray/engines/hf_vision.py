@@ -103,10 +103,9 @@ class HFVisionEngine(HFEngine):
                 else _hub_spec(str(path), model.config))
         log.info("%s takes images: %s", name, f"{spec.tile_size} px cells of the whole image, up to {spec.max_pixels} "
                  "pixels" if spec.whole_image else f"{spec.tile_size} px tiles, {spec.tokens_per_tile} tokens a tile")
-        if model.config.model_type in QWEN_VL_MODEL_TYPES:
-            from aiflow_ray.engines.hf_qwen_vl import HFQwenVLEngine
-
-            return HFQwenVLEngine(model, tokenizer, name, dev, spec)
+        if model.config.model_type in QWEN_VL_MODEL_TYPES and cls is HFVisionEngine:
+            # engines/loader.py picks HFQwenVLEngine for these before loading: M-RoPE needs its positions.
+            raise ValueError(f"{name} is a {model.config.model_type} model: load it with HFQwenVLEngine")
         return cls(model, tokenizer, name, dev, spec)
 
     # -- prompts --------------------------------------------------------------------------------

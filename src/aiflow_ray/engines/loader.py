@@ -26,7 +26,7 @@ def built_model_dir(key: str) -> Path:
 
         pair = build_tiny_qwen_vl_pair()
     elif key.startswith("caption-"):
-        from aiflow_ray.vision.captioning import build_caption_pair
+        from aiflow_ray.vision.caption_training import build_caption_pair
 
         pair = build_caption_pair()
     else:
@@ -104,19 +104,32 @@ def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: boo
         return LlamaCppEngine(resolve_gguf(name, fetch), name=name, threads=threads)
     from aiflow_ray.engines.hf import HFEngine
     from aiflow_ray.engines.hf_vision import HFVisionEngine, is_vision_model
+    from aiflow_ray.models.registry import VISION_MODEL_TYPES
+    from aiflow_ray.vision.preprocess import QWEN_VL_MODEL_TYPES
 
     path = resolve_model_path(name, fetch)
-    if is_vision_model(path) or (isinstance(path, str) and _hub_is_vision(path)):
+    model_type = _model_type(path)
+    if model_type in QWEN_VL_MODEL_TYPES:
+        from aiflow_ray.engines.hf_qwen_vl import HFQwenVLEngine
+
+        return HFQwenVLEngine.from_pretrained(path, name=name, dtype=dtype, device=device)
+    if is_vision_model(path) or model_type in VISION_MODEL_TYPES:
         return HFVisionEngine.from_pretrained(path, name=name, dtype=dtype, device=device)
     return HFEngine.from_pretrained(path, name=name, dtype=dtype, device=device)
 
 
-def _hub_is_vision(repo: str) -> bool:
-    from transformers import AutoConfig
+def _model_type(path: str | Path) -> str | None:
+    """A local directory's model type from its config.json; a hub id's from its config (fetched)."""
+    import json
 
-    from aiflow_ray.models.registry import VISION_MODEL_TYPES
+    config = Path(path) / "config.json"
+    if config.exists():
+        return json.loads(config.read_text()).get("model_type")
+    if isinstance(path, str):
+        from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(repo).model_type in VISION_MODEL_TYPES
+        return str(AutoConfig.from_pretrained(path).model_type)
+    return None
 
 
 def load_pair(cfg: ModelPairConfig, fetch: bool = True) -> tuple[Engine, Engine]:

@@ -74,6 +74,16 @@ def new_session_id() -> bytes:
     return uuid.uuid4().bytes
 
 
+_SESSION_AT = _HEADER.size - 16 - 4  # the header ends with the 16-byte session id and the 4-byte sequence number
+
+
+def peek_session_id(payload: bytes) -> bytes | None:
+    """The session id of a message without decoding it (routing, error replies); None when too short to have one."""
+    if len(payload) < _HEADER.size:
+        return None
+    return bytes(payload[_SESSION_AT:_SESSION_AT + 16])
+
+
 def _header(kind: MsgType, session_id: bytes, seq: int) -> bytes:
     if len(session_id) != 16:
         raise WireError("session id must be 16 bytes")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from aiflow_ray import calls
+from aiflow_ray.network import wire
 from aiflow_ray.network.link import DuplexLink
 from aiflow_ray.tiers.cloud import BeamAnswer, GroundedRequest, Retrieval, RetrieveRequest
 
@@ -28,7 +29,7 @@ class ServeTransport:
         self.call_timeout_s = call_timeout_s
 
     def _for(self, payload: bytes) -> Any:
-        return self.edge.options(multiplexed_model_id=payload[4:20].hex())
+        return self.edge.options(multiplexed_model_id=(wire.peek_session_id(payload) or b"").hex())
 
     def exchange(self, payload: bytes, link_timeout_s: float | None = None) -> bytes:
         # A link without a stated timeout (exact requests) may stall no longer than the call itself may take.

@@ -150,7 +150,7 @@ class EdgeVerifier:
                 return answer_ping(payload)
             raise wire.WireError(f"{msg.header.type.name} is not a request this tier answers")
         except wire.WireError as exc:
-            header = wire.Header(wire.MsgType.ERROR, payload[4:20] if len(payload) >= 20 else bytes(16), 0)
+            header = wire.Header(wire.MsgType.ERROR, wire.peek_session_id(payload) or bytes(16), 0)
             return wire.encode_error(wire.ErrorMsg(header, 400, str(exc)))
 
     def _held(self, sid: bytes, base_len: int) -> _SessionState | None:
