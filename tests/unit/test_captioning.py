@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from aiflow_ray.vision import caption_training, captioning, scenes
+from aiflow_ray.vision import caption_pair, caption_training, captioning, scenes
 from aiflow_ray.vision.prompting import IMAGE_CONTEXT, IMAGE_SPECIAL_TOKENS
 from aiflow_ray.vision.scenes import BACKGROUND, CELL_SIZE, TILE_SIZE, Layout, Placement
 
@@ -222,9 +222,9 @@ def test_the_full_pair_captions_held_out_scenes() -> None:
     """Builds the pair (a few minutes on two cores) unless cached, then evaluates it afresh."""
     import torch
 
-    verifier_dir, _ = caption_training.build_caption_pair()
+    verifier_dir, _ = caption_pair.build_caption_pair()
     summary = json.loads((verifier_dir.parent / "complete.json").read_text())
-    verifier, drafter, tokenizer = caption_training.load_caption_pair()
+    verifier, drafter, tokenizer = caption_pair.load_caption_pair()
     for a, b in zip(verifier.model.vision_tower.state_dict().values(),
                     drafter.model.vision_tower.state_dict().values(), strict=True):
         assert torch.equal(a, b)  # shared vision tower: a device may send features instead of pixels

@@ -10,7 +10,6 @@ still loading). The trace is the tier's own; the ingress adds its routing decisi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
@@ -19,7 +18,6 @@ from typing import Any
 
 from fastapi import FastAPI, Path
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import generate_latest
 
 from aiflow_ray import calls
 from aiflow_ray.api import metrics
@@ -44,7 +42,6 @@ from aiflow_ray.logging_utils import clip, get_logger
 from aiflow_ray.models.registry import model_modalities
 from aiflow_ray.routing.router import Routed, RouteRequest, RouterState
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
-from aiflow_ray.units import parse_bandwidth_bps
 
 log = get_logger(__name__)
 
@@ -248,29 +245,6 @@ class Ingress(TierCalls):
         if result.logprobs is not None:
             out["logprobs"] = [e.to_dict() for e in result.logprobs]
         return out
-
-    async def router_state(self) -> Any:
-        return await self._router_call("snapshot")
-
-    async def metrics_text(self) -> str:
-        """The Prometheus exposition, with the router's view of the tiers refreshed first (a router being
-        replaced leaves those gauges as last seen)."""
-        with contextlib.suppress(calls.TierUnavailable):
-            metrics.observe_router(await self._router_call("snapshot"))
-        return generate_latest(metrics.REGISTRY).decode()
-
-    async def set_link(self, link_id: str, update: LinkUpdate) -> Any:
-        if update.bandwidth_bps is None and update.bandwidth is None:
-            raise ApiError(400, "give bandwidth_bps or bandwidth", "bandwidth_bps")
-        try:
-            # 0 is an outage, not a missing value.
-            bps = update.bandwidth_bps if update.bandwidth_bps is not None else parse_bandwidth_bps(
-                update.bandwidth or "", allow_zero=True)
-        except ValueError:
-            raise ApiError(400, f"bandwidth '{clip(update.bandwidth)}' is not a positive bandwidth such as "
-                           "'500KB/s', '1MB/s', '8Mbit/s' or bytes/s", "bandwidth") from None
-        link = await self._router_call("set_emulated_link", link_id, bps, update.rtt_ms / 1000.0)
-        return {"link_id": link_id, "bandwidth_bps": link.bandwidth_bps, "rtt_s": link.rtt_s}
 
     async def readyz(self, serving: bool = False) -> Any:
         """Ready while every tier reports (its replicas alive, on live nodes) and the router answers; /healthz

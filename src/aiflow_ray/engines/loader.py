@@ -26,7 +26,7 @@ def built_model_dir(key: str) -> Path:
 
         pair = build_tiny_qwen_vl_pair()
     elif key.startswith("caption-"):
-        from aiflow_ray.vision.caption_training import build_caption_pair
+        from aiflow_ray.vision.caption_pair import build_caption_pair
 
         pair = build_caption_pair()
     else:

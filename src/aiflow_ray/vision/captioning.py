@@ -1,5 +1,5 @@
-"""The image-captioning VLM pair the project trains itself: tokenizer, configs, specs (training and the cache:
-``caption_training.py``).
+"""The image-captioning VLM pair the project trains itself: tokenizer, configs and specs (its training:
+``caption_training.py``; building and caching it: ``caption_pair.py``).
 
 Both models are ``InternVLForConditionalGeneration`` (an ``InternVLVisionConfig`` vision tower, pixel shuffle,
 an MLP projector and a Qwen2 language model) that caption the Fashion-MNIST scenes of ``scenes.py``. The
@@ -17,9 +17,9 @@ Prompts are built exactly as serving builds them: the ChatML template renders a 
 ``user_turn_text([None, PROMPT])``, and ``expand_image_placeholders`` expands its ``<image>`` to
 ``TOKENS_PER_IMAGE`` context tokens. Everything is seeded; on CPU two builds give identical weights.
 
-``caption_training.build_caption_pair`` caches the pair under ``aiflow_home()/models/caption-v{CAPTION_VERSION}``
+``caption_pair.build_caption_pair`` caches the pair under ``aiflow_home()/models/caption-v{CAPTION_VERSION}``
 and writes ``complete.json`` (with the evaluation metrics) last, so a crash never leaves a half-built cache. Run
-``python -m aiflow_ray.vision.caption_training [--force] [--eval]`` to build it (about 2.5 minutes on one core).
+``python -m aiflow_ray.vision.caption_pair [--force] [--eval]`` to build it (about 2.5 minutes on one core).
 """
 
 from __future__ import annotations
