@@ -388,7 +388,11 @@ def main(argv: list[str] | None = None) -> None:
     options = [f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
                if not name.startswith("out_") and value != parser.get_default(name)]
     setup = (f"Greedy, k = {args.draft_len}, {args.max_new_tokens} output tokens per device, each device its own "
-             "prompt (the first N benchmark prompts, chat-formatted). A device round is slept: the drafter's measured "
+             "prompt (the first N benchmark prompts, chat-formatted). Devices are simulated in this one process: "
+             "threads that sleep their drafting time, look their drafts up from a rehearsal made before any timing, "
+             "and call the edge engine directly (no Serve, no emulated link); a measurement through the served "
+             "cluster with real drafting devices is not part of this benchmark. A device round is slept: the "
+             "drafter's measured "
              f"{1e3 * drafts.s_per_token:.1f} ms a token x k plus a {args.rtt_ms:.0f} ms link RTT (`--rtt-ms`, default "
              "20), since devices draft on their own hardware; the edge's verifies are real. Absolute numbers drift "
              "with this machine and whatever else runs on it; the two modes of one engine and N ran back to back.")
