@@ -320,8 +320,7 @@ def targets(by: dict[tuple[str, str, int], dict[str, Any]], devices: list[int]) 
     if (spec8 := rates.get(("vllm", "speculative", 8))) and (server8 := rates.get(("vllm", "server-only", 8))):
         lines.append(f"- vLLM at N=8: speculative {spec8:.2f} tokens/s against server-only {server8:.2f}, "
                      f"{spec8 / server8:.2f}x (target at least 2x: {'met' if spec8 >= 2 * server8 else 'missed'}).")
-    pairs = [(n, v, h) for n in devices
-             if (v := rates.get(("vllm", "speculative", n))) is not None
+    pairs = [(n, v, h) for n in devices if (v := rates.get(("vllm", "speculative", n))) is not None
              and (h := rates.get(("hf", "speculative", n))) is not None]
     if pairs:
         worse = [str(n) for n, v, h in pairs if v <= h]
@@ -388,14 +387,11 @@ def main(argv: list[str] | None = None) -> None:
     options = [f"--{name.replace('_', '-')} {value}" for name, value in vars(args).items()
                if not name.startswith("out_") and value != parser.get_default(name)]
     setup = (f"Greedy, k = {args.draft_len}, {args.max_new_tokens} output tokens per device, each device its own "
-             "prompt (the first N benchmark prompts, chat-formatted). Devices are simulated in this one process: "
-             "threads that sleep their drafting time, look their drafts up from a rehearsal made before any timing, "
-             "and call the edge engine directly (no Serve, no emulated link); a measurement through the served "
-             "cluster with real drafting devices is not part of this benchmark. A device round is slept: the "
-             "drafter's measured "
-             f"{1e3 * drafts.s_per_token:.1f} ms a token x k plus a {args.rtt_ms:.0f} ms link RTT (`--rtt-ms`, default "
-             "20), since devices draft on their own hardware; the edge's verifies are real. Absolute numbers drift "
-             "with this machine and whatever else runs on it; the two modes of one engine and N ran back to back.")
+             "prompt (the first N benchmark prompts, chat-formatted). Devices are simulated in this process (threads, "
+             "drafts from a rehearsal, the edge engine called directly: no Serve, no emulated link). A round is "
+             f"slept: the drafter's {1e3 * drafts.s_per_token:.1f} ms a token x k plus a {args.rtt_ms:.0f} ms RTT "
+             "(`--rtt-ms`); the edge's verifies are real. Numbers drift with this machine's load; the two modes of "
+             "one engine and N ran back to back.")
     command = " ".join(["python -m aiflow_ray.bench.capacity", *options])
     print(write_report(rows, Path(args.out_md), command, setup, Path(args.out_csv), Path(args.out_png)))
 
