@@ -137,6 +137,16 @@ class ReplicaSampler:
     def latest(self) -> dict[str, int]:
         return self.samples[-1][1] if self.samples else {}
 
+    def wait_for_deployments(self, timeout_s: float) -> dict[str, int]:
+        """The first sample naming the application's deployments, each with a running replica."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            latest = self.latest()
+            if latest and all(count > 0 for count in latest.values()):
+                return latest
+            time.sleep(0.2)
+        raise RuntimeError(f"the dashboard showed no running deployments of {self.app} within {timeout_s:.0f} s")
+
     def __enter__(self) -> ReplicaSampler:
         self._thread.start()
         return self
@@ -586,7 +596,10 @@ def run(args: argparse.Namespace, progress: Progress = _print) -> dict[str, Any]
     progress(f"sustainable rate {sustainable:.2f} req/s ({source})")
     stages = shape_stages(sustainable, args.peak_factor, args.step_s)
     with ReplicaSampler(args.dashboard, args.app) as sampler:
-        time.sleep(1.5)  # a first sample before the load
+        # A first sample that shows the application's deployments before the load: the dashboard can answer
+        # without them for a while after a deploy (or not answer at all when busy), and an empty "before"
+        # would make every later count look like a scale-up that never came back down.
+        sampler.wait_for_deployments(timeout_s=60)
         if calibration:  # the ramp may have scaled the tiers up: start the step load from the idle state
             wait_scale_down(args.dashboard, args.app, _min_replicas(args), args.scale_down_wait_s, sampler, progress)
         before = sampler.latest()
