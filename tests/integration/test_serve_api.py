@@ -232,8 +232,8 @@ def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx
 
 def test_saturated_edge_sheds_fast_requests_and_queues_exact_ones(api: httpx.Client) -> None:
     """Every edge slot taken: a fast request is answered on the device at once, an exact one waits in the
-    edge's bounded queue and is answered by the large model (a refusal only past that queue: unit-tested in
-    tests/unit/test_routing.py, and drilled in tests/faults)."""
+    edge's bounded queue and is answered by the large model (a refusal only past that queue, or past the
+    client's stated timeout: unit-tested in tests/unit/test_routing.py, and drilled in tests/faults)."""
     statuses: list[int] = []
 
     def hold_the_edge() -> None:
@@ -256,6 +256,11 @@ def test_saturated_edge_sheds_fast_requests_and_queues_exact_ones(api: httpx.Cli
         assert queued.status_code == 200, queued.text
         assert queued.json()["trace"]["path"] in ("device-edge", "server-only")
         assert "queued behind" in queued.json()["route"]["reason"], queued.json()["route"]
+        # A client that says it waits half a second cannot be served through that queue: told at once.
+        impatient = api.post("/v1/generate", headers={"X-Request-Timeout-S": "0.5"},
+                             json={"prompt": PROMPT, "max_tokens": 64, "path": "auto", "quality": "exact"})
+        assert impatient.status_code == 503 and int(impatient.headers["Retry-After"]) >= 1, impatient.text
+        assert "s deadline" in impatient.json()["error"]["message"], impatient.text
     finally:
         for thread in holders:
             thread.join(timeout=120)

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from aiflow_ray.api.app import GuardMiddleware
+from aiflow_ray.api.client_timeout import client_timeout
 from aiflow_ray.api.errors import RateLimiter
 from aiflow_ray.config import AppArgs
 from aiflow_ray.config.app import RateLimitArgs
@@ -34,6 +35,11 @@ def _app(rate_limit: RateLimitArgs | None = None, clock: Callable[[], float] | N
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.post("/v1/timeout")
+    async def timeout(stream: bool = False) -> dict[str, float | bool | None]:
+        seconds, first_byte = client_timeout(stream)
+        return {"seconds": seconds, "first_byte": first_byte}
 
     return app
 
@@ -254,3 +260,21 @@ def test_clip_bounds_and_escapes_client_text() -> None:
     assert long.startswith("a" * 80) and len(long) < 120 and "10000 chars" in long
     escaped = clip("\x00" * 100, limit=20)
     assert escaped.startswith(r"\x00" * 5) and len(escaped) < 60  # the limit bounds the escaped text
+
+
+def test_a_clients_stated_timeout_reaches_the_request_and_a_malformed_one_is_a_400(client: TestClient) -> None:
+    def ask(headers: dict[str, str], stream: bool = False) -> tuple[int, dict[str, object]]:
+        response = client.post(f"/v1/timeout?stream={str(stream).lower()}", headers={**_bearer(API), **headers})
+        return response.status_code, response.json()
+
+    assert ask({}) == (200, {"seconds": None, "first_byte": False})
+    assert ask({"X-Request-Timeout-S": "60"}, stream=True) == (200, {"seconds": 60.0, "first_byte": False})
+    # The OpenAI SDKs' read timeout bounds a whole non-streamed answer, and only the first token of a stream.
+    assert ask({"X-Stainless-Read-Timeout": "600"}) == (200, {"seconds": 600.0, "first_byte": False})
+    assert ask({"X-Stainless-Read-Timeout": "600"}, stream=True) == (200, {"seconds": 600.0, "first_byte": True})
+    assert ask({"X-Stainless-Read-Timeout": "None"}) == (200, {"seconds": None, "first_byte": False})
+    for bad in ("soon", "0", "-5", "nan", "inf", "1e9"):
+        status, body = ask({"X-Request-Timeout-S": bad})
+        assert status == 400 and body["error"]["param"] == "X-Request-Timeout-S", (bad, body)
+    # Each request sees its own: nothing carries over from the one before.
+    assert ask({}) == (200, {"seconds": None, "first_byte": False})

@@ -102,6 +102,54 @@ def test_the_router_counts_requests_in_flight_until_they_end() -> None:
     assert state.tier_load("edge").in_flight == 2
 
 
+def test_the_queue_is_sized_from_the_measured_pace_and_the_clients_timeout() -> None:
+    # 4 slots, 3 ahead; an idle request takes about 11 s: 3 queued fit the 300 s deadline at the idle pace.
+    waiting = TierLoad(True, ongoing=4, queued=0, capacity=4, in_flight=7, queue_limit=32)
+    assert decide("auto", "exact", _inputs(edge=waiting)).path is not None
+    # Measured under load, the tier finished 0.02 requests per second (200 s a slot): 3 ahead no longer fit.
+    slow = TierLoad(True, ongoing=4, queued=0, capacity=4, in_flight=7, queue_limit=32, drain_rps=0.02)
+    refused = decide("auto", "exact", _inputs(edge=slow))
+    assert refused.path is None and "a queue of 2 (sized for a 300 s deadline at 200.0 s a request)" in refused.reason
+    assert refused.refusal is not None and refused.refusal.retry_after_s == 60  # capped
+    # A client that says it waits 20 s is refused a queue the server's deadline would still allow.
+    idle_pace = TierLoad(True, ongoing=4, queued=0, capacity=4, in_flight=7, queue_limit=32, drain_rps=0.5)
+    assert decide("auto", "exact", _inputs(edge=idle_pace)).path is not None
+    impatient = RouteInputs(**{**_inputs(edge=idle_pace).__dict__, "client_timeout_s": 20.0})
+    cut = decide("auto", "exact", impatient)
+    assert cut.path is None and "sized for a 16 s deadline" in cut.reason  # 80% of the client's 20 s
+    # A streamed read timeout bounds the first token only: the wait plus a TTFT fits where a whole answer not.
+    first_byte = RouteInputs(**{**impatient.__dict__, "client_timeout_first_byte": True})
+    assert decide("auto", "exact", first_byte).path is not None
+
+
+def test_the_router_measures_a_saturated_tiers_pace_from_its_completions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiflow_ray.routing import router as router_module
+
+    now = [1000.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: now[0])
+    state = RouterState(queue_limits={"edge": 32, "cloud": 0})
+    state.report_load(LoadReport(tier="edge", replica="e0", ongoing=0, queued=0, capacity=2))
+    for i in range(8):
+        assert state.decide(RouteRequest(request_id=f"r{i}", link_id="l", path="server-only",
+                                         quality="exact")).path == "server-only"
+    assert state.drain_rps("edge") is None  # nothing completed yet
+    for i in range(5):  # one completion every 4 s while every slot is taken
+        now[0] += 4.0
+        state.report_load(LoadReport(tier="edge", replica="e0", ongoing=2, queued=0, capacity=2))
+        state.report_outcome(f"r{i}", "server-only", 0.1, 0.01, 8)
+    assert state.drain_rps("edge") == pytest.approx(0.25)
+    assert state.tier_load("edge").drain_rps == pytest.approx(0.25)
+    # Completions with free slots say nothing of the pace; a gap that spans idle time is not measured.
+    for i in (5, 6):
+        now[0] += 100.0
+        state.report_load(LoadReport(tier="edge", replica="e0", ongoing=1, queued=0, capacity=2))
+        state.report_outcome(f"r{i}", "server-only", 0.1, 0.01, 8)
+    assert state.drain_rps("edge") is None  # the measured gaps left the window
+    # A request that failed is no completion.
+    state.report_end("r7")
+    assert state._drain_gaps["edge"] and state.tier_load("edge").in_flight == 0
+
+
 def test_grounded_needs_the_cloud_and_on_device_cannot_be_exact() -> None:
     grounded = decide("auto", "grounded", _inputs())
     assert grounded.path == "device-edge-cloud" and grounded.predicted_s_per_token["device-edge-cloud"] > 0

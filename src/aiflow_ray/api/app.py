@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from aiflow_ray import calls
 from aiflow_ray.api import metrics
+from aiflow_ray.api.client_timeout import client_timeout
 from aiflow_ray.api.errors import AiflowAPI, ApiError, GuardMiddleware, install_error_handlers, refusal_error
 from aiflow_ray.api.images import request_images
 from aiflow_ray.api.openai_compat import OpenAIRequest
@@ -99,12 +100,13 @@ class Ingress(TierCalls):
         if body.max_tokens > self.args.max_new_tokens_limit:
             raise ApiError(400, f"max_tokens must be at most {self.args.max_new_tokens_limit}", "max_tokens")
         await self._ensure_ready()
+        timeout_s, first_byte = client_timeout(body.stream)
         request = RouteRequest(
             request_id=uuid.uuid4().hex, link_id=body.link_id, path=body.path, quality=body.quality,
             draft_len=body.draft_len if isinstance(body.draft_len, int) else None,
             prompt_bytes=_prompt_bytes(body, messages), image_bytes=tuple(len(image.data) for image in images),
-            max_new_tokens=body.max_tokens,
-            needs_logprobs=body.logprobs is not None)
+            max_new_tokens=body.max_tokens, needs_logprobs=body.logprobs is not None,
+            client_timeout_s=timeout_s, client_timeout_first_byte=first_byte)
         try:
             routed: Routed = await self._router_call("decide", request)
         except calls.TierUnavailable as exc:

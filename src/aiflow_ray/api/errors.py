@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from ray.exceptions import RayError
 
 from aiflow_ray import envs
+from aiflow_ray.api import client_timeout
 from aiflow_ray.config.app import RateLimitArgs
 from aiflow_ray.errors import Refusal
 from aiflow_ray.logging_utils import clip, get_logger
@@ -286,6 +287,12 @@ class GuardMiddleware:
         if not await self._guard(scope, receive, send):
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        total_raw = headers.get(client_timeout.TIMEOUT_HEADER)
+        total_s = client_timeout.seconds(total_raw)
+        if total_raw is not None and total_s is None:
+            await error_response(400, client_timeout.TIMEOUT_ERROR, "X-Request-Timeout-S")(scope, receive, send)
+            return
+        client_timeout.SECONDS.set((total_s, client_timeout.seconds(headers.get(client_timeout.READ_TIMEOUT_HEADER))))
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             await error_response(413, f"request body over {self.max_body_bytes} bytes", "body")(scope, receive, send)

@@ -46,6 +46,9 @@ class TierLoad:
     capacity: int = 8  # requests the tier serves at once (replicas x max ongoing)
     in_flight: int = 0  # requests the router admitted to this tier that have not ended
     queue_limit: int = 0  # requests that may wait for a slot beyond ``capacity``
+    # Requests the tier finished per second while every slot was taken (None until measured): its real pace
+    # under load, which on a small host is well below what an idle tier's per-request time predicts.
+    drain_rps: float | None = None
 
     @property
     def saturated(self) -> bool:
@@ -82,6 +85,14 @@ class RouteInputs:
     cloud_retrieval_s: float = 0.05
     cloud_s_per_token: float = 0.5
     request_deadline_s: float = 300.0  # a request's whole budget: a queue it would time out in is refused
+    # How long the client waits (its own timeout, when it says): past it an answer is lost however complete,
+    # so a queue that long refuses the request at once, with a Retry-After, instead.
+    client_timeout_s: float | None = None
+    client_timeout_first_byte: bool = False  # the timeout bounds the first byte only (a streamed read timeout)
+
+
+# Admission aims at this share of a client's stated timeout: the queue's pace is an estimate.
+CLIENT_TIMEOUT_SHARE = 0.8
 
 
 @dataclass
@@ -143,15 +154,26 @@ def predict(inputs: RouteInputs) -> Prediction:
     return Prediction(k, tpot, ttft, per_token)
 
 
-def _queue_bound(inputs: RouteInputs, load: TierLoad, path: Path) -> tuple[float, int]:
-    """(seconds one request takes on an idle tier, the tier's queue bound). The bound is the configured one,
-    cut to what the capacity works off within the request deadline at that pace: a request queued past it
-    would time out waiting, so it is refused now, with a Retry-After it can use."""
+def _queue_bound(inputs: RouteInputs, load: TierLoad, path: Path) -> tuple[float, int, float]:
+    """(seconds one request holds a slot, the tier's queue bound, the budget the bound is sized for).
+
+    A slot's time is the idle prediction, or the measured one under load when longer (capacity / the rate
+    the saturated tier drained at). A request queued behind W others ends after about (W / capacity + 1)
+    slot times; the bound is the configured one, cut to the W whose requests still end within the budget:
+    the request deadline, or the client's own timeout when it states one (for a streamed read timeout,
+    the first token must come within it). A request queued past that would time out waiting, so it is
+    refused now, with a Retry-After it can use."""
     idle = predict(replace(inputs, edge=TierLoad(capacity=inputs.edge.capacity),
                            cloud=TierLoad(capacity=inputs.cloud.capacity)))
-    request_s = max(idle.s_per_token[path] * max(inputs.max_new_tokens, 1), 1e-3)
-    workable = int(load.capacity * inputs.request_deadline_s / request_s) - load.capacity
-    return request_s, max(min(load.queue_limit, workable), 0)
+    idle_s = max(idle.s_per_token[path] * max(inputs.max_new_tokens, 1), 1e-3)
+    request_s = idle_s if not load.drain_rps else max(idle_s, load.capacity / load.drain_rps)
+    budget_s, own_s = inputs.request_deadline_s, request_s
+    if inputs.client_timeout_s is not None:
+        budget_s = min(budget_s, inputs.client_timeout_s * CLIENT_TIMEOUT_SHARE)
+        if inputs.client_timeout_first_byte:
+            own_s = min(request_s, idle.ttft_s[path] * request_s / idle_s)
+    workable = int(load.capacity * (budget_s - own_s) / request_s)
+    return request_s, max(min(load.queue_limit, workable), 0), budget_s
 
 
 # Which answers each path can give: a path contradicts a quality it cannot satisfy.
@@ -193,12 +215,12 @@ def decide(requested: str, quality: Quality | None, inputs: RouteInputs, fixed_d
             return made(None, k, f"{tier} tier unavailable")
         if not load.saturated:
             return made(path, k, reason)
-        request_s, limit = _queue_bound(inputs, load, path)
+        request_s, limit, budget_s = _queue_bound(inputs, load, path)
         if load.full(limit):
             retry_s = int(min(max(request_s * load.waiting / max(load.capacity, 1), 1.0), 60.0) + 0.999)
             message = (f"{tier} full: {max(load.waiting, 0) + load.capacity - 1} requests for {load.capacity} slots "
-                       f"and a queue of {limit} (sized for the {inputs.request_deadline_s:.0f} s deadline at "
-                       f"{request_s:.1f} s a request)")
+                       f"and a queue of {limit} (sized for a {budget_s:.0f} s deadline at {request_s:.1f} s a "
+                       "request)")
             return made(None, k, message, Refusal(503, f"no tier can serve this request now: {message}", None,
                                                   retry_s))
         return made(path, k, f"{reason}; {tier} busy, queued behind {max(load.waiting, 0)} of at most {limit}")

@@ -27,6 +27,10 @@ LOAD_STALE_PERIODS = 5
 LOAD_STALE_MIN_S = 3.0
 MAX_PENDING_OUTCOMES = 4096  # decisions awaiting their request's measured outcome
 ERRORS_KEPT = 100  # recent prediction errors per path
+# A tier's drain rate comes from the gaps between its last completions while saturated, within this window.
+DRAIN_GAPS_KEPT = 16
+DRAIN_WINDOW_S = 120.0
+DRAIN_MIN_GAPS = 3
 
 
 Sample = tuple[int, float]  # (bytes, seconds)
@@ -77,6 +81,10 @@ class RouteRequest(StrictModel):
     image_bytes: tuple[int, ...] = Field((), description="Each image's size as the client sent it.")
     max_new_tokens: int = Field(64, ge=1)
     needs_logprobs: bool = False
+    client_timeout_s: float | None = Field(None, gt=0, description="How long the client waits for its answer, "
+                                           "when it says (a header): a queue longer than that refuses at once.")
+    client_timeout_first_byte: bool = Field(False, description="client_timeout_s bounds the first byte only "
+                                            "(a streamed response under a read timeout).")
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,11 @@ class RouterState:
         # count, exact at once, where load reports lag a period behind. An entry whose end never came (its
         # ingress died) expires after the request deadline.
         self.in_flight: dict[str, tuple[str, float]] = {}
+        # Per tier: (when, seconds since the previous completion) for completions while every slot was taken,
+        # and when the last such completion came (None after one on a tier with free slots: a gap that spans
+        # idle time says nothing about the pace).
+        self._drain_gaps: dict[str, deque[tuple[float, float]]] = {}
+        self._last_busy_end: dict[str, float | None] = {}
         self.links: dict[str, LinkEstimator] = {}
         self.accepted = self.cfg.prior_alpha * 8.0
         self.rejected = (1 - self.cfg.prior_alpha) * 8.0
@@ -196,7 +209,29 @@ class RouterState:
                 return replace(self._assumed[tier], in_flight=in_flight, queue_limit=queue_limit)
             return TierLoad(available=False, capacity=0)
         return TierLoad(True, sum(x.ongoing for x in fresh), sum(x.queued for x in fresh),
-                        sum(x.capacity for x in fresh), in_flight, queue_limit)
+                        sum(x.capacity for x in fresh), in_flight, queue_limit, self.drain_rps(tier))
+
+    def drain_rps(self, tier: str) -> float | None:
+        """Requests the tier completed per second while saturated, lately; None until a few were seen."""
+        since = time.monotonic() - DRAIN_WINDOW_S
+        gaps = [gap for at, gap in self._drain_gaps.get(tier, ()) if at >= since]
+        if len(gaps) < DRAIN_MIN_GAPS:
+            return None
+        return len(gaps) / max(sum(gaps), 1e-6)
+
+    def _completed(self, request_id: str) -> None:
+        """A request admitted to a tier completed there: it leaves the router's count, and, when every slot
+        was taken, the gap since the last completion measures the tier's pace."""
+        entry = self.in_flight.get(request_id)
+        if entry is None:
+            return
+        tier = entry[0]
+        busy = self.in_flight_count(tier) >= max(self.tier_load(tier).capacity, 1)
+        del self.in_flight[request_id]
+        now, last = time.monotonic(), self._last_busy_end.get(tier)
+        if busy and last is not None:
+            self._drain_gaps.setdefault(tier, deque(maxlen=DRAIN_GAPS_KEPT)).append((now, now - last))
+        self._last_busy_end[tier] = now if busy else None
 
     def in_flight_count(self, tier: str) -> int:
         expired = time.monotonic() - self.request_deadline_s - 30.0
@@ -214,7 +249,8 @@ class RouterState:
     def alpha(self) -> float:
         return min(self.accepted / max(self.accepted + self.rejected, 1e-9), 0.999)
 
-    def inputs(self, link_id: str, prompt_bytes: int = 0, max_new_tokens: int = 64) -> RouteInputs:
+    def inputs(self, link_id: str, prompt_bytes: int = 0, max_new_tokens: int = 64,
+               client_timeout_s: float | None = None, client_timeout_first_byte: bool = False) -> RouteInputs:
         est = self.links.get(link_id) or LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s)
         link = est.estimate()
         cloud = self.cloud_link.estimate()
@@ -234,7 +270,8 @@ class RouterState:
             cloud_link=LinkCosts(cloud.rtt_s, cloud.bandwidth_bps, cloud.bandwidth_bps),
             cloud_retrieval_s=self.cloud_retrieval_s.value or 0.05,
             cloud_s_per_token=self.cloud_s_per_token.value or self.cfg.prior_verify_s,
-            request_deadline_s=self.request_deadline_s,
+            request_deadline_s=self.request_deadline_s, client_timeout_s=client_timeout_s,
+            client_timeout_first_byte=client_timeout_first_byte,
         )
 
     def upload_bytes(self, req: RouteRequest) -> int:
@@ -244,7 +281,8 @@ class RouterState:
         return req.prompt_bytes + sum(raw if sent is None else min(raw, int(sent)) for raw in req.image_bytes)
 
     def decide(self, req: RouteRequest) -> Decision:
-        inputs = self.inputs(req.link_id, self.upload_bytes(req), req.max_new_tokens)
+        inputs = self.inputs(req.link_id, self.upload_bytes(req), req.max_new_tokens, req.client_timeout_s,
+                             req.client_timeout_first_byte)
         decision = decide(req.path, req.quality, inputs, req.draft_len, req.needs_logprobs)
         decision.request_id = req.request_id
         prompt_bytes, max_new_tokens = inputs.prompt_bytes, req.max_new_tokens
@@ -281,7 +319,7 @@ class RouterState:
         for sent in image_bytes_sent:
             if sent > 0:
                 self.image_sent_bytes.update(float(sent))
-        self.in_flight.pop(request_id, None)
+        self._completed(request_id)
         record = self._pending.pop(request_id, None)
         if record is None or ttft_s <= 0:
             return
