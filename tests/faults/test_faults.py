@@ -182,8 +182,8 @@ def test_backpressure_is_503_with_retry_after(drill: Drill) -> None:
     assert refused, "60 requests at once fit in the edge's slots and queue: the burst refused nothing"
     by_router = sum("full" in str(o.json.get("error", {}).get("message", "")) for o in refused)
     drill.record("burst of 60 concurrent requests", outcomes, None,
-                 f"{len(refused)} refused with Retry-After past the queues ({by_router} by the router's bound on "
-                 "the edge's queue, the rest by Serve's own queue limits)")
+                 f"{len(refused)} refused with Retry-After past the queues ({by_router} by the router's bounds on "
+                 "the tiers' queues, the rest by Serve's own queue limits)")
 
 
 PROXY_BACK_BOUND_S = 60.0

@@ -22,6 +22,7 @@ T = TypeVar("T")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROMPT = "def fibonacci(n):"
+PROMPT_CLASS = "text:code"  # routing/classes.py
 # About 2.4 KB of code context: the raw input a slow link has to carry before the first token.
 LONG_PROMPT = "# helpers\n" + "\n".join(f"def helper_{i}(x):\n    return x * {i} + {i % 7}" for i in range(60)) + "\n"
 
@@ -47,7 +48,10 @@ def test_every_path_end_to_end(api: httpx.Client) -> None:
 def test_device_edge_trace_has_the_promised_fields(api: httpx.Client) -> None:
     body = _generate(api, path="device-edge", draft_len=3).json()
     trace = body["trace"]
-    assert body["route"] == {"path": "device-edge", "reason": "requested device-edge", "draft_len": 3}
+    route = body["route"]
+    assert {k: route[k] for k in ("path", "reason", "draft_len")} == {
+        "path": "device-edge", "reason": "requested device-edge", "draft_len": 3}
+    assert route["predicted_ttft_s"] > 0 and route["predicted_tpot_s"] > 0  # beside what the trace measures
     assert trace["path"] == "device-edge" and trace["num_tokens"] == len(body["token_ids"]) == 24
     assert trace["rounds"] >= 1 and set(trace["draft_lens"]) <= {0, 1, 2, 3}
     assert sum(trace["accepted"]) + trace["rounds"] >= 24  # every round emits its accepted tokens plus one
@@ -200,6 +204,8 @@ def test_the_router_sets_each_measured_outcome_beside_its_prediction(api: httpx.
         assert error["requests"] >= 1 and error["ttft_error_median"] > -1.0, (path, error)
     measured = [d for d in api.get("/v1/router").json()["recent_decisions"] if d.get("measured")]
     assert measured and all(d["measured"]["path"] == d["path"] for d in measured)
+    # The device-edge request's acceptance was learned for its class (what the ingress knows beforehand).
+    assert PROMPT_CLASS in api.get("/v1/router").json()["alpha_by_class"]
     curve = api.get("/v1/router").json()["verify_curve"]
     assert curve and all(s >= 0 for _, s in curve)
     assert [s for _, s in curve] == sorted(s for _, s in curve) and [n for n, _ in curve] == sorted(n for n, _ in curve)

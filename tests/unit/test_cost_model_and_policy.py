@@ -136,7 +136,7 @@ def _served_forwards(rng: np.random.Generator, n: int) -> list[tuple[int, float]
 
 def test_the_router_reads_verify_costs_from_a_curve_that_holds_on_llama_cpp() -> None:
     from aiflow_ray.network.estimators import ForgettingLinearFit
-    from aiflow_ray.routing.router import LoadReport, RouteRequest
+    from aiflow_ray.routing.messages import LoadReport, RouteRequest
 
     rng = np.random.default_rng(0)
     forwards = _served_forwards(rng, 300)
@@ -183,7 +183,7 @@ def test_the_forward_cost_curve_is_monotone_and_never_negative(samples: list[tup
 
 
 def test_each_decision_gets_its_measured_outcome_and_each_path_its_median_error() -> None:
-    from aiflow_ray.routing.router import LoadReport, RouteRequest
+    from aiflow_ray.routing.messages import LoadReport, RouteRequest
 
     state = RouterState()
     state.report_load(LoadReport(tier="edge", replica="r1", ongoing=0, queued=0, capacity=4))
@@ -203,7 +203,7 @@ def test_each_decision_gets_its_measured_outcome_and_each_path_its_median_error(
 
 
 def test_an_images_upload_is_priced_at_what_images_took_lately_never_above_its_raw_size() -> None:
-    from aiflow_ray.routing.router import LoadReport, RouteRequest
+    from aiflow_ray.routing.messages import LoadReport, RouteRequest
 
     state = RouterState()
     state.report_load(LoadReport(tier="edge", replica="r1", ongoing=0, queued=0, capacity=4))

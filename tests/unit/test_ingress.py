@@ -13,8 +13,8 @@ from ray.exceptions import RayActorError
 from aiflow_ray.api.app import Ingress, build_api
 from aiflow_ray.config import AppArgs, GenerateOptions, LinkConfig
 from aiflow_ray.errors import Refusal
+from aiflow_ray.routing.messages import Routed, RouteRequest
 from aiflow_ray.routing.policy import Decision
-from aiflow_ray.routing.router import Routed, RouteRequest
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult, TokenLogprob
 from tests.unit.fakes import FakeHandle
 
@@ -34,7 +34,8 @@ class Router:
     async def decide(self, req: RouteRequest) -> Routed:
         self.requests.append(req)
         path = None if self.refusal else ("on-device" if req.path == "on-device" else "device-edge")
-        return Routed(Decision(path, 3, "because", refusal=self.refusal), LinkConfig())
+        return Routed(Decision(path, 3, "because", {"on-device": 0.02}, {"on-device": 0.05}, refusal=self.refusal),
+                      LinkConfig())
 
 
 class Device:
@@ -129,7 +130,10 @@ def test_a_forced_path_carries_no_quality_and_options_are_typed() -> None:
     body = _client(router, device).post("/v1/generate", json={"prompt": "x", "path": "on-device", "ignore_eos": True,
                                                               "max_tokens": 9}).json()
     assert router.requests[-1].path == "on-device" and router.requests[-1].quality is None
-    assert body["route"] == {"path": "on-device", "reason": "because", "draft_len": 3}
+    assert body["route"] == {"path": "on-device", "reason": "because", "draft_len": 3, "predicted_ttft_s": 0.05,
+                             "predicted_tpot_s": 0.02}
+    # The ingress names the request's class for the router from its text alone.
+    assert router.requests[-1].request_class == "text:prose"
     assert body["trace"]["path"] == "on-device" and "reason" not in body["trace"]  # the tier's trace, untouched
     opts = device.options[-1]
     assert opts.min_tokens == 9 and opts.link == LinkConfig() and opts.path == "on-device"

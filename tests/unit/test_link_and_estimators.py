@@ -13,7 +13,8 @@ from aiflow_ray.api.schemas import LinkUpdate
 from aiflow_ray.config import LinkConfig
 from aiflow_ray.network.estimators import MAX_BANDWIDTH_BPS, MIN_BANDWIDTH_BPS, LinkEstimator
 from aiflow_ray.network.link import BandwidthTrace, DuplexLink, Link, LinkTimeout, RealClock, VirtualClock
-from aiflow_ray.routing.router import GenerationReport, RouterState
+from aiflow_ray.routing.messages import GenerationReport
+from aiflow_ray.routing.router import RouterState
 from aiflow_ray.units import parse_bandwidth_bps
 
 

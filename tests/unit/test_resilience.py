@@ -15,7 +15,8 @@ from aiflow_ray import calls
 from aiflow_ray.config import GenerateOptions, LinkConfig
 from aiflow_ray.errors import TierUnavailable
 from aiflow_ray.network.link import DuplexLink, LinkTimeout
-from aiflow_ray.routing.router import LoadReport, RouteRequest, RouterState
+from aiflow_ray.routing.messages import LoadReport, RouteRequest
+from aiflow_ray.routing.router import RouterState
 from aiflow_ray.serve.affinity import rendezvous_rank
 from aiflow_ray.tiers.device import InProcessTransport
 from aiflow_ray.tiers.paths import DeviceSide, run_path
@@ -210,7 +211,7 @@ def test_rendezvous_rank_is_stable_and_moves_only_the_lost_replicas_sessions() -
 
 # -- router state -----------------------------------------------------------------------------------
 def test_router_state_survives_export_and_restore() -> None:
-    from aiflow_ray.routing.router import GenerationReport
+    from aiflow_ray.routing.messages import GenerationReport
 
     state = RouterState()
     state.report_generation(GenerationReport(link_id="phone", path="probe",

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from aiflow_ray.routing.policy import RouteInputs, TierLoad, decide
-from aiflow_ray.routing.router import GenerationReport, LoadReport, RouteRequest, RouterState
+from aiflow_ray.routing.classes import request_class
+from aiflow_ray.routing.messages import GenerationReport, LoadReport, RouteRequest
+from aiflow_ray.routing.policy import Decision, RouteInputs, TierLoad, decide
+from aiflow_ray.routing.router import RouterState
 from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
 
 CPU = ComputeCosts(draft_s_per_token=0.09, verify_base_s=0.2, verify_per_token_s=0.005)
@@ -102,6 +104,31 @@ def test_the_router_counts_requests_in_flight_until_they_end() -> None:
     assert state.tier_load("edge").in_flight == 2
 
 
+def test_the_device_tier_runs_every_path_and_is_admitted_like_the_others() -> None:
+    state = RouterState(queue_limits={"device": 1, "edge": 32, "cloud": 32})
+    state.report_load(LoadReport(tier="edge", replica="e0", ongoing=0, queued=0, capacity=8))
+    state.report_load(LoadReport(tier="cloud", replica="c0", ongoing=0, queued=0, capacity=8))
+
+    def ask(request_id: str, path: str = "on-device") -> Decision:
+        return state.decide(RouteRequest(request_id=request_id, link_id="l", path=path))
+
+    # Until the device tier reports, it gates nothing (a single process, the unit tests' servers).
+    assert all(ask(f"u{i}").path == "on-device" for i in range(6))
+    for i in range(6):
+        state.report_end(f"u{i}")
+    state.report_load(LoadReport(tier="device", replica="d0", ongoing=0, queued=0, capacity=2))
+    assert [ask("d0").path, ask("d1", "server-only").path, ask("d2", "device-edge").path] == [
+        "on-device", "server-only", "device-edge"]  # 2 slots and 1 queued, whatever the path
+    assert "device busy, queued behind 1 of at most 1" in state.decisions[-1]["reason"]
+    refused = ask("d3", "server-only")
+    assert refused.path is None and refused.refusal is not None and refused.refusal.status == 503
+    assert "device full: 3 requests for 2 slots and a queue of 1" in refused.reason
+    assert state.tier_load("device").in_flight == 3 and state.tier_load("edge").in_flight == 2
+    state.report_outcome("d1", "server-only", 0.1, 0.01, 8)
+    assert state.tier_load("device").in_flight == 2 and state.tier_load("edge").in_flight == 1
+    assert ask("d4").path == "on-device"
+
+
 def test_the_queue_is_sized_from_the_measured_pace_and_the_clients_timeout() -> None:
     # 4 slots, 3 ahead; an idle request takes about 11 s: 3 queued fit the 300 s deadline at the idle pace.
     waiting = TierLoad(True, ongoing=4, queued=0, capacity=4, in_flight=7, queue_limit=32)
@@ -148,6 +175,60 @@ def test_the_router_measures_a_saturated_tiers_pace_from_its_completions(monkeyp
     # A request that failed is no completion.
     state.report_end("r7")
     assert state._drain_gaps["edge"] and state.tier_load("edge").in_flight == 0
+
+
+def test_the_measured_tpot_sizes_the_queue_from_the_first_completions() -> None:
+    # No saturated-drain measurement yet, but requests lately measured 3 s a token: 64 tokens hold a slot
+    # about 190 s, so of the 3 queued ahead only 2 could still end within 300 s.
+    load = TierLoad(True, ongoing=4, queued=0, capacity=4, in_flight=7, queue_limit=32)
+    slow = RouteInputs(**{**_inputs(edge=load).__dict__, "measured_tpot_s": {"device-edge": 3.0, "server-only": 3.0}})
+    refused = decide("auto", "exact", slow)
+    assert refused.path is None and "a queue of 2 (sized for a 300 s deadline at 189.4 s" in refused.reason
+    assert decide("auto", "exact", RouteInputs(**{**slow.__dict__, "measured_tpot_s": {}})).path is not None
+
+
+@pytest.mark.parametrize(("text", "images", "expected"), [
+    ("Write a Python function that reverses a list.", 0, "text:code"),
+    ("def fibonacci(n):", 0, "text:code"),
+    ("Why is the sky blue?", 0, "text:prose"),
+    ("Describe this picture.", 1, "image:prose"),
+])
+def test_request_classes_come_from_what_is_known_before_the_request_runs(text: str, images: int,
+                                                                          expected: str) -> None:
+    assert request_class(text, images) == expected
+
+
+def test_acceptance_is_learned_per_request_class_and_changes_the_decision() -> None:
+    state = RouterState()
+    state.report_load(LoadReport(tier="edge", replica="e0", ongoing=0, queued=0, capacity=4,
+                                 service_samples=tuple((k, 0.1 + 0.01 * k) for k in range(1, 10))))
+    state.report_generation(GenerationReport(link_id="", path="calibration", on_device_s_per_token=0.03))
+    shared = state.alpha
+    assert state.alpha_for("text:code") == state.alpha_for("") == shared  # nothing learned: the shared estimate
+
+    def run(request_id: str, request_class: str, accepted: int, rejections: int) -> None:
+        state.decide(RouteRequest(request_id=request_id, link_id="l", path="device-edge", quality="exact",
+                                  request_class=request_class))
+        state.report_outcome(request_id, "device-edge", 0.1, 0.05, 32, accepted=accepted, rejections=rejections)
+
+    for i in range(6):
+        run(f"c{i}", "text:code", accepted=30, rejections=1)  # code drafts are nearly all accepted
+        run(f"p{i}", "text:prose", accepted=4, rejections=8)
+    code, prose = state.alpha_for("text:code"), state.alpha_for("text:prose")
+    assert code > 0.9 > 0.5 > prose, (code, prose)
+    assert state.snapshot()["alpha_by_class"] == {"text:code": round(code, 4), "text:prose": round(prose, 4)}
+
+    def decided(request_class: str) -> dict:
+        state.decide(RouteRequest(request_id="", link_id="l", path="auto", quality="exact",
+                                  request_class=request_class))
+        return state.decisions[-1]
+
+    assert decided("text:code")["inputs"]["alpha"] == code and decided("text:prose")["inputs"]["alpha"] == prose
+    assert decided("text:code")["draft_len"] > decided("text:prose")["draft_len"]
+    # A restarted router starts from the classes' counts.
+    restored = RouterState()
+    restored.restore(state.export_state())
+    assert restored.alpha_for("text:code") == pytest.approx(code, rel=0.05)
 
 
 def test_grounded_needs_the_cloud_and_on_device_cannot_be_exact() -> None:

@@ -18,8 +18,8 @@ from PIL import Image
 
 from aiflow_ray.api.app import Ingress, build_api
 from aiflow_ray.config import AppArgs, LinkConfig, ModelPairConfig
+from aiflow_ray.routing.messages import Routed, RouteRequest
 from aiflow_ray.routing.policy import Decision
-from aiflow_ray.routing.router import Routed, RouteRequest
 from aiflow_ray.serve.device_server import DeviceDrafterServer
 from aiflow_ray.serve.edge_server import EdgeVerifierServer
 from aiflow_ray.tiers.pipeline import Pipeline

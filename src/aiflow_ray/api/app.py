@@ -26,10 +26,11 @@ from aiflow_ray.api.errors import AiflowAPI, ApiError, GuardMiddleware, install_
 from aiflow_ray.api.images import request_images
 from aiflow_ray.api.openai_compat import OpenAIRequest
 from aiflow_ray.api.schemas import (
+    ERROR_RESPONSES,
     LINK_ID_PATTERN,
+    STREAMED,
     ChatBody,
     CompletionBody,
-    ErrorBody,
     GenerateBody,
     KbIngestBody,
     KbSearchBody,
@@ -41,7 +42,9 @@ from aiflow_ray.config.generation import ImageSource
 from aiflow_ray.errors import Refusal
 from aiflow_ray.logging_utils import clip, get_logger
 from aiflow_ray.models.registry import model_modalities
-from aiflow_ray.routing.router import Routed, RouteRequest, RouterState
+from aiflow_ray.routing.classes import request_class
+from aiflow_ray.routing.messages import Routed, RouteRequest
+from aiflow_ray.routing.router import RouterState
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
 
 log = get_logger(__name__)
@@ -106,7 +109,8 @@ class Ingress(TierCalls):
             draft_len=body.draft_len if isinstance(body.draft_len, int) else None,
             prompt_bytes=_prompt_bytes(body, messages), image_bytes=tuple(len(image.data) for image in images),
             max_new_tokens=body.max_tokens, needs_logprobs=body.logprobs is not None,
-            client_timeout_s=timeout_s, client_timeout_first_byte=first_byte)
+            client_timeout_s=timeout_s, client_timeout_first_byte=first_byte,
+            request_class=request_class(messages[-1]["content"] if messages else body.prompt, len(images)))
         try:
             routed: Routed = await self._router_call("decide", request)
         except calls.TierUnavailable as exc:
@@ -146,7 +150,9 @@ class Ingress(TierCalls):
     @staticmethod
     def _route_info(routed: Routed) -> dict[str, Any]:
         d = routed.decision
-        return {"path": d.path, "reason": d.reason, "draft_len": d.draft_len}
+        return {"path": d.path, "reason": d.reason, "draft_len": d.draft_len,
+                "predicted_ttft_s": d.predicted_ttft_s.get(str(d.path)), "predicted_tpot_s": d.predicted_tpot_s.get(
+                    str(d.path))}
 
     async def run(self, body: GenerateBody, messages: Messages = None, image_fields: list[str] | None = None
                   ) -> tuple[TierResult, Routed, float]:
@@ -304,23 +310,6 @@ class Ingress(TierCalls):
         result, routed, _ = await self.run(req.native, req.messages, req.image_fields)
         return req.response(result.text, len(result.token_ids), result.prompt_tokens, result.logprobs, result.trace,
                             self._route_info(routed))
-
-
-# Documented in the OpenAPI schema, so that clients and schema-driven fuzzers know every answer: one error
-# shape for all of them (see api/errors.py); generation routes stream server-sent events when asked.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description} for status, description in (
-        (400, "Invalid request: `param` names the field."), (401, "Missing or wrong key."),
-        (403, "The key may not use this route."), (404, "Unknown model or route."),
-        (413, "Request body too large."), (429, "Over the rate limit; see Retry-After."),
-        (500, "A bug; details in the server's log."),
-        (503, "No tier can serve it now (starting, down, saturated); see Retry-After."))}
-STREAMED: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The answer; with `stream: true`, server-sent events.",
-          "content": {"text/event-stream": {"schema": {
-              "type": "object", "description": "One server-sent event.",
-              "properties": {"event": {"type": "string"},
-                             "data": {"type": "string", "description": "A JSON object, or [DONE] last."}}}}}}}
 
 
 def build_api(args: AppArgs, ingress: Callable[[], Ingress]) -> FastAPI:

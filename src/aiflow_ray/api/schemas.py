@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
@@ -250,3 +250,20 @@ class ErrorBody(BaseModel):
     """Every error answer (OpenAI's shape)."""
 
     error: ErrorDetail
+
+
+# Documented in the OpenAPI schema, so that clients and schema-driven fuzzers know every answer: one error
+# shape for all of them (see api/errors.py); generation routes stream server-sent events when asked.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description} for status, description in (
+        (400, "Invalid request: `param` names the field."), (401, "Missing or wrong key."),
+        (403, "The key may not use this route."), (404, "Unknown model or route."),
+        (413, "Request body too large."), (429, "Over the rate limit; see Retry-After."),
+        (500, "A bug; details in the server's log."),
+        (503, "No tier can serve it now (starting, down, saturated); see Retry-After."))}
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The answer; with `stream: true`, server-sent events.",
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "description": "One server-sent event.",
+              "properties": {"event": {"type": "string"},
+                             "data": {"type": "string", "description": "A JSON object, or [DONE] last."}}}}}}}

@@ -24,7 +24,8 @@ from aiflow_ray.api.schemas import LinkUpdate
 from aiflow_ray.config import AppArgs, GenerateOptions
 from aiflow_ray.errors import Refusal
 from aiflow_ray.logging_utils import clip, get_logger
-from aiflow_ray.routing.router import LoadReport, Routed, RouteRequest, RouterState
+from aiflow_ray.routing.messages import LoadReport, Routed, RouteRequest
+from aiflow_ray.routing.router import RouterState
 from aiflow_ray.tiers.results import TierResult
 from aiflow_ray.units import parse_bandwidth_bps
 
@@ -60,9 +61,12 @@ class TierCalls:
             path = str(trace.get("path"))
             # On the device no image crosses the link: what it would have taken is unknown.
             images = () if path == "on-device" else tuple(int(n) for n in trace.get("image_bytes_each") or ())
+            accepted, drafted = trace.get("accepted") or [], trace.get("draft_lens") or []
             self.router.report_outcome.remote(routed.decision.request_id, path,
                                               float(trace.get("ttft_s") or 0.0), float(trace.get("tpot_s") or 0.0),
-                                              int(trace.get("num_tokens") or 0), images)
+                                              int(trace.get("num_tokens") or 0), images, accepted=int(sum(accepted)),
+                                              rejections=sum(1 for a, k in zip(accepted, drafted, strict=False)
+                                                             if a < k))
         except Exception as exc:  # the router is being replaced: this one measurement is lost, nothing else
             log.warning("could not report an outcome to the router: %s", type(exc).__name__)
 

@@ -89,6 +89,11 @@ class RouteInputs:
     # so a queue that long refuses the request at once, with a Retry-After, instead.
     client_timeout_s: float | None = None
     client_timeout_first_byte: bool = False  # the timeout bounds the first byte only (a streamed read timeout)
+    # Per path, the TPOT its requests measured lately: the pace of a request under the host's present contention.
+    measured_tpot_s: dict[str, float] = field(default_factory=dict)
+    # The device tier, which runs every path's request from start to end (None until its replicas report):
+    # where its emulated devices share a host, it is a tier with slots and a queue like the others.
+    device: TierLoad | None = None
 
 
 # Admission aims at this share of a client's stated timeout: the queue's pace is an estimate.
@@ -157,16 +162,20 @@ def predict(inputs: RouteInputs) -> Prediction:
 def _queue_bound(inputs: RouteInputs, load: TierLoad, path: Path) -> tuple[float, int, float]:
     """(seconds one request holds a slot, the tier's queue bound, the budget the bound is sized for).
 
-    A slot's time is the idle prediction, or the measured one under load when longer (capacity / the rate
-    the saturated tier drained at). A request queued behind W others ends after about (W / capacity + 1)
-    slot times; the bound is the configured one, cut to the W whose requests still end within the budget:
-    the request deadline, or the client's own timeout when it states one (for a streamed read timeout,
-    the first token must come within it). A request queued past that would time out waiting, so it is
-    refused now, with a Retry-After it can use."""
+    A slot's time is the longest of: the idle prediction; the idle TTFT plus the path's recently measured
+    TPOT per token (from the first completions on); capacity / the rate the saturated tier drained at. The
+    last two measure the host's present contention. A request queued behind W others ends after about
+    (W / capacity + 1) slot times; the bound is the configured one, cut to the W whose requests still end
+    within the budget: the request deadline, or the client's own timeout when it states one (for a streamed
+    read timeout, the first token must come within it). A request queued past that would time out waiting,
+    so it is refused now, with a Retry-After it can use."""
     idle = predict(replace(inputs, edge=TierLoad(capacity=inputs.edge.capacity),
                            cloud=TierLoad(capacity=inputs.cloud.capacity)))
-    idle_s = max(idle.s_per_token[path] * max(inputs.max_new_tokens, 1), 1e-3)
-    request_s = idle_s if not load.drain_rps else max(idle_s, load.capacity / load.drain_rps)
+    n = max(inputs.max_new_tokens, 1)
+    idle_s = max(idle.s_per_token[path] * n, 1e-3)
+    request_s = max(idle_s, idle.ttft_s[path] + (n - 1) * inputs.measured_tpot_s.get(path, 0.0))
+    if load.drain_rps:
+        request_s = max(request_s, load.capacity / load.drain_rps)
     budget_s, own_s = inputs.request_deadline_s, request_s
     if inputs.client_timeout_s is not None:
         budget_s = min(budget_s, inputs.client_timeout_s * CLIENT_TIMEOUT_SHARE)
@@ -174,6 +183,20 @@ def _queue_bound(inputs: RouteInputs, load: TierLoad, path: Path) -> tuple[float
             own_s = min(request_s, idle.ttft_s[path] * request_s / idle_s)
     workable = int(load.capacity * (budget_s - own_s) / request_s)
     return request_s, max(min(load.queue_limit, workable), 0), budget_s
+
+
+def _admission(inputs: RouteInputs, tier: str, load: TierLoad, path: Path) -> tuple[str, Refusal | None]:
+    """A request for ``path`` at a tier: ('', None) with a slot free; (how deep it queues, None) within the
+    bounded queue; (why, a 503 with Retry-After) past it."""
+    if not load.saturated:
+        return "", None
+    request_s, limit, budget_s = _queue_bound(inputs, load, path)
+    if not load.full(limit):
+        return f"{tier} busy, queued behind {max(load.waiting, 0)} of at most {limit}", None
+    retry_s = int(min(max(request_s * load.waiting / max(load.capacity, 1), 1.0), 60.0) + 0.999)
+    message = (f"{tier} full: {max(load.waiting, 0) + load.capacity - 1} requests for {load.capacity} slots and a "
+               f"queue of {limit} (sized for a {budget_s:.0f} s deadline at {request_s:.1f} s a request)")
+    return message, Refusal(503, f"no tier can serve this request now: {message}", None, retry_s)
 
 
 # Which answers each path can give: a path contradicts a quality it cannot satisfy.
@@ -203,6 +226,11 @@ def decide(requested: str, quality: Quality | None, inputs: RouteInputs, fixed_d
     def made(path: Path | None, draft_len: int, reason: str, refusal: Refusal | None = None) -> Decision:
         if path is None and refusal is None:
             refusal = Refusal(503, f"no tier can serve this request now: {reason}", None, 1)
+        if path is not None and inputs.device is not None:
+            note, refused = _admission(inputs, "device", inputs.device, path)
+            if refused is not None:
+                return Decision(None, draft_len, note, pred.tpot_s, pred.ttft_s, lat, refused)
+            reason = f"{reason}; {note}" if note else reason
         return Decision(path, draft_len, reason, pred.tpot_s, pred.ttft_s, lat, refusal)
 
     def bad(field: str, message: str) -> Decision:
@@ -213,17 +241,10 @@ def decide(requested: str, quality: Quality | None, inputs: RouteInputs, fixed_d
         load = inputs.edge if tier == "edge" else inputs.cloud
         if not load.available:
             return made(None, k, f"{tier} tier unavailable")
-        if not load.saturated:
-            return made(path, k, reason)
-        request_s, limit, budget_s = _queue_bound(inputs, load, path)
-        if load.full(limit):
-            retry_s = int(min(max(request_s * load.waiting / max(load.capacity, 1), 1.0), 60.0) + 0.999)
-            message = (f"{tier} full: {max(load.waiting, 0) + load.capacity - 1} requests for {load.capacity} slots "
-                       f"and a queue of {limit} (sized for a {budget_s:.0f} s deadline at {request_s:.1f} s a "
-                       "request)")
-            return made(None, k, message, Refusal(503, f"no tier can serve this request now: {message}", None,
-                                                  retry_s))
-        return made(path, k, f"{reason}; {tier} busy, queued behind {max(load.waiting, 0)} of at most {limit}")
+        note, refused = _admission(inputs, tier, load, path)
+        if refused is not None:
+            return made(None, k, note, refused)
+        return made(path, k, f"{reason}; {note}" if note else reason)
 
     if requested != "auto" and quality is not None and quality not in _PATH_QUALITIES[requested]:
         return bad("quality", f"path '{requested}' cannot give quality '{quality}' ({_QUALITY_MEANS[quality]})")

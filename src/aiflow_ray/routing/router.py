@@ -11,13 +11,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, replace
-from typing import Annotated, Any
+from dataclasses import asdict, replace
+from typing import Any
 
-from pydantic import Field
-
-from aiflow_ray.config import MAX_DRAFT_LEN, LinkConfig, PathChoice, Quality, RouterArgs, StrictModel, TierName
+from aiflow_ray.config import RouterArgs
 from aiflow_ray.network.estimators import Ewma, ForwardCostCurve, LinkEstimator
+from aiflow_ray.routing.messages import GenerationReport, LoadReport, RouteRequest
 from aiflow_ray.routing.policy import Decision, RouteInputs, TierLoad, decide
 from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
 
@@ -31,73 +30,17 @@ ERRORS_KEPT = 100  # recent prediction errors per path
 DRAIN_GAPS_KEPT = 16
 DRAIN_WINDOW_S = 120.0
 DRAIN_MIN_GAPS = 3
-
-
-Sample = tuple[int, float]  # (bytes, seconds)
-Outage = tuple[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]]  # (bytes, seconds waited in vain)
-
-
-class GenerationReport(StrictModel):
-    """What a drafter replica learned from one request (sums over its rounds), or from a probe."""
-
-    link_id: str = Field(..., description="The device's link; empty for reports that measured no link.")
-    path: str
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    rejections: int = 0
-    draft_s: float = 0.0
-    draft_tokens: int = 0
-    link_samples: tuple[Sample, ...] = ()  # (bytes, link seconds) per round
-    probe_pairs: tuple[tuple[Sample, Sample], ...] = ()
-    link_outages: tuple[Outage, ...] = ()  # payloads that missed their deadline on the link
-    cloud_link_samples: tuple[Sample, ...] = ()  # edge-cloud (bytes, seconds)
-    on_device_s_per_token: float | None = None
-
-
-class LoadReport(StrictModel):
-    """A replica's load, pushed every ``load_report_period_s``, with its recent (tokens fed, seconds)."""
-
-    tier: TierName
-    replica: str
-    ongoing: int = Field(..., ge=0, description="Requests being computed now.")
-    queued: int = Field(..., ge=0, description="Requests admitted to the replica and waiting for its engine.")
-    capacity: int = Field(..., ge=0, description="Requests the replica admits at once.")
-    service_samples: tuple[tuple[int, float], ...] = ()
-    node_id: str = Field("", description="The Ray node the replica runs on: reports from a dead node's orphaned "
-                         "workers are ignored.")
-
-
-class RouteRequest(StrictModel):
-    """One request as the router sees it: keywords, typed, validated at the router."""
-
-    request_id: str
-    link_id: str
-    path: PathChoice = "auto"
-    quality: Quality | None = None
-    draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_LEN, description="A fixed k the client asked for.")
-    prompt_bytes: int = Field(0, ge=0, description="Raw input that crosses the link before the first token "
-                              "(the text; images are in image_bytes).")
-    image_bytes: tuple[int, ...] = Field((), description="Each image's size as the client sent it.")
-    max_new_tokens: int = Field(64, ge=1)
-    needs_logprobs: bool = False
-    client_timeout_s: float | None = Field(None, gt=0, description="How long the client waits for its answer, "
-                                           "when it says (a header): a queue longer than that refuses at once.")
-    client_timeout_first_byte: bool = Field(False, description="client_timeout_s bounds the first byte only "
-                                            "(a streamed response under a read timeout).")
-
-
-@dataclass(frozen=True)
-class Routed:
-    """The decision, and the link conditions the device emulates for this request (emulation only:
-    the decision never reads them)."""
-
-    decision: Decision
-    link: LinkConfig
+TPOTS_KEPT = 8  # per path, the last measured TPOTs that admission sizes a queue from
+TPOT_WINDOW_S = 60.0
+# Acceptance per request class: a class's own counts, shrunk toward the shared estimate by this many
+# pseudo-rounds, so a class with few requests borrows the estimate of all.
+CLASS_PRIOR_ROUNDS = 4.0
 
 
 # Which tier a path's requests wait for (admission counts them there).
-PATH_TIER = {"device-edge": "edge", "server-only": "edge", "device-edge-cloud": "cloud"}
+# (The device tier runs every path's request from start to end.)
+PATH_TIERS: dict[str, tuple[str, ...]] = {"on-device": ("device",), "device-edge": ("device", "edge"),
+                                          "server-only": ("device", "edge"), "device-edge-cloud": ("device", "cloud")}
 UNBOUNDED_QUEUE = 1_000_000
 
 
@@ -108,17 +51,20 @@ class RouterState:
         ``max_queued_requests``; -1 unbounded). ``request_deadline_s``: a request's whole budget."""
         self.cfg = cfg or RouterArgs()
         self.queue_limits = {tier: UNBOUNDED_QUEUE if limit < 0 else limit
-                             for tier, limit in (queue_limits or {"edge": 32, "cloud": 32}).items()}
+                             for tier, limit in (queue_limits or {"device": 32, "edge": 32, "cloud": 32}).items()}
         self.request_deadline_s = request_deadline_s
         # Requests admitted to a tier and not ended (request id -> (tier, admitted at)): the router's own
         # count, exact at once, where load reports lag a period behind. An entry whose end never came (its
         # ingress died) expires after the request deadline.
-        self.in_flight: dict[str, tuple[str, float]] = {}
+        self.in_flight: dict[str, tuple[tuple[str, ...], float]] = {}
         # Per tier: (when, seconds since the previous completion) for completions while every slot was taken,
         # and when the last such completion came (None after one on a tier with free slots: a gap that spans
         # idle time says nothing about the pace).
         self._drain_gaps: dict[str, deque[tuple[float, float]]] = {}
         self._last_busy_end: dict[str, float | None] = {}
+        self._tpots: dict[str, deque[tuple[float, float]]] = {}  # path -> (when, measured TPOT)
+        # Request class -> [accepted tokens, rejections], decayed per request as the shared counts are.
+        self.class_acceptance: dict[str, list[float]] = {}
         self.links: dict[str, LinkEstimator] = {}
         self.accepted = self.cfg.prior_alpha * 8.0
         self.rejected = (1 - self.cfg.prior_alpha) * 8.0
@@ -130,6 +76,7 @@ class RouterState:
         # The edge's forward cost over tokens fed, from every forward it reports (calibration, prefills,
         # decodes, verifies): a monotone curve, since one line over all of them goes negative on llama.cpp.
         self.verify_cost = ForwardCostCurve(forget=0.95)
+        # The device tier reports too, but only admission reads it: an unreported device tier gates nothing.
         self.loads: dict[str, dict[str, tuple[float, TierLoad]]] = {"edge": {}, "cloud": {}}
         self.load_nodes: dict[str, str] = {}  # replica -> node id
         self.dead_nodes: set[str] = set()  # set by the router deployment from the cluster's view
@@ -225,19 +172,20 @@ class RouterState:
         entry = self.in_flight.get(request_id)
         if entry is None:
             return
-        tier = entry[0]
-        busy = self.in_flight_count(tier) >= max(self.tier_load(tier).capacity, 1)
+        busy = {tier: self.in_flight_count(tier) >= max(self.tier_load(tier).capacity, 1) for tier in entry[0]}
         del self.in_flight[request_id]
-        now, last = time.monotonic(), self._last_busy_end.get(tier)
-        if busy and last is not None:
-            self._drain_gaps.setdefault(tier, deque(maxlen=DRAIN_GAPS_KEPT)).append((now, now - last))
-        self._last_busy_end[tier] = now if busy else None
+        now = time.monotonic()
+        for tier, saturated in busy.items():
+            last = self._last_busy_end.get(tier)
+            if saturated and last is not None:
+                self._drain_gaps.setdefault(tier, deque(maxlen=DRAIN_GAPS_KEPT)).append((now, now - last))
+            self._last_busy_end[tier] = now if saturated else None
 
     def in_flight_count(self, tier: str) -> int:
         expired = time.monotonic() - self.request_deadline_s - 30.0
         for request_id in [r for r, (_, at) in self.in_flight.items() if at < expired]:
             del self.in_flight[request_id]
-        return sum(1 for t, _ in self.in_flight.values() if t == tier)
+        return sum(1 for tiers, _ in self.in_flight.values() if tier in tiers)
 
     def report_end(self, request_id: str) -> None:
         """The request ended without an outcome to compare (failed, refused by a tier, cut by its client)."""
@@ -249,8 +197,28 @@ class RouterState:
     def alpha(self) -> float:
         return min(self.accepted / max(self.accepted + self.rejected, 1e-9), 0.999)
 
+    def alpha_for(self, request_class: str) -> float:
+        """The class's acceptance, its own counts shrunk toward the shared estimate (which alone, without a
+        class or before the class's first requests)."""
+        counts = self.class_acceptance.get(request_class) if request_class else None
+        if not counts:
+            return self.alpha
+        accepted, rejected = counts
+        shared = self.alpha * CLASS_PRIOR_ROUNDS
+        return min((accepted + shared) / max(accepted + rejected + CLASS_PRIOR_ROUNDS, 1e-9), 0.999)
+
+    def recent_tpot_s(self) -> dict[str, float]:
+        since = time.monotonic() - TPOT_WINDOW_S
+        out = {}
+        for path, samples in self._tpots.items():
+            recent = [tpot for at, tpot in samples if at >= since]
+            if recent:
+                out[path] = statistics.median(recent)
+        return out
+
     def inputs(self, link_id: str, prompt_bytes: int = 0, max_new_tokens: int = 64,
-               client_timeout_s: float | None = None, client_timeout_first_byte: bool = False) -> RouteInputs:
+               client_timeout_s: float | None = None, client_timeout_first_byte: bool = False,
+               request_class: str = "") -> RouteInputs:
         est = self.links.get(link_id) or LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s)
         link = est.estimate()
         cloud = self.cloud_link.estimate()
@@ -262,8 +230,10 @@ class RouterState:
             verify_base_s=table[0], verify_per_token_s=0.0, verify_table_s=table,
         )
         return RouteInputs(
-            alpha=self.alpha, compute=compute, link=LinkCosts(link.rtt_s, link.bandwidth_bps, link.bandwidth_bps),
+            alpha=self.alpha_for(request_class), compute=compute,
+            link=LinkCosts(link.rtt_s, link.bandwidth_bps, link.bandwidth_bps),
             edge=self.tier_load("edge", assume_saved=True), cloud=self.tier_load("cloud", assume_saved=True),
+            device=device if (device := self.tier_load("device")).available else None,
             max_draft_len=self.cfg.max_draft_len,
             fast_slo_s_per_token=self.cfg.fast_slo_s_per_token, shed_to_device=self.cfg.shed_to_device,
             prompt_bytes=prompt_bytes, max_new_tokens=max_new_tokens,
@@ -271,7 +241,7 @@ class RouterState:
             cloud_retrieval_s=self.cloud_retrieval_s.value or 0.05,
             cloud_s_per_token=self.cloud_s_per_token.value or self.cfg.prior_verify_s,
             request_deadline_s=self.request_deadline_s, client_timeout_s=client_timeout_s,
-            client_timeout_first_byte=client_timeout_first_byte,
+            client_timeout_first_byte=client_timeout_first_byte, measured_tpot_s=self.recent_tpot_s(),
         )
 
     def upload_bytes(self, req: RouteRequest) -> int:
@@ -282,13 +252,14 @@ class RouterState:
 
     def decide(self, req: RouteRequest) -> Decision:
         inputs = self.inputs(req.link_id, self.upload_bytes(req), req.max_new_tokens, req.client_timeout_s,
-                             req.client_timeout_first_byte)
+                             req.client_timeout_first_byte, req.request_class)
         decision = decide(req.path, req.quality, inputs, req.draft_len, req.needs_logprobs)
         decision.request_id = req.request_id
         prompt_bytes, max_new_tokens = inputs.prompt_bytes, req.max_new_tokens
         record = {
             "request_id": req.request_id, "at": time.time(), "link_id": req.link_id, "requested_path": req.path,
-            "quality": req.quality, "path": decision.path, "draft_len": decision.draft_len,
+            "quality": req.quality, "request_class": req.request_class, "path": decision.path,
+            "draft_len": decision.draft_len,
             "reason": decision.reason, "predicted_tpot_s": decision.predicted_tpot_s,
             "predicted_ttft_s": decision.predicted_ttft_s,
             "predicted_s_per_token": decision.predicted_s_per_token,
@@ -302,8 +273,8 @@ class RouterState:
         }
         self.decisions.append(record)
         if decision.path is not None:
-            if decision.path in PATH_TIER and req.request_id:
-                self.in_flight[req.request_id] = (PATH_TIER[decision.path], time.monotonic())
+            if req.request_id:
+                self.in_flight[req.request_id] = (PATH_TIERS[decision.path], time.monotonic())
             self._pending[req.request_id] = record
             while len(self._pending) > MAX_PENDING_OUTCOMES:  # requests that never reported (failed, cut)
                 del self._pending[next(iter(self._pending))]
@@ -312,15 +283,22 @@ class RouterState:
         return decision
 
     def report_outcome(self, request_id: str, path: str, ttft_s: float, tpot_s: float, num_tokens: int,
-                       image_bytes_sent: tuple[int, ...] = ()) -> None:
+                       image_bytes_sent: tuple[int, ...] = (), accepted: int = 0, rejections: int = 0) -> None:
         """What a request measured, beside what its decision predicted (recorded on the decision, and as the
         path's recent prediction errors). A request served on another path than decided (a fall-back) is
-        compared with that path's prediction. ``image_bytes_sent``: per image, what crossed the link."""
+        compared with that path's prediction. ``image_bytes_sent``: per image, what crossed the link.
+        ``accepted``, ``rejections``: its drafted tokens the verifier accepted, and its rounds that rejected
+        one, learned for the request's class."""
         for sent in image_bytes_sent:
             if sent > 0:
                 self.image_sent_bytes.update(float(sent))
         self._completed(request_id)
+        if num_tokens > 1 and tpot_s > 0:
+            self._tpots.setdefault(path, deque(maxlen=TPOTS_KEPT)).append((time.monotonic(), tpot_s))
         record = self._pending.pop(request_id, None)
+        if record is not None and record.get("request_class") and (accepted or rejections):
+            counts = self.class_acceptance.setdefault(record["request_class"], [0.0, 0.0])
+            counts[0], counts[1] = 0.9 * counts[0] + accepted, 0.9 * counts[1] + rejections
         if record is None or ttft_s <= 0:
             return
         predicted_ttft = record["predicted_ttft_s"].get(path)
@@ -360,6 +338,7 @@ class RouterState:
             "links": {lid: [e.bandwidth_bps, e.rtt_s] for lid, est in self.links.items()
                       if (e := est.base_estimate())},
             "acceptance": [self.accepted, self.rejected],
+            "class_acceptance": {c: list(counts) for c, counts in self.class_acceptance.items()},
             "draft_s_per_token": self.draft_s.value, "verify_curve": self.verify_cost.export() or None,
             "cloud_link": [cloud.bandwidth_bps, cloud.rtt_s],
             "cloud_s_per_token": self.cloud_s_per_token.value, "cloud_retrieval_s": self.cloud_retrieval_s.value,
@@ -377,6 +356,8 @@ class RouterState:
             self.links[str(link_id)] = LinkEstimator(float(bandwidth_bps), float(rtt_s), forget=0.9)
         accepted, rejected = state.get("acceptance") or (self.accepted, self.rejected)
         self.accepted, self.rejected = float(accepted), float(rejected)
+        for request_class, counts in (state.get("class_acceptance") or {}).items():
+            self.class_acceptance[str(request_class)] = [float(counts[0]), float(counts[1])]
         self.draft_s.value = state.get("draft_s_per_token") or self.draft_s.value
         if state.get("verify_curve"):
             self.verify_cost.restore(state["verify_curve"])
@@ -396,6 +377,7 @@ class RouterState:
         return {
             "links": links,
             "alpha": self.alpha,
+            "alpha_by_class": {c: round(self.alpha_for(c), 4) for c in sorted(self.class_acceptance)},
             "draft_s_per_token": self.draft_s.value,
             "verify_s": self.inputs("").compute.verify_s(0),
             # (tokens fed, seconds) of the edge's forwards: the curve every verify-cost prediction reads.

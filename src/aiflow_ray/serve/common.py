@@ -12,7 +12,7 @@ from typing import Any, Literal
 from aiflow_ray.config import AppArgs, TierName
 from aiflow_ray.engines.base import Engine
 from aiflow_ray.logging_utils import get_logger
-from aiflow_ray.routing.router import LoadReport
+from aiflow_ray.routing.messages import LoadReport
 
 log = get_logger(__name__)
 

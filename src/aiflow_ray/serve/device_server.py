@@ -26,8 +26,8 @@ from aiflow_ray.errors import Refusal, RefusedError, TierUnavailable
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
 from aiflow_ray.network.link import DuplexLink, RealClock
-from aiflow_ray.routing.router import GenerationReport
-from aiflow_ray.serve.common import router_handle, tier_engine
+from aiflow_ray.routing.messages import GenerationReport
+from aiflow_ray.serve.common import LoadTracker, router_handle, tier_engine
 from aiflow_ray.serve.transports import ServeCloud, ServeTransport
 from aiflow_ray.tiers.device import DeviceDrafter, EdgeError, GenerationResult
 from aiflow_ray.tiers.links import LinkProber, LinkRegistry, Sample
@@ -105,6 +105,8 @@ class DeviceDrafterServer:
         self.cloud_link = DuplexLink.from_config(self.args.edge_cloud_link, RealClock())
         self.links = LinkRegistry(self.args.router.max_draft_len)
         self._router = router
+        # The device tier's load for the router's admission: every path's request runs here from start to end.
+        self.load = LoadTracker("device", self.args, None, router)
         self._counts_lock = threading.Lock()
         self.active = 0  # generations running now
         self.cancelled = 0  # generations stopped because the client went away
@@ -267,6 +269,7 @@ class DeviceDrafterServer:
         return TierResult(result.text, result.token_ids, result.prompt_tokens, result.trace.to_dict(), named)
 
     async def generate(self, opts: GenerateOptions) -> TierResult | Refusal:
+        self.load.start()
         cancel = threading.Event()
         try:
             result = await asyncio.to_thread(self._run, opts, cancel)
@@ -279,6 +282,7 @@ class DeviceDrafterServer:
 
     async def generate_stream(self, opts: GenerateOptions) -> AsyncIterator[StreamDelta | StreamDone | Refusal]:
         """A ``StreamDelta`` per round, then ``StreamDone``; a failure ends the stream with a ``Refusal``."""
+        self.load.start()
         cancel = threading.Event()
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         pending: list[int] = []  # tokens whose text is not complete yet (a split UTF-8 character)
@@ -330,7 +334,8 @@ class DeviceDrafterServer:
             self.active += 1
             self._running_links[link_id] = self._running_links.get(link_id, 0) + 1
         try:
-            yield
+            with self.load.admitted(), self.load.busy():
+                yield
         except Cancelled:
             with self._counts_lock:
                 self.cancelled += 1

@@ -18,8 +18,9 @@ from typing import Any
 
 from aiflow_ray.config import AppArgs, LinkConfig
 from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.routing.messages import GenerationReport, LoadReport, Routed, RouteRequest
 from aiflow_ray.routing.persistence import emulated_links_of, load_saved_state, save_state
-from aiflow_ray.routing.router import GenerationReport, LoadReport, Routed, RouteRequest, RouterState
+from aiflow_ray.routing.router import RouterState
 
 log = get_logger(__name__)
 
@@ -32,8 +33,8 @@ class RouterServer:
     def __init__(self, args: dict[str, Any], persist: bool = True) -> None:
         """``persist=False`` (unit tests) keeps the state in memory only."""
         self.args = AppArgs.model_validate(args)
-        self.state = RouterState(self.args.router, {"edge": self.args.edge.max_queued_requests,
-                                                    "cloud": self.args.cloud.max_queued_requests},
+        self.state = RouterState(self.args.router, {tier: self.args.tier(tier).max_queued_requests
+                                                    for tier in ("device", "edge", "cloud")},
                                  self.args.deadlines.request_s)
         self.persist = persist
         saved = load_saved_state(self.args.name) if persist else None
