@@ -62,19 +62,23 @@ def test_edge_down_or_saturated() -> None:
 
 def test_a_busy_edge_queues_exact_requests_up_to_its_bound_then_refuses_with_retry_after() -> None:
     # Every slot taken: an exact request waits in the bounded queue rather than being refused.
-    busy = TierLoad(True, ongoing=4, queued=0, capacity=4, queue_limit=8)
+    busy = TierLoad(True, ongoing=4, queued=0, capacity=4, queue_limit=8, drain_rps=1.0)
     for requested in ("auto", "device-edge", "server-only"):
         decision = decide(requested, "exact", _inputs(edge=busy))
         assert decision.path in ("device-edge", "server-only") and decision.refusal is None, decision
         assert "queued behind 1 of at most 8" in decision.reason
     # The router's own count (requests admitted, not ended) counts even when the reports lag behind.
-    counted = TierLoad(True, ongoing=0, queued=0, capacity=4, in_flight=12, queue_limit=8)
+    counted = TierLoad(True, ongoing=0, queued=0, capacity=4, in_flight=12, queue_limit=8, drain_rps=1.0)
     refused = decide("auto", "exact", _inputs(edge=counted))
     assert refused.path is None and refused.refusal is not None and refused.refusal.status == 503
     assert "edge full: 12 requests for 4 slots and a queue of 8" in refused.reason
     assert refused.refusal.retry_after_s is not None and refused.refusal.retry_after_s >= 1
-    within = TierLoad(True, ongoing=0, queued=0, capacity=4, in_flight=11, queue_limit=8)
+    within = TierLoad(True, ongoing=0, queued=0, capacity=4, in_flight=11, queue_limit=8, drain_rps=1.0)
     assert decide("auto", "exact", _inputs(edge=within)).path is not None
+    # Until a saturated pace is measured, the queue holds one request per slot (the paces known then come
+    # from lighter load).
+    unmeasured = TierLoad(True, ongoing=0, queued=0, capacity=4, in_flight=11, queue_limit=8)
+    assert "a queue of 4" in decide("auto", "exact", _inputs(edge=unmeasured)).reason
     # A queue the request would time out in is cut to what the capacity works off within the deadline.
     tight = RouteInputs(**{**_inputs(edge=within).__dict__, "request_deadline_s": 1.0, "max_new_tokens": 64})
     cut = decide("auto", "exact", tight)
@@ -155,21 +159,21 @@ def test_the_router_measures_a_saturated_tiers_pace_from_its_completions(monkeyp
     now = [1000.0]
     monkeypatch.setattr(router_module.time, "monotonic", lambda: now[0])
     state = RouterState(queue_limits={"edge": 32, "cloud": 0})
-    state.report_load(LoadReport(tier="edge", replica="e0", ongoing=0, queued=0, capacity=2))
-    for i in range(8):
+    state.report_load(LoadReport(tier="edge", replica="e0", ongoing=0, queued=0, capacity=4))
+    for i in range(8):  # 4 slots, and 4 queued (one a slot until the pace is measured)
         assert state.decide(RouteRequest(request_id=f"r{i}", link_id="l", path="server-only",
                                          quality="exact")).path == "server-only"
     assert state.drain_rps("edge") is None  # nothing completed yet
     for i in range(5):  # one completion every 4 s while every slot is taken
         now[0] += 4.0
-        state.report_load(LoadReport(tier="edge", replica="e0", ongoing=2, queued=0, capacity=2))
+        state.report_load(LoadReport(tier="edge", replica="e0", ongoing=4, queued=0, capacity=4))
         state.report_outcome(f"r{i}", "server-only", 0.1, 0.01, 8)
     assert state.drain_rps("edge") == pytest.approx(0.25)
     assert state.tier_load("edge").drain_rps == pytest.approx(0.25)
     # Completions with free slots say nothing of the pace; a gap that spans idle time is not measured.
     for i in (5, 6):
         now[0] += 100.0
-        state.report_load(LoadReport(tier="edge", replica="e0", ongoing=1, queued=0, capacity=2))
+        state.report_load(LoadReport(tier="edge", replica="e0", ongoing=1, queued=0, capacity=4))
         state.report_outcome(f"r{i}", "server-only", 0.1, 0.01, 8)
     assert state.drain_rps("edge") is None  # the measured gaps left the window
     # A request that failed is no completion.

@@ -182,6 +182,12 @@ def _queue_bound(inputs: RouteInputs, load: TierLoad, path: Path) -> tuple[float
         if inputs.client_timeout_first_byte:
             own_s = min(request_s, idle.ttft_s[path] * request_s / idle_s)
     workable = int(load.capacity * (budget_s - own_s) / request_s)
+    if not load.drain_rps:
+        # Not yet measured saturated: the paces above come from lighter load, and on a host whose cores the
+        # requests share they are too short by about the concurrency. One waiting request per slot until the
+        # first saturated completions measure the real pace (a step load on one core otherwise queued
+        # requests past their client's timeout before any measurement could say so).
+        workable = min(workable, load.capacity)
     return request_s, max(min(load.queue_limit, workable), 0), budget_s
 
 
