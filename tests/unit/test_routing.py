@@ -335,3 +335,23 @@ def test_a_calibration_replaces_a_contended_start_up_timing() -> None:
     state.report_generation(GenerationReport(link_id="", path="calibration", on_device_s_per_token=0.34))
     state.report_generation(GenerationReport(link_id="", path="calibration", on_device_s_per_token=0.04))
     assert state.inputs("phone").compute.draft_s_per_token == pytest.approx(0.04)
+
+
+def test_the_router_deployment_takes_what_the_ingress_reports() -> None:
+    """The ingress calls the deployment's methods by keyword across a Ray hop: a signature that drifted from
+    RouterState's would lose every outcome (and leave its request counted in flight for ever)."""
+    import asyncio
+
+    from aiflow_ray.serve.router_server import RouterServer
+
+    async def run() -> RouterServer:
+        server = RouterServer({}, persist=False)
+        await server.report_load(LoadReport(tier="edge", replica="e0", ongoing=0, queued=0, capacity=4))
+        routed = await server.decide(RouteRequest(request_id="r1", link_id="l", path="device-edge",
+                                                  request_class="text:code"))
+        assert routed.decision.path == "device-edge" and server.state.in_flight_count("edge") == 1
+        await server.report_outcome("r1", "device-edge", 0.1, 0.02, 16, (), accepted=12, rejections=1)
+        return server
+
+    server = asyncio.run(run())
+    assert server.state.in_flight_count("edge") == 0 and "text:code" in server.state.class_acceptance

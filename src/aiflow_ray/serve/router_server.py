@@ -90,8 +90,10 @@ class RouterServer:
         self._dirty = True
 
     async def report_outcome(self, request_id: str, path: str, ttft_s: float, tpot_s: float,
-                             num_tokens: int, image_bytes_sent: tuple[int, ...] = ()) -> None:
-        self.state.report_outcome(request_id, path, ttft_s, tpot_s, num_tokens, image_bytes_sent)
+                             num_tokens: int, image_bytes_sent: tuple[int, ...] = (), accepted: int = 0,
+                             rejections: int = 0) -> None:
+        self.state.report_outcome(request_id, path, ttft_s, tpot_s, num_tokens, image_bytes_sent, accepted,
+                                  rejections)
 
     async def report_end(self, request_id: str) -> None:
         self.state.report_end(request_id)
