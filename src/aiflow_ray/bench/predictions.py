@@ -23,13 +23,13 @@ from typing import Any
 from tqdm import tqdm
 
 from aiflow_ray.bench import write_csv
-from aiflow_ray.bench.served import PAIRS, _deploy, _prompts
+from aiflow_ray.bench.served import PAIRS, _deploy, _prompts, pair_sweep_parser
 from aiflow_ray.client import AiflowClient
 from aiflow_ray.units import format_bandwidth, parse_bandwidth_bps
 
 PATHS = ("on-device", "server-only", "device-edge", "auto")
 FIELDS = ["pair", "bandwidth_bps", "requested_path", "path", "kind", "draft_len", "predicted_ttft_s",
-          "measured_ttft_s", "predicted_tpot_s", "measured_tpot_s", "client_ttft_s", "client_tpot_s"]
+          "measured_ttft_s", "predicted_tpot_s", "measured_tpot_s", "client_ttft_s", "client_tpot_s", "error"]
 
 
 def _request(client: AiflowClient, prompt: str, max_tokens: int, **body: Any) -> dict[str, Any]:
@@ -72,8 +72,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         for bw in bandwidths:
             for prompt in prompts:
                 for path in PATHS:
-                    out = _request(client, prompt["prompt"], args.max_new_tokens, path=path,
-                                   link_id=f"bench-{int(bw)}")
+                    try:
+                        out = _request(client, prompt["prompt"], args.max_new_tokens, path=path,
+                                       link_id=f"bench-{int(bw)}")
+                    except Exception as exc:  # one failed request is a row that says so, not a lost run
+                        out = {"path": "", "error": f"{type(exc).__name__}: {exc}"[:200]}
                     rows.append({"pair": pair, "bandwidth_bps": bw, "requested_path": path, "kind": prompt["kind"],
                                  **out})
                     bar.update(1)
@@ -97,8 +100,9 @@ def _ratio(measured: float | None, predicted: float | None) -> str:
 
 def report(rows: list[dict[str, Any]], errors: dict[str, Any], args: argparse.Namespace) -> str:
     lines = ["# The router's predictions against measured TTFT and TPOT", "",
-             f"Reproduce: `make run && python -m aiflow_ray.bench.predictions --prompts-per-kind "
-             f"{args.prompts_per_kind} --max-new-tokens {args.max_new_tokens}` (local profile, default models; "
+             f"Reproduce: `make run && python -m aiflow_ray.bench.predictions --pairs {args.pairs} "
+             f"--prompts-per-kind {args.prompts_per_kind} --max-new-tokens {args.max_new_tokens}` (local profile, "
+             "default models; "
              f"{args.max_new_tokens} tokens, greedy, streamed, EOS ignored; RTT {args.rtt_ms:g} ms; medians over "
              f"{2 * args.prompts_per_kind} prompts, half code, half English, after one warm-up request per path "
              "and link).", "",
@@ -115,8 +119,9 @@ def report(rows: list[dict[str, Any]], errors: dict[str, Any], args: argparse.Na
         if key not in seen:
             seen.append(key)
     for pair, path, bw in seen:
-        group = [r for r in rows if (r["pair"], r["requested_path"], float(r["bandwidth_bps"])) == (pair, path, bw)]
-        chosen = "/".join(sorted({str(r["path"]) for r in group}))
+        group = [r for r in rows if (r["pair"], r["requested_path"], float(r["bandwidth_bps"])) == (pair, path, bw)
+                 and not r.get("error")]
+        chosen = "/".join(sorted({str(r["path"]) for r in group})) or "failed"
         med = {f: _median([float(r[f]) for r in group if r.get(f) not in (None, "")]) for f in FIELDS[6:10]}
         lines.append(f"| {pair} | {path} | {format_bandwidth(bw)} | {chosen} | {_ms(med['predicted_ttft_s'])} "
                      f"| {_ms(med['measured_ttft_s'])} | {_ratio(med['measured_ttft_s'], med['predicted_ttft_s'])} "
@@ -174,16 +179,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     import json
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--pairs", default=",".join(PAIRS))
-    parser.add_argument("--prompts-per-kind", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--rtt-ms", type=float, default=20.0)
-    parser.add_argument("--bandwidths", default="500KB/s,1MB/s,2MB/s")
-    parser.add_argument("--out", default="docs/benchmarks")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the report and plot from router.csv")
-    args = parser.parse_args(argv)
+    args = pair_sweep_parser(__doc__, 1, 32, "router.csv").parse_args(argv)
     out = Path(args.out)
     errors_file = out / "router_errors.json"
     if args.report_only:

@@ -309,17 +309,23 @@ def plot(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> Non
     fig.savefig(out / "served.png", dpi=120)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def pair_sweep_parser(doc: str | None, prompts_per_kind: int, max_new_tokens: int, csv_name: str
+                      ) -> argparse.ArgumentParser:
+    """The arguments of a sweep over engine pairs, paths and bandwidths against the running API."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--pairs", default=",".join(PAIRS))
-    parser.add_argument("--prompts-per-kind", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--prompts-per-kind", type=int, default=prompts_per_kind)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--rtt-ms", type=float, default=20.0)
     parser.add_argument("--bandwidths", default="500KB/s,1MB/s,2MB/s")
     parser.add_argument("--out", default="docs/benchmarks")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the report and plot from served.csv")
-    args = parser.parse_args(argv)
+    parser.add_argument("--report-only", action="store_true", help=f"rewrite the report and plot from {csv_name}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = pair_sweep_parser(__doc__, 2, 48, "served.csv").parse_args(argv)
     out = Path(args.out)
     if args.report_only:
         with (out / "served.csv").open() as handle:
