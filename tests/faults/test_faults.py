@@ -81,7 +81,8 @@ def test_edge_replica_killed_mid_verify(drill: Drill, slow_link: None) -> None:
         _check([o], {str(o.body["prompt"]): reference[key]})
     failed_over = sum(o.json.get("trace", {}).get("failovers", 0) for o in outcomes if o.ok)
     resent = sum(o.json.get("trace", {}).get("context_resends", 0) for o in outcomes if o.ok)
-    assert sum(o.ok for o in outcomes) >= len(outcomes) - 2, "most requests must fail over, not be refused"
+    refused = [f"{o.status} {o.json.get('error') or o.json or o.error}" for o in outcomes if not o.ok]
+    assert len(refused) <= 2, f"most requests must fail over, not be refused: {refused}"
     # The killed replica held requests in flight: they went on on the other replica.
     assert failed_over + resent > 0, "the kill landed on live requests, yet none failed over"
     drill.wait_healthy({"EdgeVerifier": 2})

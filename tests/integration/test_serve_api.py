@@ -214,25 +214,30 @@ def test_the_router_sets_each_measured_outcome_beside_its_prediction(api: httpx.
 def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx.Client,
                                                                        admin_api: httpx.Client) -> None:
     link = "fast-path"
+    last: dict = {}
 
     def fast(expect: Callable[[str], bool]) -> dict | None:
         response = _generate(api, prompt=LONG_PROMPT, path="auto", quality="fast", link_id=link, max_tokens=12)
         assert response.status_code == 200, response.text
-        route = response.json()["route"]
-        return route if expect(route["path"]) else None
+        last.update(route=response.json()["route"])
+        return last["route"] if expect(last["route"]["path"]) else None
+
+    def poll(expect: Callable[[str], bool], deadline_s: float, what: str) -> dict:
+        try:
+            return _poll(lambda: fast(expect), deadline_s, what)
+        except AssertionError as exc:
+            state = api.get("/v1/router").json()
+            decision = next((d for d in reversed(state["recent_decisions"]) if d["link_id"] == link), None)
+            raise AssertionError(f"{exc}; router saw {state['links'].get(link)}; last route {last.get('route')}; "
+                                 f"its decision {decision}") from None
 
     _set_link(admin_api, link, "2MB/s")
-    _poll(lambda: fast(lambda p: p in ("server-only", "device-edge")), 30, "the large model serving at 2 MB/s")
-    _set_link(admin_api, link, "10KB/s")
-    moved = _poll(lambda: fast(lambda p: p == "on-device"), 40, "fast requests moving on-device at 10 KB/s")
+    poll(lambda p: p in ("server-only", "device-edge"), 30, "the large model serving at 2 MB/s")
+    _set_link(admin_api, link, "2KB/s")
+    moved = poll(lambda p: p == "on-device", 40, "fast requests moving on-device at 2 KB/s")
     assert "objective" in moved["reason"], moved["reason"]
     _set_link(admin_api, link, "2MB/s")
-    try:
-        back = _poll(lambda: fast(lambda p: p in ("server-only", "device-edge")), 40, "coming back at 2 MB/s")
-    except AssertionError as exc:
-        state = api.get("/v1/router").json()
-        raise AssertionError(f"{exc}; router saw {state['links'].get(link)}, last decision "
-                             f"{state['recent_decisions'][-1]}") from None
+    back = poll(lambda p: p in ("server-only", "device-edge"), 40, "coming back at 2 MB/s")
     assert "meets" in back["reason"], back["reason"]
 
 

@@ -182,6 +182,18 @@ def test_the_forward_cost_curve_is_monotone_and_never_negative(samples: list[tup
     assert all(b >= a - 1e-12 for a, b in itertools.pairwise(values))  # type: ignore[operator]
 
 
+def test_a_calibration_replaces_what_the_curve_held_at_its_size() -> None:
+    from aiflow_ray.network.estimators import ForwardCostCurve
+
+    curve = ForwardCostCurve()
+    for _ in range(20):
+        curve.observe(4, 0.125)  # timed while every tier loaded its model
+        curve.observe(1, 0.007)
+    curve.replace(4, 0.012)
+    assert curve.seconds(4) == pytest.approx(0.012)
+    assert curve.seconds(1) == pytest.approx(0.007)  # other sizes keep their history
+
+
 def test_each_decision_gets_its_measured_outcome_and_each_path_its_median_error() -> None:
     from aiflow_ray.routing.messages import LoadReport, RouteRequest
 

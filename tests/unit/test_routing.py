@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from aiflow_ray.routing.classes import request_class
@@ -75,10 +77,14 @@ def test_a_busy_edge_queues_exact_requests_up_to_its_bound_then_refuses_with_ret
     assert refused.refusal.retry_after_s is not None and refused.refusal.retry_after_s >= 1
     within = TierLoad(True, ongoing=0, queued=0, capacity=4, in_flight=11, queue_limit=8, drain_rps=1.0)
     assert decide("auto", "exact", _inputs(edge=within)).path is not None
-    # Until a saturated pace is measured, the queue holds one request per slot (the paces known then come
-    # from lighter load).
+    # Until a saturated pace is measured (the paces known then come from lighter load), the queue is sized as
+    # if the slots' requests ran one after another, but never below one waiting request per slot.
     unmeasured = TierLoad(True, ongoing=0, queued=0, capacity=4, in_flight=11, queue_limit=8)
-    assert "a queue of 4" in decide("auto", "exact", _inputs(edge=unmeasured)).reason
+    assert decide("auto", "exact", _inputs(edge=unmeasured)).path is not None  # 300 s: room for all 8
+    minute = RouteInputs(**{**_inputs(edge=unmeasured).__dict__, "request_deadline_s": 60.0})
+    assert "a queue of 4" in decide("auto", "exact", minute).reason  # serially only 1 would end within 60 s
+    measured = RouteInputs(**{**minute.__dict__, "edge": replace(unmeasured, drain_rps=4 / 11.2)})
+    assert decide("auto", "exact", measured).path is not None  # the measured pace leaves room for 8
     # A queue the request would time out in is cut to what the capacity works off within the deadline.
     tight = RouteInputs(**{**_inputs(edge=within).__dict__, "request_deadline_s": 1.0, "max_new_tokens": 64})
     cut = decide("auto", "exact", tight)
@@ -350,8 +356,49 @@ def test_the_router_deployment_takes_what_the_ingress_reports() -> None:
         routed = await server.decide(RouteRequest(request_id="r1", link_id="l", path="device-edge",
                                                   request_class="text:code"))
         assert routed.decision.path == "device-edge" and server.state.in_flight_count("edge") == 1
-        await server.report_outcome("r1", "device-edge", 0.1, 0.02, 16, (), accepted=12, rejections=1)
+        await server.report_outcome("r1", "device-edge", 0.1, 0.02, 16, (), accepted=12, rejections=1,
+                                    prompt_tokens=40)
         return server
 
     server = asyncio.run(run())
     assert server.state.in_flight_count("edge") == 0 and "text:code" in server.state.class_acceptance
+
+
+def test_ttft_carries_the_prompts_prefill_measured_at_each_tier() -> None:
+    """A long prompt's first token waits for its prefill: the edge's from its forwards over tokens fed
+    (calibration and sessions' first verifies), the device's from its calibrations; the prompt's tokens from
+    what earlier prompts of that many bytes took."""
+    state = RouterState()
+    forwards = ((1, 0.05), (4, 0.08), (8, 0.12), (128, 0.6), (512, 2.0))
+    state.report_load(LoadReport(tier="edge", replica="r1", ongoing=0, queued=0, capacity=4,
+                                 service_samples=forwards * 5))
+    state.report_generation(GenerationReport(link_id="", path="calibration", on_device_s_per_token=0.02,
+                                             prefill_samples=((6, 0.02), (128, 0.15))))
+    state.report_generation(GenerationReport(link_id="phone", path="probe", link_samples=((90, 0.02),) * 5))
+
+    def ttft(text_bytes: int, request_id: str) -> dict[str, float]:
+        decision = state.decide(RouteRequest(request_id=request_id, link_id="phone", path="server-only",
+                                             quality="exact", prompt_bytes=text_bytes, max_new_tokens=16))
+        return decision.predicted_ttft_s
+
+    short, long = ttft(20, "a"), ttft(2048, "b")  # 5 and 512 tokens at the prior 4 bytes a token
+    # The edge's prefill of 512 tokens (2.0 s) in place of 5 tokens' (0.09 s), besides the longer upload.
+    assert long["server-only"] - short["server-only"] > 2.0 - 0.09
+    assert long["device-edge"] - short["device-edge"] > 1.9  # the edge's prefill, and the device's
+    assert long["on-device"] > 0.15 > short["on-device"]  # 512 tokens: past the calibrated 128 (0.15 s)
+    # The ingress reports what the prompt took: 2048 bytes were 1024 tokens, so the next such prompt is
+    # predicted longer still.
+    state.report_outcome("b", "server-only", 2.5, 0.05, 16, prompt_tokens=1024)
+    assert state.prompt_tokens(2048) == 1024
+    assert ttft(2048, "c")["server-only"] > long["server-only"] + 1.0
+    saved = state.export_state()
+    restored = RouterState()
+    restored.restore(saved)
+    assert restored.prompt_tokens(2048) == 1024
+    assert restored.inputs("phone", prompt_tokens=128).device_prefill_s == pytest.approx(0.15, rel=0.05)
+    # An idle replica's re-calibration replaces the sizes it times; the others keep their history.
+    state.report_load(LoadReport(tier="edge", replica="r1", ongoing=0, queued=0, capacity=4,
+                                 calibration_samples=((4, 0.06), (128, 0.3))))
+    assert state.inputs("phone").compute.verify_s(3) == pytest.approx(0.06)
+    assert state.inputs("phone", prompt_tokens=128).edge_prefill_s == pytest.approx(0.3)
+    assert state.inputs("phone").compute.verify_s(7) == pytest.approx(0.12)

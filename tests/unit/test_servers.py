@@ -81,6 +81,24 @@ def test_every_path_through_the_device_server_and_the_exactness_of_speculation(
     assert spec.drafted == sum(out["device-edge"].trace["draft_lens"]) and spec.link_id == "device-0"
 
 
+def test_the_edge_files_each_forward_under_the_tokens_it_fed(servers: Any, tiny_pipeline: Pipeline) -> None:
+    """The router's cost curve reads forwards by tokens fed: a session's first verify feeds the whole prompt
+    (a prefill, filed as one), later ones the draft and one token; the calibration, min of three, goes apart
+    so the router can let it replace what start-up contention measured."""
+    device, edge, _router = servers
+    assert [n for n, _ in edge.edge.calibration_samples] == [1, 4, 8, 128]
+    assert edge.edge.calibrated_at is not None
+    edge.edge.service_samples.clear()
+    result = asyncio.run(device.generate(_opts("device-edge", draft_len=3)))
+    prompt_tokens = len(tiny_pipeline.drafter_engine.encode_prompt(PROMPTS[0], chat=True))
+    fed = [n for n, _ in edge.edge.service_samples]
+    assert fed[0] == prompt_tokens + result.trace["draft_lens"][0], (fed, prompt_tokens)
+    assert fed[1:] == [k + 1 for k in result.trace["draft_lens"][1:]][:len(fed) - 1]
+    edge.edge.service_samples.clear()
+    asyncio.run(device.generate(_opts("server-only")))
+    assert [n for n, _ in edge.edge.service_samples][:2] == [prompt_tokens, 1]
+
+
 def test_logprobs_agree_between_verified_drafts_and_the_verifier_alone(servers: Any) -> None:
     device, _edge, _router = servers
     spec, alone = (asyncio.run(device.generate(_opts(p, logprobs=2))) for p in ("device-edge", "server-only"))

@@ -170,7 +170,7 @@ class Ingress(TierCalls):
             raise refusal_error(result)
         metrics.observe(result.trace, result.prompt_tokens)
         metrics.REQUESTS.labels(result.trace["path"], "200").inc()
-        self._report_outcome(routed, result.trace)
+        self._report_outcome(routed, result.trace, result.prompt_tokens)
         return result, routed, time.perf_counter() - started
 
 
@@ -206,7 +206,7 @@ class Ingress(TierCalls):
                     if isinstance(event, StreamDone):
                         metrics.observe(event.trace, event.prompt_tokens)
                         metrics.REQUESTS.labels(event.trace["path"], "200").inc()
-                        self._report_outcome(routed, event.trace)
+                        self._report_outcome(routed, event.trace, event.prompt_tokens)
                         finished = True
                     for out in shape(event, routed):
                         yield f"data: {json.dumps(out)}\n\n"

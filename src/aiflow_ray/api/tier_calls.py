@@ -53,7 +53,7 @@ class TierCalls:
                 raise calls.TierUnavailable(tier, calls.describe(exc)) from exc
             raise
 
-    def _report_outcome(self, routed: Routed, trace: dict[str, Any]) -> None:
+    def _report_outcome(self, routed: Routed, trace: dict[str, Any], prompt_tokens: int = 0) -> None:
         """The measured TTFT and TPOT go back to the router beside its prediction (fire and forget)."""
         if not routed.decision.request_id:
             return
@@ -66,7 +66,7 @@ class TierCalls:
                                               float(trace.get("ttft_s") or 0.0), float(trace.get("tpot_s") or 0.0),
                                               int(trace.get("num_tokens") or 0), images, accepted=int(sum(accepted)),
                                               rejections=sum(1 for a, k in zip(accepted, drafted, strict=False)
-                                                             if a < k))
+                                                             if a < k), prompt_tokens=int(prompt_tokens))
         except Exception as exc:  # the router is being replaced: this one measurement is lost, nothing else
             log.warning("could not report an outcome to the router: %s", type(exc).__name__)
 

@@ -274,6 +274,16 @@ class ForwardCostCurve:
         self._sy[bucket] = f * self._sy.get(bucket, 0.0) + weight * seconds
         self._points = None
 
+    def replace(self, fed: float, seconds: float) -> None:
+        """A deliberate measurement on an idle engine (a calibration): it replaces what the curve held at
+        that size, which may have been timed under start-up contention and, at a size traffic seldom
+        feeds, would otherwise linger for good."""
+        if fed >= 1:
+            bucket = COST_BUCKETS[min(bisect.bisect_left(COST_BUCKETS, fed), len(COST_BUCKETS) - 1)]
+            for held in (self._w, self._sx, self._sy):
+                held.pop(bucket, None)
+        self.observe(fed, seconds)
+
     def points(self) -> list[tuple[float, float]]:
         """(tokens fed, seconds) through which the curve runs, non-decreasing in both."""
         if self._points is None:

@@ -32,6 +32,8 @@ class GenerationReport(StrictModel):
     link_outages: tuple[Outage, ...] = ()  # payloads that missed their deadline on the link
     cloud_link_samples: tuple[Sample, ...] = ()  # edge-cloud (bytes, seconds)
     on_device_s_per_token: float | None = None
+    # (prompt tokens, seconds to the first token) of local generations: the device's prefill cost.
+    prefill_samples: tuple[tuple[Annotated[int, Field(ge=1)], Annotated[float, Field(ge=0)]], ...] = ()
 
 
 class LoadReport(StrictModel):
@@ -43,6 +45,9 @@ class LoadReport(StrictModel):
     queued: int = Field(..., ge=0, description="Requests admitted to the replica and waiting for its engine.")
     capacity: int = Field(..., ge=0, description="Requests the replica admits at once.")
     service_samples: tuple[tuple[int, float], ...] = ()
+    # (tokens fed, seconds) of a calibration on the idle replica: they replace what the router held at those
+    # sizes (a start-up calibration timed under the other tiers' loading would otherwise linger).
+    calibration_samples: tuple[tuple[int, float], ...] = ()
     node_id: str = Field("", description="The Ray node the replica runs on: reports from a dead node's orphaned "
                          "workers are ignored.")
 

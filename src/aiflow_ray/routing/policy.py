@@ -79,6 +79,10 @@ class RouteInputs:
     fast_slo_s_per_token: float = 0.25
     shed_to_device: bool = True  # False: queue at the edge instead of answering from the device
     prompt_bytes: int = 0  # raw input that crosses the link before the first token (edge paths)
+    # Seconds to compute the prompt's first token on an idle tier (its prefill; 0 = not known): TTFT's
+    # largest term on a long prompt, which grows with it, where a decode step does not.
+    edge_prefill_s: float = 0.0
+    device_prefill_s: float = 0.0
     max_new_tokens: int = 64
     # The cloud, as the edge: its edge-cloud link, retrieval time and beam-search time per token.
     cloud_link: LinkCosts = field(default_factory=lambda: LinkCosts(0.04, 1e7, 1e7))
@@ -142,11 +146,16 @@ def predict(inputs: RouteInputs) -> Prediction:
         "device-edge": spec,
         "server-only": max(loaded.verify_s(0), streamed),
     }
+    # The prompt's prefill, beyond the one-token forward each path pays for its first token anyway: on the
+    # device it comes before the first draft, at the edge it rides the first verify (or is the first step).
+    device_prefill = max(inputs.device_prefill_s - compute.draft_s_per_token, 0.0)
+    edge_prefill = max(inputs.edge_prefill_s - compute.verify_s(0), 0.0) * factor
     ttft = {
-        "on-device": compute.draft_s_per_token,
+        "on-device": compute.draft_s_per_token + device_prefill,
         # Token ids (4 bytes each) replace the text, about as many bytes as the raw prompt.
-        "device-edge": upload + round_time_s(k, loaded, link, verify_request_size, VERIFY_RESULT_SIZE),
-        "server-only": upload + loaded.verify_s(0) + streamed,
+        "device-edge": upload + device_prefill + edge_prefill
+        + round_time_s(k, loaded, link, verify_request_size, VERIFY_RESULT_SIZE),
+        "server-only": upload + loaded.verify_s(0) + edge_prefill + streamed,
     }
     n = max(inputs.max_new_tokens, 1)
     cloud_factor = _edge_factor(inputs.cloud)
@@ -184,10 +193,13 @@ def _queue_bound(inputs: RouteInputs, load: TierLoad, path: Path) -> tuple[float
     workable = int(load.capacity * (budget_s - own_s) / request_s)
     if not load.drain_rps:
         # Not yet measured saturated: the paces above come from lighter load, and on a host whose cores the
-        # requests share they are too short by about the concurrency. One waiting request per slot until the
-        # first saturated completions measure the real pace (a step load on one core otherwise queued
-        # requests past their client's timeout before any measurement could say so).
-        workable = min(workable, load.capacity)
+        # requests share they are too short by up to the concurrency (a step load on one core otherwise queued
+        # requests past their client's timeout before any measurement could say so). Until the first
+        # saturated completions measure the real pace, size the queue for the worst case, the slots' requests
+        # running one after another, but keep at least one waiting request per slot: a tier that batches (or
+        # has the cores) would otherwise refuse at capacity while a generous deadline had room to spare.
+        serial_s = request_s * load.capacity
+        workable = min(workable, max(load.capacity, int(load.capacity * (budget_s - serial_s) / serial_s)))
     return request_s, max(min(load.queue_limit, workable), 0), budget_s
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiflow_ray.config import RouterArgs
 from aiflow_ray.network.estimators import Ewma, ForwardCostCurve, LinkEstimator
+from aiflow_ray.routing import persistence
 from aiflow_ray.routing.messages import GenerationReport, LoadReport, RouteRequest
 from aiflow_ray.routing.policy import Decision, RouteInputs, TierLoad, decide
 from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
@@ -35,6 +36,9 @@ TPOT_WINDOW_S = 60.0
 # Acceptance per request class: a class's own counts, shrunk toward the shared estimate by this many
 # pseudo-rounds, so a class with few requests borrows the estimate of all.
 CLASS_PRIOR_ROUNDS = 4.0
+# Before any outcome says: English text and code take about 4 bytes a token; a VLM image a few hundred.
+PRIOR_TOKENS_PER_BYTE = 0.25
+PRIOR_TOKENS_PER_IMAGE = 256.0
 
 
 # Which tier a path's requests wait for (admission counts them there).
@@ -76,6 +80,13 @@ class RouterState:
         # The edge's forward cost over tokens fed, from every forward it reports (calibration, prefills,
         # decodes, verifies): a monotone curve, since one line over all of them goes negative on llama.cpp.
         self.verify_cost = ForwardCostCurve(forget=0.95)
+        # The drafter's first token over prompt tokens, from its calibrations (an idle device, as the edge's
+        # forwards are): the device's prefill in TTFT.
+        self.device_prefill = ForwardCostCurve(forget=0.9)
+        # Prompt tokens per byte of text and per image, learned from the requests' outcomes: the router sees
+        # a request before anything tokenizes it.
+        self.tokens_per_byte = Ewma(0.2)
+        self.tokens_per_image = Ewma(0.3)
         # The device tier reports too, but only admission reads it: an unreported device tier gates nothing.
         self.loads: dict[str, dict[str, tuple[float, TierLoad]]] = {"edge": {}, "cloud": {}}
         self.load_nodes: dict[str, str] = {}  # replica -> node id
@@ -123,6 +134,8 @@ class RouterState:
             self.draft_s.value = report.on_device_s_per_token
         elif report.on_device_s_per_token is not None:
             self.draft_s.update(report.on_device_s_per_token)
+        for tokens, seconds in report.prefill_samples:
+            self.device_prefill.replace(float(tokens), seconds)
 
     def report_load(self, report: LoadReport) -> None:
         """A replica's load and its recent (tokens fed, seconds) forwards, measured where they ran."""
@@ -130,6 +143,9 @@ class RouterState:
         self.loads.setdefault(tier, {})[report.replica] = (
             time.monotonic(), TierLoad(True, report.ongoing, report.queued, report.capacity))
         self.load_nodes[report.replica] = report.node_id
+        if tier == "edge":
+            for fed, seconds in report.calibration_samples:
+                self.verify_cost.replace(float(fed), seconds)
         for fed, seconds in report.service_samples:
             if tier == "edge":
                 self.verify_cost.observe(float(fed), seconds)
@@ -216,9 +232,16 @@ class RouterState:
                 out[path] = statistics.median(recent)
         return out
 
+    def prompt_tokens(self, text_bytes: int, images: int = 0) -> int:
+        """The tokens a prompt of ``text_bytes`` bytes and ``images`` images will take, as lately measured
+        (a prior of 4 bytes a token and 256 tokens an image before any)."""
+        per_byte = self.tokens_per_byte.value or PRIOR_TOKENS_PER_BYTE
+        per_image = self.tokens_per_image.value or PRIOR_TOKENS_PER_IMAGE
+        return round(text_bytes * per_byte + images * per_image)
+
     def inputs(self, link_id: str, prompt_bytes: int = 0, max_new_tokens: int = 64,
                client_timeout_s: float | None = None, client_timeout_first_byte: bool = False,
-               request_class: str = "") -> RouteInputs:
+               request_class: str = "", prompt_tokens: int = 0) -> RouteInputs:
         est = self.links.get(link_id) or LinkEstimator(self.cfg.prior_bandwidth_bps, self.cfg.prior_rtt_s)
         link = est.estimate()
         cloud = self.cloud_link.estimate()
@@ -237,6 +260,8 @@ class RouterState:
             max_draft_len=self.cfg.max_draft_len,
             fast_slo_s_per_token=self.cfg.fast_slo_s_per_token, shed_to_device=self.cfg.shed_to_device,
             prompt_bytes=prompt_bytes, max_new_tokens=max_new_tokens,
+            edge_prefill_s=(self.verify_cost.seconds(prompt_tokens) or 0.0) if prompt_tokens else 0.0,
+            device_prefill_s=(self.device_prefill.seconds(prompt_tokens) or 0.0) if prompt_tokens else 0.0,
             cloud_link=LinkCosts(cloud.rtt_s, cloud.bandwidth_bps, cloud.bandwidth_bps),
             cloud_retrieval_s=self.cloud_retrieval_s.value or 0.05,
             cloud_s_per_token=self.cloud_s_per_token.value or self.cfg.prior_verify_s,
@@ -251,14 +276,16 @@ class RouterState:
         return req.prompt_bytes + sum(raw if sent is None else min(raw, int(sent)) for raw in req.image_bytes)
 
     def decide(self, req: RouteRequest) -> Decision:
+        prompt_tokens = self.prompt_tokens(req.prompt_bytes, len(req.image_bytes))
         inputs = self.inputs(req.link_id, self.upload_bytes(req), req.max_new_tokens, req.client_timeout_s,
-                             req.client_timeout_first_byte, req.request_class)
+                             req.client_timeout_first_byte, req.request_class, prompt_tokens)
         decision = decide(req.path, req.quality, inputs, req.draft_len, req.needs_logprobs)
         decision.request_id = req.request_id
         prompt_bytes, max_new_tokens = inputs.prompt_bytes, req.max_new_tokens
         record = {
             "request_id": req.request_id, "at": time.time(), "link_id": req.link_id, "requested_path": req.path,
             "quality": req.quality, "request_class": req.request_class, "path": decision.path,
+            "text_bytes": req.prompt_bytes, "images": len(req.image_bytes),
             "draft_len": decision.draft_len,
             "reason": decision.reason, "predicted_tpot_s": decision.predicted_tpot_s,
             "predicted_ttft_s": decision.predicted_ttft_s,
@@ -269,6 +296,8 @@ class RouterState:
                 "verify_s": inputs.compute.verify_s(0), "verify_s_at_draft_len": inputs.compute.verify_s(
                     decision.draft_len), "edge": asdict(inputs.edge), "cloud": asdict(inputs.cloud),
                 "prompt_bytes": prompt_bytes, "max_new_tokens": max_new_tokens,
+                "prompt_tokens": prompt_tokens, "edge_prefill_s": inputs.edge_prefill_s,
+                "device_prefill_s": inputs.device_prefill_s,
             },
         }
         self.decisions.append(record)
@@ -283,12 +312,14 @@ class RouterState:
         return decision
 
     def report_outcome(self, request_id: str, path: str, ttft_s: float, tpot_s: float, num_tokens: int,
-                       image_bytes_sent: tuple[int, ...] = (), accepted: int = 0, rejections: int = 0) -> None:
+                       image_bytes_sent: tuple[int, ...] = (), accepted: int = 0, rejections: int = 0,
+                       prompt_tokens: int = 0) -> None:
         """What a request measured, beside what its decision predicted (recorded on the decision, and as the
         path's recent prediction errors). A request served on another path than decided (a fall-back) is
         compared with that path's prediction. ``image_bytes_sent``: per image, what crossed the link.
         ``accepted``, ``rejections``: its drafted tokens the verifier accepted, and its rounds that rejected
-        one, learned for the request's class."""
+        one, learned for the request's class. ``prompt_tokens``: what its prompt took, to learn tokens per
+        byte of text and per image."""
         for sent in image_bytes_sent:
             if sent > 0:
                 self.image_sent_bytes.update(float(sent))
@@ -299,6 +330,9 @@ class RouterState:
         if record is not None and record.get("request_class") and (accepted or rejections):
             counts = self.class_acceptance.setdefault(record["request_class"], [0.0, 0.0])
             counts[0], counts[1] = 0.9 * counts[0] + accepted, 0.9 * counts[1] + rejections
+        if record is not None and prompt_tokens > 0:
+            self._learn_prompt_tokens(int(record.get("text_bytes") or 0), int(record.get("images") or 0),
+                                      prompt_tokens)
         if record is None or ttft_s <= 0:
             return
         predicted_ttft = record["predicted_ttft_s"].get(path)
@@ -313,6 +347,13 @@ class RouterState:
                               "tpot_error": None if tpot_error is None else round(tpot_error, 4)}
         self.errors.setdefault(path, deque(maxlen=ERRORS_KEPT)).append((ttft_error, tpot_error))
 
+    def _learn_prompt_tokens(self, text_bytes: int, images: int, prompt_tokens: int) -> None:
+        if not images and text_bytes > 0:
+            self.tokens_per_byte.update(prompt_tokens / text_bytes)
+        elif images:
+            text_tokens = text_bytes * (self.tokens_per_byte.value or PRIOR_TOKENS_PER_BYTE)
+            self.tokens_per_image.update(max(prompt_tokens - text_tokens, 0.0) / images)
+
     def prediction_errors(self) -> dict[str, dict[str, float | int | None]]:
         """Per path, the median of (measured / predicted - 1) over the last requests: 0 is a perfect
         prediction, +0.5 a request 1.5x slower than predicted."""
@@ -324,52 +365,14 @@ class RouterState:
                          "tpot_error_median": round(statistics.median(tpots), 4) if tpots else None}
         return out
 
-    # -- persistence ----------------------------------------------------------------------------
+    # -- persistence (routing/persistence.py) ----------------------------------------------------
     def export_state(self) -> dict[str, Any]:
-        """What a restarted router needs to decide as this one would: the estimates, as plain numbers (JSON).
-
-        Estimators are saved as their current estimates, not their internals: a restored estimator starts
-        from them as its priors, and its first measurements refine them.
-        """
-        cloud = self.cloud_link.estimate()
-        return {
-            "version": 1,
-            # Without a slow spell: an outage under way must not become a restarted router's lasting prior.
-            "links": {lid: [e.bandwidth_bps, e.rtt_s] for lid, est in self.links.items()
-                      if (e := est.base_estimate())},
-            "acceptance": [self.accepted, self.rejected],
-            "class_acceptance": {c: list(counts) for c, counts in self.class_acceptance.items()},
-            "draft_s_per_token": self.draft_s.value, "verify_curve": self.verify_cost.export() or None,
-            "cloud_link": [cloud.bandwidth_bps, cloud.rtt_s],
-            "cloud_s_per_token": self.cloud_s_per_token.value, "cloud_retrieval_s": self.cloud_retrieval_s.value,
-            "decision_counts": dict(self.decision_counts),
-            # Capacities only: a restarted router assumes the tiers idle, as the ingress does without a router.
-            "tier_capacity": {tier: load.capacity for tier in self.loads
-                              if (load := self.tier_load(tier, assume_saved=True)).available},
-        }
+        """What a restarted router needs to decide as this one would (JSON): see ``persistence``."""
+        return persistence.export_state(self)
 
     def restore(self, state: dict[str, Any]) -> None:
         """Start from ``export_state()``'s numbers; anything missing or malformed keeps this state's priors."""
-        if state.get("version") != 1:
-            return
-        for link_id, (bandwidth_bps, rtt_s) in (state.get("links") or {}).items():
-            self.links[str(link_id)] = LinkEstimator(float(bandwidth_bps), float(rtt_s), forget=0.9)
-        accepted, rejected = state.get("acceptance") or (self.accepted, self.rejected)
-        self.accepted, self.rejected = float(accepted), float(rejected)
-        for request_class, counts in (state.get("class_acceptance") or {}).items():
-            self.class_acceptance[str(request_class)] = [float(counts[0]), float(counts[1])]
-        self.draft_s.value = state.get("draft_s_per_token") or self.draft_s.value
-        if state.get("verify_curve"):
-            self.verify_cost.restore(state["verify_curve"])
-        if state.get("cloud_link"):
-            bandwidth_bps, rtt_s = state["cloud_link"]
-            self.cloud_link = LinkEstimator(float(bandwidth_bps), float(rtt_s), forget=0.9)
-        self.cloud_s_per_token.value = state.get("cloud_s_per_token") or self.cloud_s_per_token.value
-        self.cloud_retrieval_s.value = state.get("cloud_retrieval_s") or self.cloud_retrieval_s.value
-        self.decision_counts.update({str(k): int(v) for k, v in (state.get("decision_counts") or {}).items()})
-        capacity = state.get("tier_capacity") or {}
-        self._assumed = {str(tier): TierLoad(True, 0, 0, int(cap)) for tier, cap in capacity.items() if int(cap) > 0}
-        self._assumed_until = time.monotonic() + self._stale_s()
+        persistence.restore_state(self, state)
 
     def snapshot(self) -> dict[str, Any]:
         links = {lid: asdict(est.estimate()) for lid, est in self.links.items()}
@@ -382,6 +385,9 @@ class RouterState:
             "verify_s": self.inputs("").compute.verify_s(0),
             # (tokens fed, seconds) of the edge's forwards: the curve every verify-cost prediction reads.
             "verify_curve": [[round(x, 2), round(y, 6)] for x, y in self.verify_cost.points()],
+            # (prompt tokens, seconds to the first token) of the drafter: the device's prefill in TTFT.
+            "device_prefill_curve": [[round(x, 2), round(y, 6)] for x, y in self.device_prefill.points()],
+            "tokens_per_byte": self.tokens_per_byte.value, "tokens_per_image": self.tokens_per_image.value,
             "cloud_s_per_token": self.cloud_s_per_token.value, "cloud_retrieval_s": self.cloud_retrieval_s.value,
             "loads": {tier: asdict(self.tier_load(tier)) for tier in self.loads},
             "decision_counts": dict(self.decision_counts),

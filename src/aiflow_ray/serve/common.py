@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -69,11 +70,14 @@ class LoadTracker:
     MAX_SAMPLES_PER_REPORT = 64
 
     def __init__(self, tier: TierName, args: AppArgs, service_samples: deque[tuple[int, float]] | None = None,
-                 router: Any = None, replica_id: Callable[[], str] | None = None) -> None:
+                 router: Any = None, replica_id: Callable[[], str] | None = None,
+                 calibration_samples: deque[tuple[int, float]] | None = None) -> None:
         self.tier = tier
         self.args = args
         self.capacity = args.tier(tier).max_ongoing_requests
         self.service_samples = service_samples
+        self.calibration_samples = calibration_samples
+        self.last_active_at = time.monotonic()  # when a request last left the replica
         self.admitted_count = 0
         self.busy_count = 0
         self._router = router
@@ -102,6 +106,7 @@ class LoadTracker:
         finally:
             with self._lock:
                 setattr(self, attr, getattr(self, attr) - 1)
+                self.last_active_at = time.monotonic()
 
     def admitted(self) -> contextlib.AbstractContextManager[None]:
         return self._counted("admitted_count")
@@ -110,21 +115,31 @@ class LoadTracker:
         """Inside ``admitted``: the request holds the engine now."""
         return self._counted("busy_count")
 
-    def report(self, pending: list[tuple[int, float]]) -> LoadReport:
+    @property
+    def idle_s(self) -> float:
+        """Seconds since the replica last held a request (0 while it holds one)."""
+        return 0.0 if self.admitted_count else time.monotonic() - self.last_active_at
+
+    def report(self, pending: list[tuple[int, float]],
+               calibration: list[tuple[int, float]] | None = None) -> LoadReport:
         replica = self._replica_id() if self._replica_id else _serve_replica_id()
         return LoadReport(tier=self.tier, replica=replica, ongoing=self.ongoing, queued=max(self.queued, 0),
-                          capacity=self.capacity, service_samples=tuple(pending), node_id=_node_id())
+                          capacity=self.capacity, service_samples=tuple(pending),
+                          calibration_samples=tuple(calibration or ()), node_id=_node_id())
 
     async def _report_forever(self) -> None:
         router = self._router
         pending: list[tuple[int, float]] = []
+        calibration: list[tuple[int, float]] = []
         while True:
             while self.service_samples and len(pending) < self.MAX_SAMPLES_PER_REPORT:
                 pending.append(self.service_samples.popleft())
+            while self.calibration_samples:
+                calibration.append(self.calibration_samples.popleft())
             try:
                 router = router or router_handle(self.args)
-                await router.report_load.remote(self.report(pending))
-                pending = []
+                await router.report_load.remote(self.report(pending, calibration))
+                pending, calibration = [], []
             except Exception as exc:  # the router may not exist yet during start-up
                 router = self._router
                 log.debug("load report failed: %s", exc)

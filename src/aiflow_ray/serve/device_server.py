@@ -38,6 +38,7 @@ from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult, TokenL
 log = get_logger(__name__)
 
 CALL_TIMEOUT_S = 10.0  # start-up and probe calls; generation calls wait as long as the work takes
+CALIBRATION_PREFILL_TOKENS = 128  # the longer calibration prompt, timed to its first token
 RECALIBRATE_IDLE_S = 60.0  # an idle drafter is re-timed this often: the router sees no drafting while idle
 LINK_WATCH_PERIOD_S = 0.5  # how soon a link change set through the admin API reaches requests in flight
 
@@ -155,13 +156,19 @@ class DeviceDrafterServer:
         from aiflow_ray.config import SamplingConfig
 
         ids = self.engine.encode_prompt("def add(a, b):", False)
+        # A longer prompt's first token: the prefill the router adds to TTFT grows with the prompt.
+        long_ids = (ids * (CALIBRATION_PREFILL_TOKENS // max(len(ids), 1) + 1))[:CALIBRATION_PREFILL_TOKENS]
         with self.device.locked():
             self.device.drafter.generate_local(ids, 2, SamplingConfig())  # warm-up
-            s_per_token = min(self.device.drafter.generate_local(ids, 9, SamplingConfig()).trace.tpot_s
-                              for _ in range(3))
+            traces = [self.device.drafter.generate_local(ids, 9, SamplingConfig()).trace for _ in range(3)]
+            long_ttft_s = self.device.drafter.generate_local(long_ids, 1, SamplingConfig()).trace.ttft_s
         self._calibrated_at = time.monotonic()
-        log.info("device calibrated: %.1f ms per token", s_per_token * 1e3)
-        return GenerationReport(link_id="", path="calibration", on_device_s_per_token=s_per_token)
+        s_per_token = min(t.tpot_s for t in traces)
+        prefills = ((len(ids), min(t.ttft_s for t in traces)), (len(long_ids), long_ttft_s))
+        log.info("device calibrated: %.1f ms per token; first token after %s", s_per_token * 1e3,
+                 ", ".join(f"{n} prompt tokens {s * 1e3:.1f} ms" for n, s in prefills))
+        return GenerationReport(link_id="", path="calibration", on_device_s_per_token=s_per_token,
+                                prefill_samples=prefills)
 
     def _calibration_due(self) -> bool:
         if self._calibrated_at is None:

@@ -8,8 +8,10 @@ context. The replica keeps at most ``edge_sessions_per_replica`` sessions (LRU, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +22,8 @@ from aiflow_ray.serve.common import EngineGate, LoadTracker, tier_engine
 from aiflow_ray.tiers.edge import EdgeVerifier, answer_ping
 
 log = get_logger(__name__)
+
+RECALIBRATE_IDLE_S = 60.0  # an idle replica re-times its forwards this often (and this long after a request)
 
 def _close(stream: Any) -> None:
     """End a stream early (its session is released, a native vLLM request aborted), unless a step of it is
@@ -37,7 +41,9 @@ class EdgeVerifierServer:
                                  max_sessions=self.args.edge_sessions_per_replica, image_limits=self.args.images)
         samples = self.edge.calibrate()
         log.info("edge calibrated: %s", ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples))
-        self.load = LoadTracker("edge", self.args, self.edge.service_samples, router, replica_id)
+        self.load = LoadTracker("edge", self.args, self.edge.service_samples, router, replica_id,
+                                self.edge.calibration_samples)
+        self._recalibration: asyncio.Task[None] | None = None
         # One forward at a time for HF and llama.cpp; vLLM batches the verifies of different sessions.
         self.gate = EngineGate(self.edge.engine, self.args.edge.max_ongoing_requests, self.load, "edge")
 
@@ -87,3 +93,20 @@ class EdgeVerifierServer:
 
     async def check_health(self) -> None:
         self.load.start()  # report load from the start, not only after the first request
+        if self._recalibration_due():
+            self._recalibration = asyncio.get_running_loop().create_task(self._recalibrate())
+
+    def _recalibration_due(self) -> bool:
+        """Idle for a while, and not re-timed since: the start-up calibration ran while every tier loaded its
+        model, and with fast requests on the device no traffic may come to correct it."""
+        if self._recalibration is not None and not self._recalibration.done():
+            return False
+        since_s = time.monotonic() - (self.edge.calibrated_at or 0.0)
+        return min(self.load.idle_s, since_s) >= RECALIBRATE_IDLE_S
+
+    async def _recalibrate(self) -> None:
+        try:
+            samples = await self.gate.run(self.edge.calibrate)
+            log.info("edge re-timed while idle: %s", ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples))
+        except Exception as exc:  # a calibration is an estimate's refresh: the replica serves on without it
+            log.warning("edge re-calibration failed: %s", exc)

@@ -91,9 +91,9 @@ class RouterServer:
 
     async def report_outcome(self, request_id: str, path: str, ttft_s: float, tpot_s: float,
                              num_tokens: int, image_bytes_sent: tuple[int, ...] = (), accepted: int = 0,
-                             rejections: int = 0) -> None:
+                             rejections: int = 0, prompt_tokens: int = 0) -> None:
         self.state.report_outcome(request_id, path, ttft_s, tpot_s, num_tokens, image_bytes_sent, accepted,
-                                  rejections)
+                                  rejections, prompt_tokens)
 
     async def report_end(self, request_id: str) -> None:
         self.state.report_end(request_id)
