@@ -1,12 +1,21 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
-import pytest
+# Before anything imports Ray, which reads these once: a pytest run not started by `make test` (which
+# exports them) would otherwise have ray.init rewrite 127.0.0.1 to the host's routable address, and miss
+# the local clusters' token auth.
+from aiflow_ray.cluster import LOOPBACK_ENV
 
-from aiflow_ray.config import ModelPairConfig
-from aiflow_ray.engines.base import Engine
-from aiflow_ray.tiers.pipeline import Pipeline
+for _name, _value in LOOPBACK_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+import pytest  # noqa: E402
+
+from aiflow_ray.config import ModelPairConfig  # noqa: E402
+from aiflow_ray.engines.base import Engine  # noqa: E402
+from aiflow_ray.tiers.pipeline import Pipeline  # noqa: E402
 
 PROMPTS = [
     "def fibonacci(n):",
