@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from aiflow_ray.config import DraftPolicyConfig
 from aiflow_ray.network.wire import VERIFY_RESULT_SIZE, verify_request_size
+from aiflow_ray.routing.persistence import export_state, restore_state
 from aiflow_ray.routing.router import RouterState
 from aiflow_ray.speculative.cost_model import (
     ComputeCosts,
@@ -162,7 +163,7 @@ def test_the_router_reads_verify_costs_from_a_curve_that_holds_on_llama_cpp() ->
     assert decision.predicted_tpot_s["server-only"] * 1e3 == pytest.approx(33.0, rel=0.06)
     # Saved and restored with the router's state.
     restored = RouterState()
-    restored.restore(state.export_state())
+    restore_state(restored, export_state(state))
     assert restored.inputs("").compute.verify_s(3) == pytest.approx(compute.verify_s(3), rel=0.02)
 
 

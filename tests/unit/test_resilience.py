@@ -16,6 +16,7 @@ from aiflow_ray.config import GenerateOptions, LinkConfig
 from aiflow_ray.errors import TierUnavailable
 from aiflow_ray.network.link import DuplexLink, LinkTimeout
 from aiflow_ray.routing.messages import LoadReport, RouteRequest
+from aiflow_ray.routing.persistence import export_state, restore_state
 from aiflow_ray.routing.router import RouterState
 from aiflow_ray.serve.affinity import rendezvous_rank
 from aiflow_ray.tiers.device import InProcessTransport
@@ -220,13 +221,13 @@ def test_router_state_survives_export_and_restore() -> None:
     for fed in (1, 4, 8):
         state.verify_cost.observe(fed, 0.05 + 0.004 * fed)
     restored = RouterState()
-    restored.restore(state.export_state())
+    restore_state(restored, export_state(state))
     assert restored.links["phone"].estimate().bandwidth_bps == pytest.approx(
         state.links["phone"].estimate().bandwidth_bps, rel=1e-6)
     assert restored.draft_s.value == pytest.approx(0.031)
     assert restored.inputs("phone").compute.verify_s(4) == pytest.approx(state.inputs("phone").compute.verify_s(4),
                                                                           rel=0.05)
-    RouterState().restore({"version": 99, "links": "garbage"})  # another version's record: ignored
+    restore_state(RouterState(), {"version": 99, "links": "garbage"})  # another version's record: ignored
 
 
 def test_a_restarted_router_decides_from_the_saved_tiers_until_they_report(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,12 +239,12 @@ def test_a_restarted_router_decides_from_the_saved_tiers_until_they_report(monke
     monkeypatch.setattr(router_module.time, "monotonic", lambda: clock[0])
     state = RouterState()
     state.report_load(LoadReport(tier="edge", replica="a", ongoing=1, queued=0, capacity=4))
-    saved = state.export_state()
+    saved = export_state(state)
     assert saved["tier_capacity"] == {"edge": 4}  # the cloud never reported: nothing to assume for it
     exact = RouteRequest(request_id="r", link_id="phone", quality="exact")
 
     restored = RouterState()
-    restored.restore(saved)
+    restore_state(restored, saved)
     decision = restored.decide(exact)
     assert decision.refusal is None and decision.path in ("device-edge", "server-only"), decision.reason
     assert not restored.tier_load("edge").available, "readiness must not count an assumed tier as reported"
@@ -252,7 +253,7 @@ def test_a_restarted_router_decides_from_the_saved_tiers_until_they_report(monke
     assert restored.decide(exact).refusal is not None
 
     again = RouterState()
-    again.restore(saved)
+    restore_state(again, saved)
     again.report_load(LoadReport(tier="edge", replica="b", ongoing=0, queued=0, capacity=2))
     assert again.tier_load("edge", assume_saved=True).capacity == 2, "a report replaces the assumption"
     assert RouterState().decide(exact).refusal is not None, "a first start assumes nothing"

@@ -6,6 +6,7 @@ import pytest
 
 from aiflow_ray.routing.classes import request_class
 from aiflow_ray.routing.messages import GenerationReport, LoadReport, RouteRequest
+from aiflow_ray.routing.persistence import export_state, restore_state
 from aiflow_ray.routing.policy import Decision, RouteInputs, TierLoad, decide
 from aiflow_ray.routing.router import RouterState
 from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
@@ -237,7 +238,7 @@ def test_acceptance_is_learned_per_request_class_and_changes_the_decision() -> N
     assert decided("text:code")["draft_len"] > decided("text:prose")["draft_len"]
     # A restarted router starts from the classes' counts.
     restored = RouterState()
-    restored.restore(state.export_state())
+    restore_state(restored, export_state(state))
     assert restored.alpha_for("text:code") == pytest.approx(code, rel=0.05)
 
 
@@ -391,9 +392,9 @@ def test_ttft_carries_the_prompts_prefill_measured_at_each_tier() -> None:
     state.report_outcome("b", "server-only", 2.5, 0.05, 16, prompt_tokens=1024)
     assert state.prompt_tokens(2048) == 1024
     assert ttft(2048, "c")["server-only"] > long["server-only"] + 1.0
-    saved = state.export_state()
+    saved = export_state(state)
     restored = RouterState()
-    restored.restore(saved)
+    restore_state(restored, saved)
     assert restored.prompt_tokens(2048) == 1024
     assert restored.inputs("phone", prompt_tokens=128).device_prefill_s == pytest.approx(0.15, rel=0.05)
     # An idle replica's re-calibration replaces the sizes it times; the others keep their history.

@@ -89,14 +89,14 @@ class TierCalls:
         The router is one replica; while Serve replaces it, requests go on. A tier that is in fact down
         still fails fast (every call has a deadline, edge calls fail over), so assuming it up costs little.
         """
-        from aiflow_ray.routing.persistence import emulated_links_of, load_saved_state
+        from aiflow_ray.routing.persistence import emulated_links_of, load_saved_state, restore_state
 
         now = time.monotonic()
         if self._fallback is None or now - self._fallback[0] > FALLBACK_STATE_TTL_S:
             saved = await asyncio.to_thread(load_saved_state, self.args.name)
             state = RouterState(self.args.router)
             if saved:
-                state.restore(saved)
+                restore_state(state, saved)
             self._fallback = (now, state, emulated_links_of(self.args, saved))
         _, state, links = self._fallback
         for tier in ("edge", "cloud"):

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiflow_ray.config import AppArgs, LinkConfig
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network.estimators import LinkEstimator
 from aiflow_ray.routing.policy import TierLoad
-
-if TYPE_CHECKING:
-    from aiflow_ray.routing.router import RouterState
+from aiflow_ray.routing.router import RouterState
 
 log = get_logger(__name__)
 
@@ -83,7 +81,7 @@ def export_state(router: RouterState) -> dict[str, Any]:
 
 
 def restore_state(router: RouterState, saved: dict[str, Any]) -> None:
-    """Start from ``export_state()``'s numbers; anything missing or malformed keeps this saved's priors."""
+    """Start from ``export_state()``'s numbers; anything missing or malformed keeps the router's priors."""
     if saved.get("version") != 1:
         return
     for link_id, (bandwidth_bps, rtt_s) in (saved.get("links") or {}).items():

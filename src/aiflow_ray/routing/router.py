@@ -16,7 +16,6 @@ from typing import Any
 
 from aiflow_ray.config import RouterArgs
 from aiflow_ray.network.estimators import Ewma, ForwardCostCurve, LinkEstimator
-from aiflow_ray.routing import persistence
 from aiflow_ray.routing.messages import GenerationReport, LoadReport, RouteRequest
 from aiflow_ray.routing.policy import Decision, RouteInputs, TierLoad, decide
 from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
@@ -364,15 +363,6 @@ class RouterState:
                          "ttft_error_median": round(statistics.median(e for e, _ in errors), 4),
                          "tpot_error_median": round(statistics.median(tpots), 4) if tpots else None}
         return out
-
-    # -- persistence (routing/persistence.py) ----------------------------------------------------
-    def export_state(self) -> dict[str, Any]:
-        """What a restarted router needs to decide as this one would (JSON): see ``persistence``."""
-        return persistence.export_state(self)
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Start from ``export_state()``'s numbers; anything missing or malformed keeps this state's priors."""
-        persistence.restore_state(self, state)
 
     def snapshot(self) -> dict[str, Any]:
         links = {lid: asdict(est.estimate()) for lid, est in self.links.items()}

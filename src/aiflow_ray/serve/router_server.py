@@ -19,7 +19,7 @@ from typing import Any
 from aiflow_ray.config import AppArgs, LinkConfig
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.routing.messages import GenerationReport, LoadReport, Routed, RouteRequest
-from aiflow_ray.routing.persistence import emulated_links_of, load_saved_state, save_state
+from aiflow_ray.routing.persistence import emulated_links_of, export_state, load_saved_state, restore_state, save_state
 from aiflow_ray.routing.router import RouterState
 
 log = get_logger(__name__)
@@ -39,7 +39,7 @@ class RouterServer:
         self.persist = persist
         saved = load_saved_state(self.args.name) if persist else None
         if saved:
-            self.state.restore(saved)
+            restore_state(self.state, saved)
             log.info("router restored its saved state: %d links, %d emulated links",
                      len(self.state.links), len(saved.get("emulated_links") or {}))
         self.emulated_links: dict[str, LinkConfig] = emulated_links_of(self.args, saved)
@@ -51,7 +51,7 @@ class RouterServer:
             self._task = asyncio.get_running_loop().create_task(self._background())
 
     def _export(self) -> dict[str, Any]:
-        state = self.state.export_state()
+        state = export_state(self.state)
         state["emulated_links"] = {k: {"bandwidth_bps": v.bandwidth_bps, "rtt_s": v.rtt_s}
                                    for k, v in self.emulated_links.items()}
         return state
