@@ -16,7 +16,8 @@ from aiflow_ray.config import AppArgs, GenerateOptions, GroundingOptions, LinkCo
 from aiflow_ray.errors import Refusal
 from aiflow_ray.network import wire
 from aiflow_ray.serve.cloud_server import CloudServer
-from aiflow_ray.serve.device_server import RECALIBRATE_IDLE_S, DeviceDrafterServer
+from aiflow_ray.serve.common import RECALIBRATE_IDLE_S
+from aiflow_ray.serve.device_server import DeviceDrafterServer
 from aiflow_ray.serve.edge_server import EdgeVerifierServer
 from aiflow_ray.tiers.pipeline import Pipeline
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
@@ -199,6 +200,30 @@ def test_the_device_reports_its_calibration_once_the_tokenizers_agree(servers: A
     assert isinstance(asyncio.run(device.generate(_opts("on-device"))), TierResult)  # drafting is a measurement
     device.startup_chores()
     assert [r.path for r in router.reports].count("calibration") == 2
+
+
+def test_an_idle_edge_re_times_itself_and_a_busy_one_does_not(servers: Any) -> None:
+    """The start-up calibration shares the cores with every tier loading its model: an edge idle for a
+    minute re-times itself (its samples go apart, for the router to replace what it held); a recent request
+    or a recent calibration holds it off."""
+    _device, edge, _router = servers
+
+    async def health_then_wait() -> None:
+        await edge.check_health()
+        if edge._recalibration is not None:
+            await edge._recalibration
+
+    edge.edge.calibration_samples.clear()
+    asyncio.run(health_then_wait())
+    assert not edge.edge.calibration_samples  # calibrated at start-up, a moment ago
+    edge.edge.calibrated_at = time.monotonic() - RECALIBRATE_IDLE_S - 1
+    edge.load.last_active_at = time.monotonic() - 1  # a request just ended
+    asyncio.run(health_then_wait())
+    assert not edge.edge.calibration_samples
+    edge.load.last_active_at = time.monotonic() - RECALIBRATE_IDLE_S - 1
+    asyncio.run(health_then_wait())
+    assert [n for n, _ in edge.edge.calibration_samples] == [1, 4, 8, 128]
+    assert time.monotonic() - edge.edge.calibrated_at < 5
 
 
 def test_the_edge_reports_requests_waiting_for_its_engine_as_queued(servers: Any, tiny_pipeline: Pipeline) -> None:

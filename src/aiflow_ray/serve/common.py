@@ -17,6 +17,10 @@ from aiflow_ray.routing.messages import LoadReport
 
 log = get_logger(__name__)
 
+# An idle drafter or verifier re-times itself this often (and this long after its last request): the start-up
+# timing shares the cores with every tier loading its model, and traffic that went elsewhere corrects nothing.
+RECALIBRATE_IDLE_S = 60.0
+
 
 def configure_threads(threads: int | None) -> int:
     """A replica's compute threads: the tier's setting, else AIFLOW_THREADS, else all cores. Torch's are set

@@ -27,7 +27,7 @@ from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
 from aiflow_ray.network.link import DuplexLink, RealClock
 from aiflow_ray.routing.messages import GenerationReport
-from aiflow_ray.serve.common import LoadTracker, router_handle, tier_engine
+from aiflow_ray.serve.common import RECALIBRATE_IDLE_S, LoadTracker, router_handle, tier_engine
 from aiflow_ray.serve.transports import ServeCloud, ServeTransport
 from aiflow_ray.tiers.device import DeviceDrafter, EdgeError, GenerationResult
 from aiflow_ray.tiers.links import LinkProber, LinkRegistry, Sample
@@ -39,7 +39,6 @@ log = get_logger(__name__)
 
 CALL_TIMEOUT_S = 10.0  # start-up and probe calls; generation calls wait as long as the work takes
 CALIBRATION_PREFILL_TOKENS = 128  # the longer calibration prompt, timed to its first token
-RECALIBRATE_IDLE_S = 60.0  # an idle drafter is re-timed this often: the router sees no drafting while idle
 LINK_WATCH_PERIOD_S = 0.5  # how soon a link change set through the admin API reaches requests in flight
 
 

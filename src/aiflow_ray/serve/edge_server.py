@@ -18,12 +18,10 @@ from typing import Any
 from aiflow_ray.config import AppArgs
 from aiflow_ray.engines.base import Engine
 from aiflow_ray.logging_utils import get_logger
-from aiflow_ray.serve.common import EngineGate, LoadTracker, tier_engine
+from aiflow_ray.serve.common import RECALIBRATE_IDLE_S, EngineGate, LoadTracker, tier_engine
 from aiflow_ray.tiers.edge import EdgeVerifier, answer_ping
 
 log = get_logger(__name__)
-
-RECALIBRATE_IDLE_S = 60.0  # an idle replica re-times its forwards this often (and this long after a request)
 
 def _close(stream: Any) -> None:
     """End a stream early (its session is released, a native vLLM request aborted), unless a step of it is
