@@ -5,9 +5,14 @@ cards with input modalities, and every bad image a 4xx naming its field, with th
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
 import io
 import struct
+import threading
+import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +207,95 @@ def test_a_text_only_pair_refuses_images_naming_the_part(tmp_path: Path, monkeyp
     reply = client.post("/v1/chat/completions", json=body)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages[0].content[1].image_url"
     assert client.get("/v1/models").json()["data"][0]["input_modalities"] == ["text"]
+
+
+class _ImageHost(http.server.BaseHTTPRequestHandler):
+    """Serves the remote-image cases on 127.0.0.1: an image, redirects in and out of the allow-list, a 404, an
+    oversized body without a length, and one that never finishes."""
+
+    image = b""
+
+    def do_GET(self) -> None:
+        port = self.server.server_address[1]
+        if self.path == "/cat.png":
+            self._send(200, self.image, {"Content-Type": "image/png"})
+        elif self.path == "/moved":
+            self._send(302, b"", {"Location": "/cat.png"})
+        elif self.path == "/away":
+            self._send(302, b"", {"Location": f"http://localhost:{port}/cat.png"})
+        elif self.path == "/loop":
+            self._send(302, b"", {"Location": "/loop"})
+        elif self.path == "/huge":
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the limit must be enforced while streaming
+            with contextlib.suppress(OSError):
+                for _ in range(64):
+                    self.wfile.write(bytes(64 * 1024))
+        elif self.path == "/slow":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            time.sleep(2.5)
+        else:
+            self._send(404, b"no such image", {})
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None: ...
+
+
+@pytest.fixture()
+def image_host() -> Iterator[str]:
+    buf = io.BytesIO()
+    picture(8).save(buf, "PNG")
+    _ImageHost.image = buf.getvalue()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHost)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_allow_listed_image_urls_are_fetched_within_bounds(vlm: Pipeline, image_host: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIFLOW_API_KEY", raising=False)
+    monkeypatch.delenv("AIFLOW_ADMIN_KEY", raising=False)
+    images = {"allow_remote_urls": True, "url_allow_list": ["127.0.0.1"], "max_image_bytes": 1_000_000,
+              "url_fetch_timeout_s": 1.0}
+    args = AppArgs(models=VLM, link_probe={"enabled": False}, link=FAST_LINK, images=images,  # type: ignore[arg-type]
+                   kb={"path": str(tmp_path / "kb.sqlite")}).model_dump(mode="json")
+    router = FakeHandle(Router())
+    edge = EdgeVerifierServer(args, engine=vlm.verifier_engine, router=router, replica_id=lambda: "edge-1")
+    device = DeviceDrafterServer(args, FakeHandle(edge), None, engine=vlm.drafter_engine, router=router)
+    device.startup_chores()
+    try:
+        client = _client(args, device)
+        inline = client.post("/v1/generate", json={"prompt": "x", "images": [data_url(picture(8))],
+                                                   "max_tokens": 8, "path": "server-only"})
+        assert inline.status_code == 200, inline.text
+        for path in ("/cat.png", "/moved"):
+            reply = client.post("/v1/chat/completions", json=chat(image_host + path, max_tokens=8))
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["aiflow_trace"]["image_bytes_raw"] == len(_ImageHost.image)
+            native = client.post("/v1/generate", json={"prompt": "x", "images": [image_host + path],
+                                                       "max_tokens": 8, "path": "server-only"})
+            assert native.json()["token_ids"] == inline.json()["token_ids"]  # the same image, fetched
+        started = time.monotonic()
+        for path, status in (("/away", 400), ("/loop", 400), ("/missing", 400), ("/huge", 413), ("/slow", 400)):
+            reply = client.post("/v1/chat/completions", json=chat(image_host + path))
+            assert reply.status_code == status, (path, reply.text)
+            assert reply.json()["error"]["param"] == "messages[0].content[1].image_url", reply.text
+        assert time.monotonic() - started < 10  # the slow host is cut at url_fetch_timeout_s
+        other = client.post("/v1/generate", json={"prompt": "x", "images": ["http://localhost/cat.png"],
+                                                   "max_tokens": 4})
+        assert other.status_code == 400 and "not allowed" in other.json()["error"]["message"], other.text
+        assert client.post("/v1/chat/completions", json=chat(image_host + "/cat.png")).status_code == 200
+    finally:
+        device.prober.stop()

@@ -23,7 +23,7 @@ from aiflow_ray import calls
 from aiflow_ray.api import metrics
 from aiflow_ray.api.client_timeout import client_timeout
 from aiflow_ray.api.errors import AiflowAPI, ApiError, GuardMiddleware, install_error_handlers, refusal_error
-from aiflow_ray.api.images import request_images
+from aiflow_ray.api.images import RemoteImages, request_images
 from aiflow_ray.api.openai_compat import OpenAIRequest
 from aiflow_ray.api.schemas import (
     ERROR_RESPONSES,
@@ -71,6 +71,7 @@ class Ingress(TierCalls):
         modalities = set(model_modalities(pair.verifier)) & set(model_modalities(pair.drafter))
         self.modalities = ["text", "image"] if "image" in modalities else ["text"]
         self._ready = False
+        self.remote_images = RemoteImages(self.args.images) if self.args.images.allow_remote_urls else None
         self._fallback: tuple[float, RouterState, dict[str, Any]] | None = None
 
     # -- readiness ------------------------------------------------------------------------------
@@ -96,8 +97,8 @@ class Ingress(TierCalls):
         self._ready = True
 
     # -- generation -----------------------------------------------------------------------------
-    def _images(self, body: GenerateBody, fields: list[str] | None = None) -> tuple[ImageSource, ...]:
-        return request_images(body.images, fields, self.modalities, self.args.images)
+    async def _images(self, body: GenerateBody, fields: list[str] | None = None) -> tuple[ImageSource, ...]:
+        return await request_images(body.images, fields, self.modalities, self.args.images, self.remote_images)
 
     async def _route(self, body: GenerateBody, messages: Messages, images: tuple[ImageSource, ...] = ()) -> Routed:
         if body.max_tokens > self.args.max_new_tokens_limit:
@@ -157,7 +158,7 @@ class Ingress(TierCalls):
     async def run(self, body: GenerateBody, messages: Messages = None, image_fields: list[str] | None = None
                   ) -> tuple[TierResult, Routed, float]:
         started = time.perf_counter()
-        images = self._images(body, image_fields)
+        images = await self._images(body, image_fields)
         routed = await self._route(body, messages, images)
         try:
             result = await self._call_device(self._options(body, routed, messages, images))
@@ -178,7 +179,7 @@ class Ingress(TierCalls):
                           shape: Callable[[StreamDelta | StreamDone, Routed], list[dict[str, Any]]],
                           image_fields: list[str] | None = None) -> StreamingResponse:
         """Decide, and wait for the first event, before the response starts: a refusal keeps its status."""
-        images = self._images(body, image_fields)
+        images = await self._images(body, image_fields)
         routed = await self._route(body, messages, images)
         try:
             stream, first = await self._open_device_stream(self._options(body, routed, messages, images))

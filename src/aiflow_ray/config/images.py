@@ -32,10 +32,15 @@ class ImageLimits(BaseModel):
         f"any of {', '.join(SUPPORTED_FORMATS)}.",
     )
     allow_remote_urls: bool = Field(
-        False, description="Accept http(s) image URLs (fetched by the caller); off means data URLs only."
+        False,
+        description="Accept http(s) image URLs from the hosts in url_allow_list (the ingress fetches them, bounded "
+        "in bytes and time, following redirects only within the list); off means data URLs only.",
     )
     url_allow_list: tuple[str, ...] = Field(
         (), description="Host names whose http(s) image URLs are accepted when allow_remote_urls is on."
+    )
+    url_fetch_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Whole-fetch limit for one remote image (connect, redirects, body), seconds."
     )
 
     @field_validator("formats")
