@@ -108,8 +108,8 @@ typecheck: install ## mypy
 unit: install ## fast tests only: no Ray cluster, no real models
 	$(PY) -m pytest -q -m "not real_model and not integration" $(PYTEST_ARGS)
 
-# vLLM's tests run in a process of their own: there the real pair runs in the engine's own dtype (fp32 on CPUs
-# without bf16, 2-3.7x faster than emulated bf16), which beside the other tests' models would not fit in memory.
+# vLLM's tests run in a process of their own (vLLM's engine-core subprocesses and CPU threads stay out of the
+# Ray clusters' way); there the tiny pair runs on vLLM in fp32.
 # Both halves always run and either failing fails the target. pytest's exit 5 (no tests) is a failure, except
 # in one half when PYTEST_ARGS narrowed the run to the other half's tests (both empty is still a failure).
 test: models lint typecheck ## lint, typecheck and the test suite (real-model tests included; the slowest listed)
@@ -121,8 +121,9 @@ test: models lint typecheck ## lint, typecheck and the test suite (real-model te
 	if [ $$empty -eq 2 ]; then rc=5; fi; \
 	exit $$rc
 
-test-extended: models ## the extra cases of claims `make test` already checks once (real-model prompts; slow)
-	$(PY) -m pytest -q -m extended --durations=25 $(PYTEST_ARGS)
+test-extended: models ## the extra cases of claims `make test` already checks once (real-model prompts, vLLM on the real pair; slow)
+	$(PY) -m pytest -q -m "extended and not vllm" --durations=25 $(PYTEST_ARGS) && \
+	  $(PY) -m pytest -q -m "extended and vllm" --durations=25 $(PYTEST_ARGS)
 
 bench-tpot: models ## TPOT vs draft length at 500KB/s, 1MB/s, 2MB/s (about 75 minutes on 2 cores)
 	$(PY) -m aiflow_ray.bench.tpot --draft-lens 1-6,8,10,12,16,20,24

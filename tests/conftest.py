@@ -49,18 +49,33 @@ def tiny_pipeline() -> Pipeline:
 
 
 @pytest.fixture(scope="session")
-def vllm_pair(request: pytest.FixtureRequest) -> Iterator[tuple[Engine, Engine]]:
-    """The real 0.5B/1.5B pair on vLLM's CPU build, started once per test session (about a minute)."""
+def vllm_pair() -> Iterator[tuple[Engine, Engine]]:
+    """The tiny pair (32-wide heads, as vLLM's CPU attention needs) on vLLM's CPU build in fp32, started once per
+    test session: vLLM's own scheduling, prefix caching and logprob readout in seconds a test."""
     from aiflow_ray.config import VllmArgs
-    from aiflow_ray.engines.loader import load_engine
+
+    settings = VllmArgs(kv_cache_bytes=256 << 20, max_model_len=2048, dtype="float32")
+    yield from _vllm_engines("tiny-vllm-drafter", "tiny-vllm-verifier", settings)
+
+
+@pytest.fixture(scope="session")
+def vllm_real_pair(request: pytest.FixtureRequest) -> Iterator[tuple[Engine, Engine]]:
+    """The real 0.5B/1.5B pair on vLLM's CPU build (about two minutes to start; `make test-extended`)."""
+    from aiflow_ray.config import VllmArgs
 
     # The engine's own dtype choice (fp32 where the CPU lacks bf16: 2-3.7x faster there) when this process runs
-    # vLLM tests only, as `make test` runs them. fp32 doubles the weights: beside the rest of the suite's models
-    # the 1.5B's worker (10.7 GB) was OOM-killed on 24 GB, so a mixed run keeps bf16.
+    # vLLM tests only. fp32 doubles the weights: beside the rest of the suite's models the 1.5B's worker
+    # (10.7 GB) was OOM-killed on 24 GB, so a mixed run keeps bf16.
     only_vllm = all(item.get_closest_marker("vllm") is not None for item in request.session.items)
     settings = VllmArgs(kv_cache_bytes=1 << 30, max_model_len=2048, dtype="auto" if only_vllm else "bfloat16")
-    drafter = load_engine("qwen2.5-coder-0.5b-instruct", engine="vllm", vllm=settings)
-    verifier = load_engine("qwen2.5-coder-1.5b-instruct", engine="vllm", vllm=settings)
+    yield from _vllm_engines("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", settings)
+
+
+def _vllm_engines(drafter_name: str, verifier_name: str, settings: object) -> Iterator[tuple[Engine, Engine]]:
+    from aiflow_ray.engines.loader import load_engine
+
+    drafter = load_engine(drafter_name, engine="vllm", vllm=settings)  # type: ignore[arg-type]
+    verifier = load_engine(verifier_name, engine="vllm", vllm=settings)  # type: ignore[arg-type]
     try:
         yield drafter, verifier
     finally:
@@ -68,11 +83,8 @@ def vllm_pair(request: pytest.FixtureRequest) -> Iterator[tuple[Engine, Engine]]
             engine.shutdown()  # type: ignore[attr-defined]
 
 
-# Cases of a claim `make test` already checks on the same engine, moved to `make test-extended` for time: on this
-# CPU each is over a minute of the real 1.5B on vLLM (the other prompt of the claim stays in `make test`).
-EXTENDED_CASES = {
-    f"tests/unit/test_engine_conformance.py::test_speculative_greedy_equals_the_target_alone[vllm-real-{PROMPTS[3]}]",
-}
+# Cases of a claim `make test` already checks on the same engine, moved to `make test-extended` for time.
+EXTENDED_CASES: set[str] = set()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -194,7 +194,8 @@ def _models(args: argparse.Namespace) -> int:
             print(f"{name:32} {listed.role:9} {state}")
         return 0
     # The default pair, the test models, and the captioning pair (trained here once, a few minutes).
-    names = args.names or [*DEFAULT_PAIR, "tiny-verifier", "tiny-vlm-verifier", "caption-verifier"]
+    names = args.names or [*DEFAULT_PAIR, "tiny-verifier", "tiny-vllm-verifier", "tiny-vlm-verifier",
+                           "caption-verifier"]
     for name in names:
         entry = REGISTRY.get(name)
         if entry is None:

@@ -1,12 +1,12 @@
 """One conformance suite for every engine behind the Engine protocol.
 
-Pairs under test: the HF reference on the tiny fp32 pair (exact arithmetic: every comparison is
-equality), llama.cpp on the real Qwen2.5-Coder 0.5B/1.5B Q4_K_M GGUF files, and vLLM (its CPU build
-here, `pytest -m vllm`) on the real bf16 weights. Neither llama.cpp's block evaluation nor vLLM's bf16
-kernels are bit-identical to one-token decoding, so with them two greedy sequences may part only
-at a near-tie: where they first differ, the verifier's top two logits (one-token decode) must lie
-within TIE_LOGITS of each other (docs/design.md section 8 measured block-vs-step logit differences
-of 0.5-0.7).
+Pairs under test: the HF reference on the tiny fp32 pair (exact arithmetic: every comparison is equality),
+llama.cpp on the real Qwen2.5-Coder 0.5B/1.5B Q4_K_M GGUF files, and vLLM (its CPU build here, `pytest -m
+vllm`) on the tiny pair in fp32 (`make test`) and on the real weights (`make test-extended`). Neither
+llama.cpp's block evaluation nor vLLM's bf16 kernels are bit-identical to one-token decoding, so with them two
+greedy sequences may part only at a near-tie: where they first differ, the verifier's top two logits (one-
+token decode) must lie within TIE_LOGITS of each other (docs/design.md section 8 measured block-vs-step logit
+differences of 0.5-0.7).
 """
 
 from __future__ import annotations
@@ -36,15 +36,18 @@ class Pair:
     exact: bool  # exact arithmetic: block = step and speculative = target, with no tolerance
 
 
-@pytest.fixture(scope="module", params=["hf-tiny", pytest.param("llama_cpp-real", marks=pytest.mark.real_model),
-                                        pytest.param("vllm-real", marks=[pytest.mark.real_model, pytest.mark.vllm])])
+@pytest.fixture(scope="module", params=[
+    "hf-tiny", pytest.param("llama_cpp-real", marks=pytest.mark.real_model),
+    pytest.param("vllm-tiny", marks=pytest.mark.vllm),
+    # The real weights on vLLM: about two minutes to start and a minute a claim on this CPU.
+    pytest.param("vllm-real", marks=[pytest.mark.real_model, pytest.mark.vllm, pytest.mark.extended])])
 def pair(request: pytest.FixtureRequest, tiny_pipeline: Pipeline) -> Iterator[Pair]:
     if request.param == "hf-tiny":
         yield Pair("hf-tiny", tiny_pipeline.drafter_engine, tiny_pipeline.verifier_engine, exact=True)
         return
-    if request.param == "vllm-real":
-        drafter, verifier = request.getfixturevalue("vllm_pair")
-        yield Pair("vllm-real", drafter, verifier, exact=False)
+    if request.param.startswith("vllm-"):
+        drafter, verifier = request.getfixturevalue("vllm_pair" if request.param == "vllm-tiny" else "vllm_real_pair")
+        yield Pair(request.param, drafter, verifier, exact=False)
         return
     from aiflow_ray.engines.loader import load_engine
 

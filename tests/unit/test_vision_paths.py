@@ -244,3 +244,31 @@ def test_sampled_output_follows_the_verifiers_distribution_on_the_image(vlm: Pip
     tv_other = 0.5 * np.abs(freq - p_other).sum()
     assert tv_image < 0.08, (tv_image, np.nonzero(p_image)[0], freq[np.nonzero(p_image)[0]])
     assert tv_other > tv_image + 0.1  # the control: the image conditions what is sampled
+
+
+def test_auto_upload_takes_the_representation_predicted_fastest() -> None:
+    """A camera-sized photo: at the served pair's small tiles ``resized`` wins at any bandwidth; at InternVL's
+    released tiling (13 tiles of 448 px, more PNG bytes than the photo's JPEG) ``raw`` wins on a slow link. The
+    choice is always the lowest of the predictions it weighed."""
+    from skimage import data as samples
+
+    from aiflow_ray.bench.captioning import INTERNVL_RELEASED
+
+    buf = io.BytesIO()
+    Image.fromarray(samples.astronaut()).resize((2016, 1512), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=92)
+    camera = buf.getvalue()
+    small = INTERNVL_RELEASED.__class__(**{**INTERNVL_RELEASED.__dict__, "tile_size": 56, "tokens_per_tile": 4,
+                                           "max_tiles": 6})
+    limits = ImageLimits()
+    chosen = {}
+    for name, spec in (("small", small), ("released", INTERNVL_RELEASED)):
+        for bandwidth_bps in (500e3, 1e9):
+            image = prepare_image(camera, "images[0]", "auto", spec, limits, bandwidth_bps)
+            assert set(image.predicted_s) == {"raw", "resized"}
+            assert image.mode == min(image.predicted_s, key=image.predicted_s.__getitem__)
+            chosen[name, bandwidth_bps] = image.mode, image.sent_bytes
+    assert chosen["small", 500e3][0] == chosen["small", 1e9][0] == "resized"
+    assert chosen["small", 500e3][1] * 5 < len(camera), chosen
+    assert chosen["released", 500e3][0] == "raw", chosen
+    lossy = prepare_image(camera, "images[0]", "auto", small, limits, 500e3, lossy_ok=True)
+    assert set(lossy.predicted_s) == {"raw", "resized", "jpeg"} and lossy.mode == "jpeg"

@@ -1,6 +1,6 @@
 """The edge replica on vLLM: verifications of different sessions share engine steps; no lock between them.
 
-The served edge (``EdgeVerifierServer``) with the real 1.5B verifier on vLLM's CPU build, called as Serve
+The served edge (``EdgeVerifierServer``) with the tiny verifier on vLLM's CPU build, called as Serve
 calls it (its async methods, many at once). vLLM records, per request, when its scheduler admitted it
 into a step; requests admitted at the same instant ran in the same engine step.
 """
@@ -24,7 +24,7 @@ from tests.conftest import PROMPTS
 from tests.unit.fakes import FakeHandle
 from tests.unit.test_servers import RecordingRouter
 
-pytestmark = [pytest.mark.real_model, pytest.mark.vllm]
+pytestmark = pytest.mark.vllm
 SESSIONS = 4
 
 

@@ -9,7 +9,7 @@ from aiflow_ray.config import EngineName, ModelPairConfig
 from aiflow_ray.engines.base import Engine
 from aiflow_ray.models.fetch import fetch_model
 from aiflow_ray.models.registry import UnknownModelError, get_entry, known_names
-from aiflow_ray.models.tiny import build_tiny_pair
+from aiflow_ray.models.tiny import VLLM_HEADS, build_tiny_pair
 
 if TYPE_CHECKING:
     from aiflow_ray.config import VllmArgs
@@ -29,6 +29,8 @@ def built_model_dir(key: str) -> Path:
         from aiflow_ray.vision.caption_pair import build_caption_pair
 
         pair = build_caption_pair()
+    elif key.startswith("vllm-"):
+        pair = build_tiny_pair(heads=VLLM_HEADS)
     else:
         pair = build_tiny_pair()
     return pair[0] if key.endswith("verifier") else pair[1]

@@ -72,6 +72,9 @@ REGISTRY: dict[str, ModelEntry] = {
         name="tiny-verifier", role="verifier", tiny="verifier"
     ),
     "tiny-drafter": ModelEntry(name="tiny-drafter", role="drafter", tiny="drafter"),
+    # The tiny pair with attention heads vLLM's CPU build accepts (32 wide): vLLM's tests.
+    "tiny-vllm-verifier": ModelEntry(name="tiny-vllm-verifier", role="verifier", tiny="vllm-verifier"),
+    "tiny-vllm-drafter": ModelEntry(name="tiny-vllm-drafter", role="drafter", tiny="vllm-drafter"),
     # Vision-language pairs (InternVL class): random tiny ones for tests, and a captioning pair the project
     # trains on composed Fashion-MNIST scenes (aiflow_ray.vision.captioning).
     "tiny-vlm-verifier": ModelEntry(name="tiny-vlm-verifier", role="verifier", tiny="vlm-verifier",

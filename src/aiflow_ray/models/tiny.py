@@ -28,8 +28,14 @@ _LATER_LAYER_SCALE = 0.12
 _INIT_RANGE = 0.25
 
 
-def tiny_dir(home: Path | None = None) -> Path:
-    return (home or envs.aiflow_home()) / "models" / f"tiny-v{TINY_VERSION}"
+# The same pair with 32-wide attention heads (2 instead of 4): vLLM's CPU attention takes head sizes of 32 and
+# up, so vLLM's tests run on this one, in seconds, where the real 1.5B takes minutes a test on this CPU.
+VLLM_HEADS = 2
+
+
+def tiny_dir(home: Path | None = None, heads: int = 4) -> Path:
+    suffix = "" if heads == 4 else f"-h{heads}"
+    return (home or envs.aiflow_home()) / "models" / f"tiny-v{TINY_VERSION}{suffix}"
 
 
 def _train_tokenizer(out: Path) -> None:
@@ -67,12 +73,13 @@ def nest(verifier: Any, drafter: Any, layers: Any, prefix: str, shared_layers: i
     drafter.tie_weights()
 
 
-def build_tiny_pair(home: Path | None = None, force: bool = False) -> tuple[Path, Path]:
-    """Return (verifier_dir, drafter_dir), building them deterministically when missing."""
+def build_tiny_pair(home: Path | None = None, force: bool = False, heads: int = 4) -> tuple[Path, Path]:
+    """Return (verifier_dir, drafter_dir), building them deterministically when missing; ``heads`` attention
+    heads (two key-value heads with 4, one with 2) over a hidden size of 64."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    root = tiny_dir(home)
+    root = tiny_dir(home, heads)
     verifier_dir, drafter_dir = root / "verifier", root / "drafter"
     if not force and (root / "complete.json").exists():
         return verifier_dir, drafter_dir
@@ -82,8 +89,8 @@ def build_tiny_pair(home: Path | None = None, force: bool = False) -> tuple[Path
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     vocab = len(tokenizer)
     common = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=True,
+        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2), max_position_embeddings=8192, tie_word_embeddings=True,
         initializer_range=_INIT_RANGE, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
