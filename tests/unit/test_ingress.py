@@ -16,6 +16,7 @@ from aiflow_ray.errors import Refusal
 from aiflow_ray.routing.messages import Routed, RouteRequest
 from aiflow_ray.routing.policy import Decision
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult, TokenLogprob
+from aiflow_ray.tiers.trace import Trace
 from tests.unit.fakes import FakeHandle
 
 ARGS = AppArgs(model_preset="tiny").model_dump(mode="json")
@@ -43,9 +44,9 @@ class Device:
         self.failure = failure
         self.options: list[GenerateOptions] = []
 
-    def _trace(self, opts: GenerateOptions, n: int) -> dict[str, Any]:
-        return {"path": opts.path, "num_tokens": n, "ttft_s": 0.1, "tpot_s": 0.01, "draft_lens": [3],
-                "accepted": [2], "bytes_up": 40, "bytes_down": 30}
+    def _trace(self, opts: GenerateOptions, n: int) -> Trace:
+        return Trace(path=opts.path, num_tokens=n, ttft_s=0.1, tpot_s=0.01, draft_lens=[3], accepted=[2], bytes_up=40,
+                     bytes_down=30)
 
     async def generate(self, opts: GenerateOptions) -> TierResult | Refusal:
         self.options.append(opts)

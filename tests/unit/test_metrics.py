@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from aiflow_ray.api import metrics
 from aiflow_ray.serve import kube
 from aiflow_ray.serve.dashboard import grafana_dashboard, queries
+from aiflow_ray.tiers.trace import Trace
 
 ROOT = Path(__file__).resolve().parents[2]
 SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
@@ -65,9 +66,9 @@ def _value(name: str, **labels: str) -> float:
 def test_a_trace_and_the_routers_view_become_metrics() -> None:
     before = _value("aiflow:spec_decode_num_accepted_tokens_total")
     drafts = _value("aiflow:spec_decode_num_drafts_total")
-    metrics.observe({"path": "device-edge", "num_tokens": 9, "ttft_s": 0.2, "tpot_s": 0.05, "total_s": 0.6,
-                     "draft_lens": [4, 4, 2], "accepted": [4, 2, 1], "bytes_up": 60, "bytes_down": 90,
-                     "image_bytes_raw": 1000, "image_bytes_sent": 100}, prompt_tokens=30)
+    metrics.observe(Trace(path="device-edge", num_tokens=9, ttft_s=0.2, tpot_s=0.05, total_s=0.6,
+                          draft_lens=[4, 4, 2], accepted=[4, 2, 1], bytes_up=60, bytes_down=90,
+                          image_bytes_raw=1000, image_bytes_sent=100), prompt_tokens=30)
     assert _value("aiflow:spec_decode_num_accepted_tokens_total") - before == 7
     assert _value("aiflow:spec_decode_num_drafts_total") - drafts == 3
     assert _value("aiflow:time_to_first_token_seconds_count", path="device-edge") >= 1

@@ -74,12 +74,12 @@ def test_every_path_through_the_device_server_and_the_exactness_of_speculation(
         servers: Any, tiny_pipeline: Pipeline) -> None:
     device, _edge, router = servers
     out = {path: asyncio.run(device.generate(_opts(path))) for path in ("on-device", "device-edge", "server-only")}
-    assert all(isinstance(r, TierResult) and r.trace["path"] == p for p, r in out.items())
+    assert all(isinstance(r, TierResult) and r.trace.path == p for p, r in out.items())
     ids = tiny_pipeline.drafter_engine.encode_prompt(PROMPTS[0], chat=True)
     assert out["device-edge"].token_ids == out["server-only"].token_ids == tiny_pipeline.target_greedy(ids, 16)
     assert {r.prompt_tokens for r in out.values()} == {len(ids)}
     spec = next(r for r in router.reports if r.path == "device-edge")
-    assert spec.drafted == sum(out["device-edge"].trace["draft_lens"]) and spec.link_id == "device-0"
+    assert spec.drafted == sum(out["device-edge"].trace.draft_lens) and spec.link_id == "device-0"
 
 
 def test_the_edge_files_each_forward_under_the_tokens_it_fed(servers: Any, tiny_pipeline: Pipeline) -> None:
@@ -93,8 +93,8 @@ def test_the_edge_files_each_forward_under_the_tokens_it_fed(servers: Any, tiny_
     result = asyncio.run(device.generate(_opts("device-edge", draft_len=3)))
     prompt_tokens = len(tiny_pipeline.drafter_engine.encode_prompt(PROMPTS[0], chat=True))
     fed = [n for n, _ in edge.edge.service_samples]
-    assert fed[0] == prompt_tokens + result.trace["draft_lens"][0], (fed, prompt_tokens)
-    assert fed[1:] == [k + 1 for k in result.trace["draft_lens"][1:]][:len(fed) - 1]
+    assert fed[0] == prompt_tokens + result.trace.draft_lens[0], (fed, prompt_tokens)
+    assert fed[1:] == [k + 1 for k in result.trace.draft_lens[1:]][:len(fed) - 1]
     edge.edge.service_samples.clear()
     asyncio.run(device.generate(_opts("server-only")))
     assert [n for n, _ in edge.edge.service_samples][:2] == [prompt_tokens, 1]
@@ -278,6 +278,6 @@ def test_grounded_answers_through_the_cloud_server(tiny_pipeline: Pipeline, tmp_
         speculative = grounded(generation="speculative")
         assert beam.sources and beam.sources[0]["source"] == "notes:raft"
         assert speculative.token_ids == beam.token_ids  # greedy beam = exact speculative answer
-        assert beam.trace["links"]["device-edge"]["bytes_up"] == len("How does Raft pick a leader?") + 8
+        assert beam.trace.links["device-edge"]["bytes_up"] == len("How does Raft pick a leader?") + 8
     finally:
         device.prober.stop()

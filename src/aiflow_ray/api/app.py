@@ -170,7 +170,7 @@ class Ingress(TierCalls):
             metrics.REQUESTS.labels(str(routed.decision.path), str(result.status)).inc()
             raise refusal_error(result)
         metrics.observe(result.trace, result.prompt_tokens)
-        metrics.REQUESTS.labels(result.trace["path"], "200").inc()
+        metrics.REQUESTS.labels(result.trace.path, "200").inc()
         self._report_outcome(routed, result.trace, result.prompt_tokens)
         return result, routed, time.perf_counter() - started
 
@@ -206,7 +206,7 @@ class Ingress(TierCalls):
                         break
                     if isinstance(event, StreamDone):
                         metrics.observe(event.trace, event.prompt_tokens)
-                        metrics.REQUESTS.labels(event.trace["path"], "200").inc()
+                        metrics.REQUESTS.labels(event.trace.path, "200").inc()
                         self._report_outcome(routed, event.trace, event.prompt_tokens)
                         finished = True
                     for out in shape(event, routed):
@@ -239,7 +239,7 @@ class Ingress(TierCalls):
                     out: dict[str, Any] = {"token_ids": event.token_ids, "text": event.text}
                 else:
                     out = {"done": True, "text": event.text, "num_tokens": event.num_tokens,
-                           "prompt_tokens": event.prompt_tokens, "trace": event.trace,
+                           "prompt_tokens": event.prompt_tokens, "trace": event.trace.to_dict(),
                            "route": self._route_info(routed)}
                 if event.logprobs is not None:
                     out["logprobs"] = [e.to_dict() for e in event.logprobs]
@@ -248,7 +248,7 @@ class Ingress(TierCalls):
             return await self.open_stream(body, None, native)
         result, routed, e2e_s = await self.run(body)
         out = {"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
-               "trace": result.trace, "route": self._route_info(routed), "e2e_s": e2e_s}
+               "trace": result.trace.to_dict(), "route": self._route_info(routed), "e2e_s": e2e_s}
         if result.sources is not None:
             out["sources"] = result.sources
         if result.logprobs is not None:
@@ -309,7 +309,8 @@ class Ingress(TierCalls):
 
             return await self.open_stream(req.native, req.messages, shape, req.image_fields)
         result, routed, _ = await self.run(req.native, req.messages, req.image_fields)
-        return req.response(result.text, len(result.token_ids), result.prompt_tokens, result.logprobs, result.trace,
+        return req.response(result.text, len(result.token_ids), result.prompt_tokens, result.logprobs,
+                            result.trace.to_dict(),
                             self._route_info(routed))
 
 

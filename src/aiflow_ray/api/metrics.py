@@ -15,6 +15,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from aiflow_ray.tiers.trace import Trace
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -60,29 +62,29 @@ IMAGE_BYTES = Counter("aiflow:image_bytes", "Image bytes as the client sent them
                       "link (sent)", ["kind"], registry=REGISTRY)
 
 
-def observe(trace: dict[str, Any], prompt_tokens: int = 0) -> None:
+def observe(trace: Trace, prompt_tokens: int = 0) -> None:
     """One answered request's trace."""
-    path = trace.get("path", "unknown")
+    path = trace.path or "unknown"
     REQUEST_SUCCESS.labels(path).inc()
     PROMPT_TOKENS.inc(max(prompt_tokens, 0))
-    if trace.get("num_tokens"):
-        TTFT.labels(path).observe(trace.get("ttft_s", 0.0))
-        GENERATION_TOKENS.labels(path).inc(trace["num_tokens"])
-    if trace.get("num_tokens", 0) > 1 and trace.get("tpot_s"):
-        TPOT.labels(path).observe(trace["tpot_s"])
-    if trace.get("total_s"):
-        E2E.labels(path).observe(trace["total_s"])
+    if trace.num_tokens:
+        TTFT.labels(path).observe(trace.ttft_s)
+        GENERATION_TOKENS.labels(path).inc(trace.num_tokens)
+    if trace.num_tokens > 1 and trace.tpot_s:
+        TPOT.labels(path).observe(trace.tpot_s)
+    if trace.total_s:
+        E2E.labels(path).observe(trace.total_s)
     if path != "server-only":
-        SPEC_DRAFTS.inc(sum(1 for k in trace.get("draft_lens", []) if k > 0))
-    SPEC_DRAFT_TOKENS.inc(sum(trace.get("draft_lens", [])))
-    SPEC_ACCEPTED_TOKENS.inc(sum(trace.get("accepted", [])))
-    LINK_BYTES.labels("device-edge", "up").inc(trace.get("bytes_up", 0))
-    LINK_BYTES.labels("device-edge", "down").inc(trace.get("bytes_down", 0))
-    FAILOVERS.inc(trace.get("failovers", 0))
-    CONTEXT_RESENDS.inc(trace.get("context_resends", 0))
-    IMAGE_BYTES.labels("raw").inc(trace.get("image_bytes_raw", 0))
-    IMAGE_BYTES.labels("sent").inc(trace.get("image_bytes_sent", 0))
-    if trace.get("fallback"):
+        SPEC_DRAFTS.inc(sum(1 for k in trace.draft_lens if k > 0))
+    SPEC_DRAFT_TOKENS.inc(sum(trace.draft_lens))
+    SPEC_ACCEPTED_TOKENS.inc(sum(trace.accepted))
+    LINK_BYTES.labels("device-edge", "up").inc(trace.bytes_up)
+    LINK_BYTES.labels("device-edge", "down").inc(trace.bytes_down)
+    FAILOVERS.inc(trace.failovers)
+    CONTEXT_RESENDS.inc(trace.context_resends)
+    IMAGE_BYTES.labels("raw").inc(trace.image_bytes_raw)
+    IMAGE_BYTES.labels("sent").inc(trace.image_bytes_sent)
+    if trace.fallback:
         FALLBACKS.inc()
 
 

@@ -27,6 +27,7 @@ from aiflow_ray.logging_utils import clip, get_logger
 from aiflow_ray.routing.messages import LoadReport, Routed, RouteRequest
 from aiflow_ray.routing.router import RouterState
 from aiflow_ray.tiers.results import TierResult
+from aiflow_ray.tiers.trace import Trace
 from aiflow_ray.units import parse_bandwidth_bps
 
 log = get_logger(__name__)
@@ -53,18 +54,17 @@ class TierCalls:
                 raise calls.TierUnavailable(tier, calls.describe(exc)) from exc
             raise
 
-    def _report_outcome(self, routed: Routed, trace: dict[str, Any], prompt_tokens: int = 0) -> None:
+    def _report_outcome(self, routed: Routed, trace: Trace, prompt_tokens: int = 0) -> None:
         """The measured TTFT and TPOT go back to the router beside its prediction (fire and forget)."""
         if not routed.decision.request_id:
             return
         try:
-            path = str(trace.get("path"))
+            path = trace.path
             # On the device no image crosses the link: what it would have taken is unknown.
-            images = () if path == "on-device" else tuple(int(n) for n in trace.get("image_bytes_each") or ())
-            accepted, drafted = trace.get("accepted") or [], trace.get("draft_lens") or []
-            self.router.report_outcome.remote(routed.decision.request_id, path,
-                                              float(trace.get("ttft_s") or 0.0), float(trace.get("tpot_s") or 0.0),
-                                              int(trace.get("num_tokens") or 0), images, accepted=int(sum(accepted)),
+            images = () if path == "on-device" else tuple(trace.image_bytes_each)
+            accepted, drafted = trace.accepted, trace.draft_lens
+            self.router.report_outcome.remote(routed.decision.request_id, path, trace.ttft_s, trace.tpot_s,
+                                              trace.num_tokens, images, accepted=int(sum(accepted)),
                                               rejections=sum(1 for a, k in zip(accepted, drafted, strict=False)
                                                              if a < k), prompt_tokens=int(prompt_tokens))
         except Exception as exc:  # the router is being replaced: this one measurement is lost, nothing else

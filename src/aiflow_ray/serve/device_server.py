@@ -272,7 +272,7 @@ class DeviceDrafterServer:
 
     def _result(self, result: GenerationResult) -> TierResult:
         named = name_logprobs(self._token_text, result.token_ids, result.logprobs) if result.logprobs else None
-        return TierResult(result.text, result.token_ids, result.prompt_tokens, result.trace.to_dict(), named)
+        return TierResult(result.text, result.token_ids, result.prompt_tokens, result.trace, named)
 
     async def generate(self, opts: GenerateOptions) -> TierResult | Refusal:
         self.load.start()
@@ -321,7 +321,7 @@ class DeviceDrafterServer:
                 elif kind == "done":
                     result: GenerationResult = value
                     yield StreamDone(result.text[len(sent_text):], len(result.token_ids), result.prompt_tokens,
-                                     result.trace.to_dict(), self._named(pending, pending_lp))
+                                     result.trace, self._named(pending, pending_lp))
                     return
                 else:
                     if not isinstance(value, Cancelled):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiflow_ray.network.wire import Logprobs
+from aiflow_ray.tiers.trace import Trace
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,12 @@ class TierResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    trace: dict[str, Any]
+    trace: Trace
     logprobs: list[TokenLogprob] | None = None
 
     @property
     def sources(self) -> list[dict[str, Any]] | None:
-        retrieval = self.trace.get("retrieval")
-        return retrieval.get("hits") if retrieval else None
+        return self.trace.retrieval.get("hits") if self.trace.retrieval else None
 
 
 @dataclass
@@ -64,5 +64,5 @@ class StreamDone:
     text: str  # the last piece of text not yet sent
     num_tokens: int
     prompt_tokens: int
-    trace: dict[str, Any]
+    trace: Trace
     logprobs: list[TokenLogprob] | None = None  # for the tokens of ``text``
