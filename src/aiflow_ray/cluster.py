@@ -36,6 +36,11 @@ log = get_logger(__name__)
 # head creates the token if missing, and workers and drivers read it from the same file.
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **AUTH_ENV}
+# Defaults for the local cluster (the caller's environment wins). Serve's controller reconciles every 0.1 s by
+# default: on an idle 2-CPU host that loop alone kept 6% of the CPUs busy (the idle cluster's background went
+# from 23% to 17.5%, measured 2026-12-07), time taken from every decode. Every 0.5 s is still ten times finer
+# than the autoscalers' 5 s delays.
+SMALL_HOST_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
 @dataclass
@@ -126,7 +131,7 @@ def _node_env() -> dict[str, str]:
     path = os.environ.get("PATH", "")
     if path.split(os.pathsep)[0] != bin_dir:
         path = os.pathsep.join([bin_dir, path]) if path else bin_dir
-    return {**os.environ, **LOOPBACK_ENV, "PATH": path}
+    return {**SMALL_HOST_ENV, **os.environ, **LOOPBACK_ENV, "PATH": path}
 
 
 def up(state_dir: Path, gcs_port: int = 6390, dashboard_port: int = 8265, cpus_per_node: int = 2,

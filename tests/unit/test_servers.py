@@ -4,6 +4,8 @@ streams, refusals as values, the start-up tokenizer check, queue accounting and 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from aiflow_ray.config import AppArgs, GenerateOptions, GroundingOptions, LinkCo
 from aiflow_ray.errors import Refusal
 from aiflow_ray.network import wire
 from aiflow_ray.serve.cloud_server import CloudServer
-from aiflow_ray.serve.common import RECALIBRATE_IDLE_S
+from aiflow_ray.serve.common import QUIET_IDLE_S, QUIETER_BY_SHARE, RECALIBRATE_IDLE_S, CpuShare
 from aiflow_ray.serve.device_server import DeviceDrafterServer
 from aiflow_ray.serve.edge_server import EdgeVerifierServer
 from aiflow_ray.tiers.pipeline import Pipeline
@@ -224,6 +226,56 @@ def test_an_idle_edge_re_times_itself_and_a_busy_one_does_not(servers: Any) -> N
     asyncio.run(health_then_wait())
     assert [n for n, _ in edge.edge.calibration_samples] == [1, 4, 8, 128]
     assert time.monotonic() - edge.edge.calibrated_at < 5
+
+
+def test_cpu_share_sees_other_processes_and_not_its_own() -> None:
+    meter = CpuShare()
+    spin = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
+    burner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.2)  # the interpreter's start-up
+        meter.others_share()
+        time.sleep(1.0)
+        busy = meter.others_share()
+    finally:
+        burner.wait(timeout=10)
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:  # this process's own work is not counted
+        pass
+    own = meter.others_share()
+    one_cpu = 1 / (CpuShare()._cpus)
+    assert busy >= 0.8 * one_cpu, (busy, one_cpu)  # one of the node's CPUs, busy in another process
+    assert own < busy - 0.5 * one_cpu, (own, busy)
+
+
+def test_a_calibration_timed_under_contention_is_redone_once_the_node_is_quiet(servers: Any) -> None:
+    """At start-up every tier loads its model while the edge times its forwards: a calibration that shared the
+    CPUs with other processes is redone at the first quiet moment, not a minute later."""
+    _device, edge, _router = servers
+
+    async def health_then_wait() -> None:
+        await edge.check_health()
+        if edge._recalibration is not None:
+            await edge._recalibration
+
+    others = {"share": 0.6}
+    edge.cpu.others_share = lambda: others["share"]  # type: ignore[method-assign]
+    edge.contended_share = 0.6
+    edge.edge.calibrated_at = time.monotonic()
+    edge.load.last_active_at = time.monotonic() - QUIET_IDLE_S - 1
+    edge.edge.calibration_samples.clear()
+    asyncio.run(health_then_wait())
+    assert not edge.edge.calibration_samples  # the node is still busy
+    others["share"] = 0.6 - QUIETER_BY_SHARE / 2
+    asyncio.run(health_then_wait())
+    assert not edge.edge.calibration_samples  # a little quieter is not enough
+    others["share"] = 0.6 - QUIETER_BY_SHARE * 2
+    asyncio.run(health_then_wait())
+    assert [n for n, _ in edge.edge.calibration_samples] == [1, 4, 8, 128]  # much quieter: re-timed at once
+    assert edge.contended_share == others["share"]  # the share while it was re-timed
+    edge.edge.calibration_samples.clear()
+    asyncio.run(health_then_wait())
+    assert not edge.edge.calibration_samples  # no quieter than that: it stays
 
 
 def test_the_edge_reports_requests_waiting_for_its_engine_as_queued(servers: Any, tiny_pipeline: Pipeline) -> None:

@@ -20,6 +20,42 @@ log = get_logger(__name__)
 # An idle drafter or verifier re-times itself this often (and this long after its last request): the start-up
 # timing shares the cores with every tier loading its model, and traffic that went elsewhere corrects nothing.
 RECALIBRATE_IDLE_S = 60.0
+# Sooner than that when the calibration itself was contended: when the node's other processes now keep a share
+# of its CPUs at least this much smaller than while it ran (every tier loading its model at start-up), it is
+# re-timed as soon as the replica has been idle QUIET_IDLE_S. A share, not a threshold: an idle local cluster's
+# own background (Serve's controller, agents, replicas' reports) keeps about a quarter of 2 CPUs busy.
+QUIETER_BY_SHARE = 0.15
+QUIET_IDLE_S = 5.0
+
+
+class CpuShare:
+    """How much of the node's CPUs other processes used between two calls (psutil's counters): the node's busy
+    CPU seconds less this process's own, over the wall time and the CPU count."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._process = psutil.Process()
+        self._cpus = psutil.cpu_count() or 1
+        self._mark = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        times = self._psutil.cpu_times()
+        idle_s = times.idle + getattr(times, "iowait", 0.0)
+        own = self._process.cpu_times()
+        return time.monotonic(), sum(times) - idle_s - getattr(times, "guest", 0.0) - getattr(
+            times, "guest_nice", 0.0), own.user + own.system
+
+    def others_share(self) -> float:
+        """Share (0-1) of the node's CPUs that other processes kept busy since the last call."""
+        now = self._sample()
+        (then_t, then_busy, then_own), self._mark = self._mark, now
+        wall_s = now[0] - then_t
+        if wall_s <= 0:
+            return 0.0
+        others_s = (now[1] - then_busy) - (now[2] - then_own)
+        return min(1.0, max(0.0, others_s / (wall_s * self._cpus)))
 
 
 def configure_threads(threads: int | None) -> int:

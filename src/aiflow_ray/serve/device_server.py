@@ -27,7 +27,15 @@ from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
 from aiflow_ray.network.link import DuplexLink, RealClock
 from aiflow_ray.routing.messages import GenerationReport
-from aiflow_ray.serve.common import RECALIBRATE_IDLE_S, LoadTracker, router_handle, tier_engine
+from aiflow_ray.serve.common import (
+    QUIET_IDLE_S,
+    QUIETER_BY_SHARE,
+    RECALIBRATE_IDLE_S,
+    CpuShare,
+    LoadTracker,
+    router_handle,
+    tier_engine,
+)
 from aiflow_ray.serve.transports import ServeCloud, ServeTransport
 from aiflow_ray.tiers.device import DeviceDrafter, EdgeError, GenerationResult
 from aiflow_ray.tiers.links import LinkProber, LinkRegistry, Sample
@@ -118,6 +126,8 @@ class DeviceDrafterServer:
         self._calibration: GenerationReport | None = None
         self._calibrated_at: float | None = None
         self._drafted_at = 0.0
+        self.cpu = CpuShare()
+        self.contended_share = 0.0  # other processes' share of the CPUs during the last calibration
         self.prober = LinkProber(self.links, self.args.link_probe, self.args.link, self._probe_exchange,
                                  self._emulated_settings, self._report_probe, on_tick=self.startup_chores)
         self.prober.start()
@@ -159,21 +169,31 @@ class DeviceDrafterServer:
         long_ids = (ids * (CALIBRATION_PREFILL_TOKENS // max(len(ids), 1) + 1))[:CALIBRATION_PREFILL_TOKENS]
         with self.device.locked():
             self.device.drafter.generate_local(ids, 2, SamplingConfig())  # warm-up
+            self.cpu.others_share()
             traces = [self.device.drafter.generate_local(ids, 9, SamplingConfig()).trace for _ in range(3)]
             long_ttft_s = self.device.drafter.generate_local(long_ids, 1, SamplingConfig()).trace.ttft_s
+            self.contended_share = self.cpu.others_share()
         self._calibrated_at = time.monotonic()
         s_per_token = min(t.tpot_s for t in traces)
         prefills = ((len(ids), min(t.ttft_s for t in traces)), (len(long_ids), long_ttft_s))
-        log.info("device calibrated: %.1f ms per token; first token after %s", s_per_token * 1e3,
-                 ", ".join(f"{n} prompt tokens {s * 1e3:.1f} ms" for n, s in prefills))
+        log.info("device calibrated: %.1f ms per token; first token after %s (other processes kept %.0f%% of "
+                 "the node's CPUs busy meanwhile)", s_per_token * 1e3,
+                 ", ".join(f"{n} prompt tokens {s * 1e3:.1f} ms" for n, s in prefills), 100 * self.contended_share)
         return GenerationReport(link_id="", path="calibration", on_device_s_per_token=s_per_token,
                                 prefill_samples=prefills)
 
     def _calibration_due(self) -> bool:
+        """Never timed; or timed while other processes shared the CPUs and the node is much quieter now (called on each
+        of the prober's ticks, so the share is the one since the last tick); or idle for a while."""
         if self._calibrated_at is None:
             return True
+        others_now = self.cpu.others_share()
         quiet_since = max(self._calibrated_at, self._drafted_at)
-        return self.active == 0 and time.monotonic() - quiet_since > RECALIBRATE_IDLE_S
+        if self.active or time.monotonic() - quiet_since < QUIET_IDLE_S:
+            return False
+        if self.contended_share - others_now >= QUIETER_BY_SHARE:
+            return True
+        return time.monotonic() - quiet_since > RECALIBRATE_IDLE_S
 
     def startup_chores(self) -> None:
         """Check the edge's tokenizer, then report the calibration (which makes /readyz count the device)."""

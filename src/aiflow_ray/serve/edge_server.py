@@ -18,7 +18,15 @@ from typing import Any
 from aiflow_ray.config import AppArgs
 from aiflow_ray.engines.base import Engine
 from aiflow_ray.logging_utils import get_logger
-from aiflow_ray.serve.common import RECALIBRATE_IDLE_S, EngineGate, LoadTracker, tier_engine
+from aiflow_ray.serve.common import (
+    QUIET_IDLE_S,
+    QUIETER_BY_SHARE,
+    RECALIBRATE_IDLE_S,
+    CpuShare,
+    EngineGate,
+    LoadTracker,
+    tier_engine,
+)
 from aiflow_ray.tiers.edge import EdgeVerifier, answer_ping
 
 log = get_logger(__name__)
@@ -37,8 +45,11 @@ class EdgeVerifierServer:
         self.args = AppArgs.model_validate(args)
         self.edge = EdgeVerifier(tier_engine(self.args, "edge", "verifier", engine),
                                  max_sessions=self.args.edge_sessions_per_replica, image_limits=self.args.images)
+        self.cpu = CpuShare()
         samples = self.edge.calibrate()
-        log.info("edge calibrated: %s", ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples))
+        self.contended_share = self.cpu.others_share()
+        log.info("edge calibrated: %s (other processes kept %.0f%% of the node's CPUs busy meanwhile)",
+                 ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples), 100 * self.contended_share)
         self.load = LoadTracker("edge", self.args, self.edge.service_samples, router, replica_id,
                                 self.edge.calibration_samples)
         self._recalibration: asyncio.Task[None] | None = None
@@ -95,16 +106,23 @@ class EdgeVerifierServer:
             self._recalibration = asyncio.get_running_loop().create_task(self._recalibrate())
 
     def _recalibration_due(self) -> bool:
-        """Idle for a while, and not re-timed since: the start-up calibration ran while every tier loaded its
-        model, and with fast requests on the device no traffic may come to correct it."""
+        """The last calibration shared the CPUs with other processes (the start-up one, while every tier loaded
+        its model) and the node is much quieter now; or idle for a while, and not re-timed since: with fast requests on
+        the device no traffic may come to correct the estimate."""
         if self._recalibration is not None and not self._recalibration.done():
             return False
+        others_now = self.cpu.others_share()  # since the last health check
+        if self.load.idle_s >= QUIET_IDLE_S and self.contended_share - others_now >= QUIETER_BY_SHARE:
+            return True
         since_s = time.monotonic() - (self.edge.calibrated_at or 0.0)
         return min(self.load.idle_s, since_s) >= RECALIBRATE_IDLE_S
 
     async def _recalibrate(self) -> None:
         try:
+            self.cpu.others_share()
             samples = await self.gate.run(self.edge.calibrate)
-            log.info("edge re-timed while idle: %s", ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples))
+            self.contended_share = self.cpu.others_share()
+            log.info("edge re-timed while idle: %s (other processes: %.0f%% of the CPUs)",
+                     ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples), 100 * self.contended_share)
         except Exception as exc:  # a calibration is an estimate's refresh: the replica serves on without it
             log.warning("edge re-calibration failed: %s", exc)
