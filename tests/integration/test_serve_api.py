@@ -231,6 +231,11 @@ def test_fast_requests_leave_a_slow_link_for_the_device_and_come_back(api: httpx
             raise AssertionError(f"{exc}; router saw {state['links'].get(link)}; last route {last.get('route')}; "
                                  f"its decision {decision}") from None
 
+    # One long prompt served first, as traffic would have: the edge's calibration times prefills up to 128
+    # tokens, and extrapolating that to 1607 over-prices a CPU's prefill (cheaper per token in larger blocks)
+    # enough to miss the objective on a slow box; the router learns the real cost from this request.
+    warm = _generate(api, prompt=LONG_PROMPT, path="server-only", link_id="prefill-warm-up", max_tokens=2)
+    assert warm.status_code == 200, warm.text
     _set_link(admin_api, link, "2MB/s")
     poll(lambda p: p in ("server-only", "device-edge"), 30, "the large model serving at 2 MB/s")
     _set_link(admin_api, link, "2KB/s")

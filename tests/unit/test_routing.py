@@ -397,6 +397,15 @@ def test_ttft_carries_the_prompts_prefill_measured_at_each_tier() -> None:
     restore_state(restored, saved)
     assert restored.prompt_tokens(2048) == 1024
     assert restored.inputs("phone", prompt_tokens=128).device_prefill_s == pytest.approx(0.15, rel=0.05)
+    # On-device requests' first tokens teach the device's prefill: a start-up timing of 128 tokens at 1.5 s
+    # (taken while the tiers loaded) gives way to what such requests measure (0.15 s).
+    state.report_generation(GenerationReport(link_id="", path="calibration", on_device_s_per_token=0.02,
+                                             prefill_samples=((128, 1.5),)))
+    for i in range(12):
+        state.decide(RouteRequest(request_id=f"od{i}", link_id="phone", path="on-device", quality="fast",
+                                  prompt_bytes=512, max_new_tokens=16))
+        state.report_outcome(f"od{i}", "on-device", 0.15, 0.02, 16, prompt_tokens=128)
+    assert state.inputs("phone", prompt_tokens=128).device_prefill_s < 0.5
     # An idle replica's re-calibration replaces the sizes it times; the others keep their history.
     state.report_load(LoadReport(tier="edge", replica="r1", ongoing=0, queued=0, capacity=4,
                                  calibration_samples=((4, 0.06), (128, 0.3))))

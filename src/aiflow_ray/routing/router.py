@@ -332,6 +332,11 @@ class RouterState:
         if record is not None and prompt_tokens > 0:
             self._learn_prompt_tokens(int(record.get("text_bytes") or 0), int(record.get("images") or 0),
                                       prompt_tokens)
+            if path == "on-device" and ttft_s > 0 and not record.get("images"):
+                # An on-device request's first token is the drafter's prefill of its prompt, measured under
+                # real traffic: the curve learns from it as from a calibration, so a start-up timing taken
+                # while every tier loaded does not price the device for as long as traffic allows no re-timing.
+                self.device_prefill.observe(float(prompt_tokens), ttft_s)
         if record is None or ttft_s <= 0:
             return
         predicted_ttft = record["predicted_ttft_s"].get(path)
