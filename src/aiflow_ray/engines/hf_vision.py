@@ -21,7 +21,6 @@ engine agree token for token in fp32, as for text.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,17 +30,13 @@ import torch
 
 from aiflow_ray.engines.base import ImageInput
 from aiflow_ray.engines.hf import HFEngine, _Session, load_model
+from aiflow_ray.engines.vision_blocks import ImageBlocks
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.models.registry import VISION_MODEL_TYPES
-from aiflow_ray.vision.preprocess import QWEN_VL_MODEL_TYPES, TileShapeError, VisionSpec, normalize_tiles
-from aiflow_ray.vision.prompting import IMAGE_CONTEXT, IMAGE_END, IMAGE_START, expand_image_placeholders
+from aiflow_ray.vision.preprocess import QWEN_VL_MODEL_TYPES, VisionSpec, normalize_tiles
+from aiflow_ray.vision.prompting import IMAGE_CONTEXT, IMAGE_END, IMAGE_START
 
 log = get_logger(__name__)
-
-
-
-class ImagePromptMismatch(ValueError):
-    """The token ids' image blocks and the images given do not match."""
 
 
 @dataclass
@@ -54,22 +49,7 @@ class _VisionSession(_Session):
     text_position_offset: int | None = None
 
 
-def image_spans(tokens: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
-    """(start, end) of each run of image-context tokens."""
-    spans: list[tuple[int, int]] = []
-    start = None
-    for i, token in enumerate(tokens):
-        if token == image_token_id and start is None:
-            start = i
-        elif token != image_token_id and start is not None:
-            spans.append((start, i))
-            start = None
-    if start is not None:
-        spans.append((start, len(tokens)))
-    return spans
-
-
-class HFVisionEngine(HFEngine):
+class HFVisionEngine(ImageBlocks, HFEngine):
     """An ``HFEngine`` whose sessions may hold images; see the module docstring."""
 
     # The text an image block is written as: start marker, one context token per visual token, end marker.
@@ -109,16 +89,6 @@ class HFVisionEngine(HFEngine):
         return cls(model, tokenizer, name, dev, spec)
 
     # -- prompts --------------------------------------------------------------------------------
-    def encode_image_prompt(self, prompt: str | list[dict[str, str]], chat: bool,
-                            image_tokens: Sequence[int]) -> list[int]:
-        """Like ``encode_prompt``, with the i-th ``<image>`` placeholder standing for ``image_tokens[i]``
-        visual tokens. Refuses text that spells image tokens itself (they would pass for an image)."""
-        text = self._render(prompt, chat)
-        ids = [int(i) for i in self.tokenizer.encode(expand_image_placeholders(text, image_tokens, *self.BLOCK_TOKENS),
-                                                     add_special_tokens=False)]
-        self.check_image_blocks(ids, image_tokens)
-        return ids
-
     def _render(self, prompt: str | list[dict[str, str]], chat: bool) -> str:
         template = getattr(self.tokenizer, "chat_template", None)
         if isinstance(prompt, list) and not template:
@@ -129,40 +99,12 @@ class HFVisionEngine(HFEngine):
         assert isinstance(prompt, str)
         return prompt
 
-    def check_image_blocks(self, ids: Sequence[int], image_tokens: Sequence[int]) -> None:
-        """Each image is exactly one well-formed block of its size, and no image token stands elsewhere."""
-        spans = image_spans(ids, self.image_token_id)
-        sizes = [end - start for start, end in spans]
-        starts = sum(1 for t in ids if t == self.image_start_id)
-        ends = sum(1 for t in ids if t == self.image_end_id)
-        well_formed = all(start > 0 and ids[start - 1] == self.image_start_id and end < len(ids)
-                          and ids[end] == self.image_end_id for start, end in spans)
-        if sizes != list(image_tokens) or starts != len(sizes) or ends != len(sizes) or not well_formed:
-            raise ImagePromptMismatch(f"the prompt's image blocks ({sizes}) do not match its {len(image_tokens)} "
-                                      "images; text may not contain image tokens")
+    def _tokenize_text(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
 
     # -- sessions -------------------------------------------------------------------------------
     def _new_session(self, tokens: list[int]) -> _VisionSession:
         return _VisionSession(tokens=tokens)
-
-    def _attach_images(self, session: Any, tokens: list[int], images: Sequence[ImageInput]) -> None:
-        spans = image_spans(tokens, self.image_token_id)
-        sizes = [self.image_tokens(image) for image in images]
-        if [end - start for start, end in spans] != sizes:
-            raise ImagePromptMismatch(f"image blocks of {[e - s for s, e in spans]} tokens for images of {sizes}")
-        session.images = list(images)
-        session.spans = spans
-
-    def image_tokens(self, image: ImageInput) -> int:
-        if image.features is not None:
-            return int(image.features.shape[0])
-        assert image.tiles is not None and self.vision is not None
-        if image.tiles.dtype != np.uint8:
-            raise ImagePromptMismatch(f"image tiles of {image.tiles.dtype}; expected uint8")
-        try:
-            return self.vision.tokens_for(image.tiles.shape)
-        except TileShapeError as exc:
-            raise ImagePromptMismatch(str(exc)) from None
 
     # -- compute --------------------------------------------------------------------------------
     def _pending(self, session: _Session) -> list[int]:

@@ -140,16 +140,21 @@ class LlamaCppEngine(SessionTable):
             n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
-    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
-        """A string, or a conversation of {role, content} turns, with the GGUF's own chat template."""
+    def _render(self, prompt: str | list[dict[str, str]], chat: bool) -> str:
         if isinstance(prompt, list) and self._chat is None:
-            prompt = "\n".join(f"{turn['role']}: {turn['content']}" for turn in prompt) + "\nassistant:"
-            chat = False
+            return "\n".join(f"{turn['role']}: {turn['content']}" for turn in prompt) + "\nassistant:"
         if chat and self._chat is not None:
             turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return self._tokenize(self._chat(messages=turns).prompt)
+            return str(self._chat(messages=turns).prompt)
         assert isinstance(prompt, str)
-        return self._tokenize(prompt)
+        return prompt
+
+    def _tokenize_text(self, text: str) -> list[int]:
+        return self._tokenize(text)
+
+    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
+        """A string, or a conversation of {role, content} turns, with the GGUF's own chat template."""
+        return self._tokenize(self._render(prompt, chat))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         data = b"".join(self._piece(int(t)) for t in token_ids if int(t) not in self.eos_token_ids)
@@ -201,23 +206,39 @@ class LlamaCppEngine(SessionTable):
         session = self._get(session_id)
         seq = self._sequence_for(session_id, session)
         target = session.tokens + extra
+        agree = self._reusable(session, target, outputs)
+        if agree < len(session.cached):
+            self._ll.llama_memory_seq_rm(self._mem, seq, self._position(session, agree), -1)
+            del session.cached[agree:]
+        self._feed(session_id, session, seq, target, agree, outputs)
+        session.cached = target
+        rows = np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
+        return rows.copy()  # the buffer is reused by the next decode
+
+    def _reusable(self, session: _Session, target: list[int], outputs: int) -> int:
+        """How many leading tokens of ``target`` the sequence's KV already holds and may keep."""
         limit = min(len(session.cached), len(target) - outputs)
         agree = 0
         while agree < limit and session.cached[agree] == target[agree]:
             agree += 1
-        if agree < len(session.cached):
-            self._ll.llama_memory_seq_rm(self._mem, seq, agree, -1)
-            del session.cached[agree:]
-        feed = target[agree:]
+        return agree
+
+    def _position(self, session: _Session, index: int) -> int:
+        """The position of the session's token at ``index`` (its index, for text models)."""
+        return index
+
+    def _feed(self, session_id: str, session: _Session, seq: int, target: list[int], agree: int,
+              outputs: int) -> None:
+        """Decode ``target[agree:]`` into ``seq``, with logits for its last ``outputs`` tokens."""
+        self._feed_text(session_id, seq, target[agree:], agree, outputs)
+
+    def _feed_text(self, session_id: str, seq: int, feed: list[int], pos0: int, outputs: int) -> None:
         start = 0
         while start < len(feed):
             # Every output row must come from the last decode: the last chunk holds the last `outputs`.
             end = len(feed) if len(feed) - start <= N_BATCH else min(start + N_BATCH, len(feed) - outputs)
-            self._decode([(seq, feed[start:end], agree + start)], outputs if end == len(feed) else 0, keep=session_id)
+            self._decode([(seq, feed[start:end], pos0 + start)], outputs if end == len(feed) else 0, keep=session_id)
             start = end
-        session.cached.extend(feed)
-        rows = np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
-        return rows.copy()  # the buffer is reused by the next decode
 
     def claim_all_sequences(self) -> list[int]:
         """Every sequence id, emptied (sessions keep their ids and recompute their KV when they come back)."""

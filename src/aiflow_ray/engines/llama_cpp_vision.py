@@ -1,0 +1,275 @@
+"""llama.cpp engine for Qwen2-VL-class vision-language models: llama.cpp's multimodal library (libmtmd).
+
+The language model is a GGUF, the vision tower and merger an *mmproj* GGUF, both written by llama.cpp's own
+converter from transformers' ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``
+checkpoints (``models.gguf_convert``). Everything the text engine does holds (sequences of one shared KV pool,
+KV reuse, eviction, k-step drafting, one-decode scoring); what this adds:
+
+- Token ids hold each image as the HF engine's do: ``<|vision_start|>`` + ``<|image_pad|>`` x n +
+  ``<|vision_end|>``, n from the verifier's ``VisionSpec``, so one prompt's ids are the same on an HF device and
+  a llama.cpp edge. A session keeps its images' embeddings (libmtmd's encoder runs once a session); a forward
+  that reaches an image block decodes those embeddings in its place (``mtmd_helper_decode_image_chunk``), the
+  text around it with ordinary decodes. The KV is never cut inside a block.
+- Positions are M-RoPE's: an image's tokens share its first position, text after it resumes at that position
+  plus the image's ``n_pos`` (its larger grid side), so a token's position is not its index, and KV cuts
+  (``llama_memory_seq_rm``) are made at positions.
+- The image arrives as the verifier's preprocessing made it (``resized``: a 28-px-aligned image within the
+  processor's pixel bounds). libmtmd resizes an image to such a size itself; given one already aligned and
+  in bounds it keeps its size, and the block's token count is checked against the spec's. Its normalisation
+  and vision tower run in ggml, so outputs match the HF engine up to near-ties, as for text.
+
+Not thread-safe, like the text engine: the tier serialises calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aiflow_ray.engines.base import ImageInput
+from aiflow_ray.engines.llama_cpp import DEFAULT_KV_TOKENS, DEFAULT_SEQUENCES, N_BATCH, KvCacheFull, LlamaCppEngine
+from aiflow_ray.engines.llama_cpp import _Session as _TextSession
+from aiflow_ray.engines.vision_blocks import ImageBlocks, ImagePromptMismatch, image_spans
+from aiflow_ray.logging_utils import get_logger
+from aiflow_ray.vision.preprocess import VisionSpec
+from aiflow_ray.vision.prompting import QWEN_VL_BLOCK_TOKENS
+
+log = get_logger(__name__)
+
+
+class MultimodalUnavailable(RuntimeError):
+    """The installed llama-cpp-python was built without libmtmd."""
+
+
+@dataclass
+class _Image:
+    chunk: int  # an owned mtmd_input_chunk (freed with the session)
+    n_pos: int  # positions the image takes (M-RoPE: its larger grid side)
+    embeds: np.ndarray | None = None  # [tokens, n_embd] float32, encoded once a session
+
+
+@dataclass
+class _VisionSession(_TextSession):
+    images: list[ImageInput] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    encoded: list[_Image] = field(default_factory=list)
+
+
+def _mtmd() -> Any:
+    try:
+        from llama_cpp import mtmd_cpp
+    except (OSError, FileNotFoundError) as exc:  # the bindings load libmtmd at import
+        raise MultimodalUnavailable(
+            "llama-cpp-python was built without libmtmd (LLAVA_BUILD=OFF): `make install` builds it with "
+            f"images ({exc})") from None
+    return mtmd_cpp
+
+
+class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
+    """A GGUF language model with its mmproj GGUF; see the module docstring."""
+
+    BLOCK_TOKENS = QWEN_VL_BLOCK_TOKENS
+    encoder_digest: str | None = None  # no features upload: the merger sits inside the vision tower
+
+    def __init__(self, gguf: str | Path, mmproj: str | Path, name: str, vision: VisionSpec, threads: int | None = None,
+                 max_sequences: int = DEFAULT_SEQUENCES, kv_tokens: int = DEFAULT_KV_TOKENS) -> None:
+        if not vision.whole_image:
+            raise ValueError(f"{name}: the llama.cpp vision engine serves Qwen2-VL-class models only")
+        mt = _mtmd()
+        super().__init__(gguf, name, threads=threads, max_sequences=max_sequences, kv_tokens=kv_tokens)
+        self._mt = mt
+        self.vision = vision
+        from llama_cpp._logger import llama_log_callback
+
+        # Through llama-cpp-python's filter, which the text engine set to errors only: libmtmd logs every decode.
+        mt.mtmd_log_set(llama_log_callback, None)
+        mt.mtmd_helper_log_set(llama_log_callback, None)
+        params = mt.mtmd_context_params_default()
+        params.use_gpu = False
+        params.print_timings = False
+        params.warmup = False
+        params.n_threads = threads or 1
+        cell = vision.tile_size * vision.tile_size
+        # The processor's own token bounds, so libmtmd keeps an image the device already sized within them.
+        params.image_min_tokens = max(1, vision.min_pixels // cell)
+        params.image_max_tokens = max(1, vision.max_pixels // cell)
+        self._mctx = mt.mtmd_init_from_file(str(mmproj).encode(), self._model, params)
+        if not self._mctx:
+            raise RuntimeError(f"libmtmd could not load {mmproj}")
+        if not mt.mtmd_support_vision(self._mctx) or not mt.mtmd_decode_use_mrope(self._mctx):
+            raise ValueError(f"{mmproj} is not a Qwen2-VL-class vision projector")
+        ids = [self._tokenize(token) for token in self.BLOCK_TOKENS]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError(f"{name}: the vocabulary lacks the image block tokens {self.BLOCK_TOKENS}")
+        self.image_start_id, self.image_token_id, self.image_end_id = (i[0] for i in ids)
+        self._n_embd = int(self._ll.llama_model_n_embd_inp(self._model))
+
+    def __del__(self) -> None:
+        # At interpreter exit the bindings may be torn down before the engine: nothing is left to free then.
+        with contextlib.suppress(Exception):
+            for session in list(getattr(self, "_sessions", {}).values()):
+                self._free_images(session)
+            if getattr(self, "_mctx", None):
+                self._mt.mtmd_free(self._mctx)
+                self._mctx = None
+            super().__del__()
+
+    # -- sessions -------------------------------------------------------------------------------
+    def _new_session(self, tokens: list[int]) -> _VisionSession:
+        return _VisionSession(tokens)
+
+    def _attach_images(self, session: Any, tokens: list[int], images: Any) -> None:
+        super()._attach_images(session, tokens, images)
+        for image, (start, end) in zip(session.images, session.spans, strict=True):
+            if image.tiles is None:
+                raise ValueError(f"{self.name} takes images as pixels, not encoder features")
+            session.encoded.append(self._chunk(image.tiles, end - start))
+
+    def release(self, session_id: str) -> None:
+        session = self._sessions.get(session_id)
+        if session is not None:
+            self._free_images(session)
+        super().release(session_id)
+
+    def _free_images(self, session: Any) -> None:
+        for image in getattr(session, "encoded", []):
+            self._mt.mtmd_input_chunk_free(image.chunk)
+        session.encoded = []
+
+    def _chunk(self, tiles: np.ndarray, tokens: int) -> _Image:
+        """libmtmd's image chunk for one resized image ``[1, H, W, 3]``, checked to be ``tokens`` long."""
+        mt = self._mt
+        pixels = np.ascontiguousarray(tiles[0])
+        height, width = int(pixels.shape[0]), int(pixels.shape[1])
+        bitmap = mt.mtmd_bitmap_init(width, height, pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        chunks = mt.mtmd_input_chunks_init()
+        try:
+            text = mt.mtmd_input_text()
+            marker = mt.mtmd_default_marker()
+            text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
+            bitmaps = (mt.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            if mt.mtmd_tokenize(self._mctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
+                raise ImagePromptMismatch(f"libmtmd could not take an image of {width} x {height} px")
+            found = [mt.mtmd_input_chunks_get(chunks, i) for i in range(mt.mtmd_input_chunks_size(chunks))]
+            image = next(c for c in found if mt.mtmd_input_chunk_get_type(c) == mt.MTMD_INPUT_CHUNK_TYPE_IMAGE)
+            n_tokens = int(mt.mtmd_input_chunk_get_n_tokens(image))
+            if n_tokens != tokens:
+                raise ImagePromptMismatch(f"libmtmd makes {n_tokens} tokens of a {width} x {height} px image, "
+                                          f"the prompt's block has {tokens}")
+            return _Image(chunk=mt.mtmd_input_chunk_copy(image), n_pos=int(mt.mtmd_input_chunk_get_n_pos(image)))
+        finally:
+            mt.mtmd_input_chunks_free(chunks)
+            mt.mtmd_bitmap_free(bitmap)
+
+    def _embeds(self, image: _Image) -> np.ndarray:
+        if image.embeds is None:
+            if self._mt.mtmd_encode_chunk(self._mctx, image.chunk) != 0:
+                raise RuntimeError(f"{self.name}: libmtmd could not encode an image")
+            n_tokens = int(self._mt.mtmd_input_chunk_get_n_tokens(image.chunk))
+            out = np.ctypeslib.as_array(self._mt.mtmd_get_output_embd(self._mctx), shape=(n_tokens * self._n_embd,))
+            image.embeds = out.reshape(n_tokens, self._n_embd).copy()  # the buffer is reused by the next encode
+        return image.embeds
+
+    # -- compute --------------------------------------------------------------------------------
+    def _reusable(self, session: _TextSession, target: list[int], outputs: int) -> int:
+        agree = super()._reusable(session, target, outputs)
+        for start, end in getattr(session, "spans", []):
+            if start < agree < end:  # half an image block cannot stay: decode the block again from its embeddings
+                return start
+        return agree
+
+    def _position(self, session: _TextSession, index: int) -> int:
+        position = index
+        for (start, end), image in zip(getattr(session, "spans", []), getattr(session, "encoded", []), strict=True):
+            if index >= end:
+                position -= (end - start) - image.n_pos
+            elif index >= start:
+                return start + position - index  # every token of an image block starts at the block's position
+        return position
+
+    def _feed(self, session_id: str, session: _TextSession, seq: int, target: list[int], agree: int,
+              outputs: int) -> None:
+        if not isinstance(session, _VisionSession) or not session.spans:
+            super()._feed(session_id, session, seq, target, agree, outputs)
+            return
+        index = agree
+        while index < len(target):
+            block = next(((k, s, e) for k, (s, e) in enumerate(session.spans) if s <= index < e), None)
+            if block is not None:
+                k, start, end = block
+                self._decode_image(session_id, seq, session.encoded[k], self._position(session, start))
+                index = end
+                continue
+            stop = next((s for s, _ in session.spans if s > index), len(target))
+            stop = min(stop, len(target))
+            self._feed_text(session_id, seq, target[index:stop], self._position(session, index),
+                            outputs if stop == len(target) else 0)
+            index = stop
+
+    def _decode_image(self, session_id: str, seq: int, image: _Image, position: int) -> None:
+        embeds = self._embeds(image)
+        new_position = self._ll.llama_pos(0)
+        while True:
+            rc = self._mt.mtmd_helper_decode_image_chunk(
+                self._mctx, self._ctx, image.chunk, embeds.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), position,
+                seq, N_BATCH, ctypes.byref(new_position), self._mt.mtmd_helper_post_decode_callback(0), None)
+            if rc == 0:
+                return
+            # Out of KV cells part way: drop what of the block went in, make room, decode it again.
+            self._ll.llama_memory_seq_rm(self._mem, seq, position, -1)
+            if rc == 1 and self._evict_one(keep=session_id):
+                continue
+            raise KvCacheFull(f"decoding an image of {embeds.shape[0]} tokens failed ({rc})")
+
+    # -- reference --------------------------------------------------------------------------------
+    def reference_logits(self, ids: list[int], images: list[ImageInput]) -> np.ndarray:
+        """Logits [1, V] of the last token by llama.cpp's own multimodal path, as its CLI runs it: the prompt up
+        to the last image block tokenized and evaluated by libmtmd (``mtmd_tokenize``, ``mtmd_helper_eval_chunks``:
+        its own image placement and positions), the tokens after it decoded one position after another from the
+        position libmtmd returns. No session and no KV reuse: what the conformance suite compares sessions with."""
+        mt = self._mt
+        spans = image_spans(ids, self.image_token_id)
+        if len(spans) != len(images) or not spans:
+            raise ImagePromptMismatch("the reference takes one image per image block")
+        head_end = spans[-1][1] + 1  # through the last <|vision_end|>
+        pieces, last = [], 0
+        for start, end in spans:
+            pieces.append(b"".join(self._piece(t, special=True) for t in ids[last:start - 1]))
+            pieces.append(mt.mtmd_default_marker())
+            last = end + 1
+        text = b"".join(pieces)
+        holder = "__reference__"
+        self._sessions[holder] = _VisionSession(list(ids))
+        seq = self._sequence_for(holder, self._sessions[holder])
+        pixels = [np.ascontiguousarray(image.tiles[0]) for image in images if image.tiles is not None]
+        bitmaps_list = [mt.mtmd_bitmap_init(int(p.shape[1]), int(p.shape[0]),
+                                            p.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))) for p in pixels]
+        chunks = mt.mtmd_input_chunks_init()
+        try:
+            prompt = mt.mtmd_input_text()
+            prompt.text, prompt.text_len, prompt.add_special, prompt.parse_special = text, len(text), False, True
+            bitmaps = (mt.mtmd_bitmap_p_ctypes * len(bitmaps_list))(*bitmaps_list)
+            if mt.mtmd_tokenize(self._mctx, chunks, ctypes.byref(prompt), bitmaps, len(bitmaps_list)) != 0:
+                raise ImagePromptMismatch("libmtmd could not tokenize the reference prompt")
+            if int(mt.mtmd_helper_get_n_tokens(chunks)) != head_end:
+                raise ImagePromptMismatch("libmtmd's tokens of the prompt differ from the session's ids")
+            n_past = self._ll.llama_pos(0)
+            tail = [int(t) for t in ids[head_end:]]
+            if mt.mtmd_helper_eval_chunks(self._mctx, self._ctx, chunks, 0, seq, N_BATCH, not tail,
+                                          ctypes.byref(n_past)) != 0:
+                raise RuntimeError("libmtmd could not evaluate the reference prompt")
+            if tail:
+                self._feed_text(holder, seq, tail, int(n_past.value), 1)
+            row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, -1), shape=(1, self.vocab_size))
+            return row.copy()
+        finally:
+            mt.mtmd_input_chunks_free(chunks)
+            for bitmap in bitmaps_list:
+                mt.mtmd_bitmap_free(bitmap)
+            self.release(holder)
+

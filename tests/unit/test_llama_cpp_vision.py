@@ -1,0 +1,140 @@
+"""llama.cpp's multimodal engine (libmtmd) against the HF reference on one checkpoint: the tiny random Qwen2-VL,
+converted to a GGUF and an mmproj by llama.cpp's own converter (f32, so the engines differ only in kernels).
+
+Only token ids cross the link, so an HF device and a llama.cpp edge must write an image prompt alike; the
+llama.cpp edge must then caption as the HF model does, parting only at near-ties; and the speculative path with
+an HF drafter and a llama.cpp verifier must give the llama.cpp verifier's own output. The engine's own
+conformance (sessions, rollback, interleaved images): ``test_engine_conformance_images.py``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aiflow_ray.config import GenerateOptions, LinkConfig, SamplingConfig
+from aiflow_ray.config.generation import ImageSource
+from aiflow_ray.engines.base import ImageInput
+from aiflow_ray.engines.llama_cpp_vision import LlamaCppVisionEngine
+from aiflow_ray.engines.loader import load_engine, resolve_model_path
+from aiflow_ray.models.gguf_convert import convert_vision_checkpoint
+from aiflow_ray.tiers.pipeline import Pipeline
+from aiflow_ray.vision.preprocess import image_tiles
+from tests.unit.test_engine_conformance_images import F32_TOLERANCE
+
+PROMPT = "<image>\nDescribe the image."
+GREEDY = SamplingConfig()
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def engines():  # type: ignore[no-untyped-def]
+    hf = load_engine("tiny-qwen-vl-verifier", dtype="float32")
+    cpp = load_engine("tiny-qwen-vl-verifier", engine="llama_cpp", threads=2)
+    assert isinstance(cpp, LlamaCppVisionEngine)
+    return hf, cpp
+
+
+def _photo(seed: int, size: tuple[int, int]) -> Image.Image:
+    small = (np.random.default_rng(seed).random((6, 8, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+
+
+def _greedy(engine, ids: list[int], image: ImageInput, n: int = STEPS) -> list[int]:  # type: ignore[no-untyped-def]
+    engine.open_session("g", ids, [image])
+    out: list[int] = []
+    try:
+        for _ in range(n):
+            token = engine.score("g", [], GREEDY).greedy_ids[0]
+            out.append(token)
+            engine.append("g", [token])
+    finally:
+        engine.release("g")
+    return out
+
+
+def test_an_hf_device_and_a_llama_cpp_edge_write_image_prompts_alike(engines) -> None:  # type: ignore[no-untyped-def]
+    hf, cpp = engines
+    assert cpp.vocab_fingerprint() == hf.vocab_fingerprint()
+    assert cpp.vision.fingerprint() == hf.vision.fingerprint()
+    sizes = [12, 30]
+    text = "<image> and <image>: what differs? Code: `x = f(y)`"
+    assert cpp.encode_image_prompt(text, True, sizes) == hf.encode_image_prompt(text, True, sizes)
+    with pytest.raises(ValueError, match="image"):  # text spelling an image token never passes for an image
+        cpp.encode_image_prompt("<|image_pad|> <image>", True, [12])
+
+
+def test_llama_cpp_captions_as_the_hf_model_up_to_near_ties(engines) -> None:  # type: ignore[no-untyped-def]
+    hf, cpp = engines
+    for seed, size in ((1, (150, 90)), (2, (84, 196)), (3, (224, 224))):
+        tiles = image_tiles(_photo(seed, size), hf.vision)
+        image = ImageInput(tiles=tiles)
+        ids = hf.encode_image_prompt(PROMPT, True, [hf.vision.tokens_for(tiles.shape)])
+        want, got = _greedy(hf, ids, image), _greedy(cpp, ids, image)
+        first = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+        if first is not None:
+            top2 = np.sort(hf.reference_logits([*ids, *want[:first]], [image])[-1].float().numpy())[-2:]
+            assert top2[1] - top2[0] < F32_TOLERANCE, f"image {seed}: parted at token {first} without a near-tie"
+        # Same checkpoint, same f32 weights: the distributions agree closely, the image included, from the
+        # session (the engine's own positions) and from libmtmd's whole-prompt path alike.
+        ref = hf.reference_logits([*ids, *want[:4]], [image])[-1].float().numpy()
+        cpp.open_session("s", [*ids, *want[:4]], [image])
+        try:
+            session_row = cpp.score("s", [], GREEDY, with_logprobs=True).logprobs[0]
+        finally:
+            cpp.release("s")
+        for mine in (session_row, cpp.reference_logits([*ids, *want[:4]], [image])[-1]):
+            assert np.abs((ref - ref.max()) - (mine - mine.max())).max() < F32_TOLERANCE, f"image {seed}"
+
+
+def test_an_hf_drafter_with_a_llama_cpp_verifier_gives_the_verifiers_output(engines) -> None:  # type: ignore[no-untyped-def]
+    _, cpp = engines
+    drafter = load_engine("tiny-qwen-vl-drafter", dtype="float32")
+    pipeline = Pipeline(drafter, cpp)
+    buf = io.BytesIO()
+    _photo(4, (160, 90)).save(buf, "PNG")
+    data = buf.getvalue()
+    tiles = image_tiles(Image.open(io.BytesIO(data)).convert("RGB"), cpp.vision)
+    ids = cpp.encode_image_prompt(PROMPT, True, [cpp.vision.tokens_for(tiles.shape)])
+    expected = pipeline.target_greedy(ids, 16, [ImageInput(tiles=tiles)])
+    accepted = 0
+    for path, upload in (("device-edge", "resized"), ("server-only", "raw"), ("device-edge", "raw")):
+        options = GenerateOptions(prompt=PROMPT, images=(ImageSource(data=data, field="images[0]"),),
+                                  max_new_tokens=16, link=LinkConfig(virtual_time=True),  # type: ignore[call-arg]
+                                  path=path, draft_len=3, image_upload=upload)  # type: ignore[arg-type]
+        result = pipeline.run(options)
+        first = next((i for i, (a, b) in enumerate(zip(result.token_ids, expected, strict=False)) if a != b), None)
+        if first is not None:  # llama.cpp's block and one-token evaluations may part at a near-tie only
+            top2 = np.sort(cpp.reference_logits([*ids, *expected[:first]], [ImageInput(tiles=tiles)])[-1])[-2:]
+            assert top2[1] - top2[0] < F32_TOLERANCE, (path, upload, first)
+        else:
+            assert result.token_ids == expected, (path, upload)
+        accepted += sum(result.trace.accepted)
+    assert accepted > 0
+
+
+def test_an_evicted_image_session_is_decoded_again_exactly(engines) -> None:  # type: ignore[no-untyped-def]
+    """Two KV sequences for three sessions with images: each round evicts the least recently used session, whose
+    image block is decoded again from its kept embeddings when it comes back, at the same positions."""
+    hf, cpp = engines
+    gguf, mmproj = convert_vision_checkpoint(resolve_model_path("tiny-qwen-vl-verifier"), outtype="f32",
+                                             pre_tokenizer="qwen2")
+    small = LlamaCppVisionEngine(gguf, mmproj, name="small-pool", vision=cpp.vision, threads=2, max_sequences=2)
+    prompts = {}
+    for key, (seed, size) in {"a": (5, (150, 90)), "b": (6, (84, 196)), "c": (7, (112, 112))}.items():
+        tiles = image_tiles(_photo(seed, size), hf.vision)
+        prompts[key] = (hf.encode_image_prompt(PROMPT, True, [hf.vision.tokens_for(tiles.shape)]),
+                        ImageInput(tiles=tiles))
+    alone = {key: _greedy(cpp, ids, image, 6) for key, (ids, image) in prompts.items()}
+    together: dict[str, list[int]] = {key: [] for key in prompts}
+    for key, (ids, image) in prompts.items():
+        small.open_session(key, ids, [image])
+    for _ in range(6):
+        for key in prompts:
+            token = small.score(key, [], GREEDY).greedy_ids[0]
+            together[key].append(token)
+            small.append(key, [token])
+    assert together == alone
