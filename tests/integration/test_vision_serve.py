@@ -168,3 +168,33 @@ def test_schemathesis_fuzzes_the_vision_application(vlm_url: str) -> None:
     image_routes = [op for op in operations if op.path in ("/v1/chat/completions", "/v1/generate")]
     assert len(image_routes) == 2, [op.path for op in operations]
     _fuzz(image_routes, {"Authorization": f"Bearer {API_KEY}"}, examples=40)
+
+
+@pytest.mark.extended
+def test_a_llama_cpp_edge_serves_qwen2_vl_images_over_http(serve_url: str, tmp_path: Path) -> None:
+    """The tiny Qwen2-VL pair with the edge on llama.cpp (libmtmd, the checkpoint converted at deploy): an HF
+    device drafts against it, and every path and lossless upload gives one caption."""
+    from ray import serve
+
+    from aiflow_ray.serve import build_app
+
+    args = vision_args("tiny")
+    assert args is not None
+    args.update(name="aiflow-vision-llama", model_preset="tiny-qwen-vl", kb={"path": str(tmp_path / "kb.sqlite")})
+    args["edge"]["engine"] = "llama_cpp"
+    serve.run(build_app(args), name="aiflow-vision-llama", route_prefix="/vision-llama", blocking=False)
+    url = f"{serve_url}/vision-llama"
+    try:
+        wait_for_200(f"{url}/readyz", 240, "the llama.cpp vision application did not become ready")
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as client:
+            outputs = {}
+            for path, upload in (("server-only", "raw"), ("device-edge", "resized"), ("device-edge", "raw")):
+                reply = client.post("/v1/generate", json={"prompt": "Describe the image.", "images": [data_url(5)],
+                                                          "max_tokens": 12, "path": path, "image_upload": upload})
+                assert reply.status_code == 200, reply.text
+                outputs[(path, upload)] = reply.json()["token_ids"]
+        assert len({tuple(v) for v in outputs.values()}) == 1, outputs
+        edge = serve.get_deployment_handle("EdgeVerifier", app_name="aiflow-vision-llama")
+        assert edge.stats.remote().result(timeout_s=30)["engine"] == "LlamaCppVisionEngine"
+    finally:
+        serve.delete("aiflow-vision-llama")
