@@ -333,3 +333,14 @@ def test_grounded_answers_through_the_cloud_server(tiny_pipeline: Pipeline, tmp_
         assert beam.trace.links["device-edge"]["bytes_up"] == len("How does Raft pick a leader?") + 8
     finally:
         device.prober.stop()
+
+
+def test_retiming_waits_for_a_quiet_moment_then_for_a_much_quieter_node_or_a_long_idle() -> None:
+    from aiflow_ray.serve.common import retime_due
+
+    quieter, same = 0.6 - QUIETER_BY_SHARE * 2, 0.6 - QUIETER_BY_SHARE / 2
+    assert not retime_due(QUIET_IDLE_S / 2, 1000.0, 0.6, quieter)  # busy a moment ago: never
+    assert retime_due(QUIET_IDLE_S, QUIET_IDLE_S, 0.6, quieter)  # timed under contention, now much quieter
+    assert not retime_due(QUIET_IDLE_S, QUIET_IDLE_S, 0.6, same)  # a little quieter is not enough
+    assert not retime_due(RECALIBRATE_IDLE_S, RECALIBRATE_IDLE_S / 2, 0.6, same)  # re-timed recently
+    assert retime_due(RECALIBRATE_IDLE_S, RECALIBRATE_IDLE_S, 0.6, same)  # idle and untimed a long while

@@ -28,6 +28,18 @@ QUIETER_BY_SHARE = 0.15
 QUIET_IDLE_S = 5.0
 
 
+def retime_due(idle_s: float, since_timed_s: float, contended_share: float, others_now: float) -> bool:
+    """Whether a drafter or verifier idle for ``idle_s`` should re-time its costs now: its last timing
+    (``since_timed_s`` ago) ran while other processes kept ``contended_share`` of the CPUs and they now keep much
+    less (``others_now``); or it has been idle, and untimed, for RECALIBRATE_IDLE_S: with requests going elsewhere
+    no traffic may come to correct the estimate."""
+    if idle_s < QUIET_IDLE_S:
+        return False
+    if contended_share - others_now >= QUIETER_BY_SHARE:
+        return True
+    return min(idle_s, since_timed_s) >= RECALIBRATE_IDLE_S
+
+
 class CpuShare:
     """How much of the node's CPUs other processes used between two calls (psutil's counters): the node's busy
     CPU seconds less this process's own, over the wall time and the CPU count."""

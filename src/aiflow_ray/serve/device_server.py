@@ -28,11 +28,9 @@ from aiflow_ray.network import wire
 from aiflow_ray.network.link import DuplexLink, RealClock
 from aiflow_ray.routing.messages import GenerationReport
 from aiflow_ray.serve.common import (
-    QUIET_IDLE_S,
-    QUIETER_BY_SHARE,
-    RECALIBRATE_IDLE_S,
     CpuShare,
     LoadTracker,
+    retime_due,
     router_handle,
     tier_engine,
 )
@@ -183,17 +181,14 @@ class DeviceDrafterServer:
                                 prefill_samples=prefills)
 
     def _calibration_due(self) -> bool:
-        """Never timed; or timed while other processes shared the CPUs and the node is much quieter now (called on each
-        of the prober's ticks, so the share is the one since the last tick); or idle for a while."""
+        """Never timed, or re-timing due (``retime_due``); called on each of the prober's ticks, so the others'
+        share is the one since the last tick."""
         if self._calibrated_at is None:
             return True
         others_now = self.cpu.others_share()
-        quiet_since = max(self._calibrated_at, self._drafted_at)
-        if self.active or time.monotonic() - quiet_since < QUIET_IDLE_S:
-            return False
-        if self.contended_share - others_now >= QUIETER_BY_SHARE:
-            return True
-        return time.monotonic() - quiet_since > RECALIBRATE_IDLE_S
+        now = time.monotonic()
+        idle_s = 0.0 if self.active else now - max(self._calibrated_at, self._drafted_at)
+        return retime_due(idle_s, now - self._calibrated_at, self.contended_share, others_now)
 
     def startup_chores(self) -> None:
         """Check the edge's tokenizer, then report the calibration (which makes /readyz count the device)."""

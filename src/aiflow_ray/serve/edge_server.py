@@ -19,12 +19,10 @@ from aiflow_ray.config import AppArgs
 from aiflow_ray.engines.base import Engine
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.serve.common import (
-    QUIET_IDLE_S,
-    QUIETER_BY_SHARE,
-    RECALIBRATE_IDLE_S,
     CpuShare,
     EngineGate,
     LoadTracker,
+    retime_due,
     tier_engine,
 )
 from aiflow_ray.tiers.edge import EdgeVerifier, answer_ping
@@ -106,16 +104,13 @@ class EdgeVerifierServer:
             self._recalibration = asyncio.get_running_loop().create_task(self._recalibrate())
 
     def _recalibration_due(self) -> bool:
-        """The last calibration shared the CPUs with other processes (the start-up one, while every tier loaded
-        its model) and the node is much quieter now; or idle for a while, and not re-timed since: with fast requests on
-        the device no traffic may come to correct the estimate."""
+        """Not re-timing already, and re-timing due (``retime_due``; the others' share is the one since the last
+        health check)."""
         if self._recalibration is not None and not self._recalibration.done():
             return False
-        others_now = self.cpu.others_share()  # since the last health check
-        if self.load.idle_s >= QUIET_IDLE_S and self.contended_share - others_now >= QUIETER_BY_SHARE:
-            return True
+        others_now = self.cpu.others_share()
         since_s = time.monotonic() - (self.edge.calibrated_at or 0.0)
-        return min(self.load.idle_s, since_s) >= RECALIBRATE_IDLE_S
+        return retime_due(self.load.idle_s, since_s, self.contended_share, others_now)
 
     async def _recalibrate(self) -> None:
         try:
