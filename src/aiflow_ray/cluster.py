@@ -40,7 +40,12 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **AUTH_ENV}
 # default: on an idle 2-CPU host that loop alone kept 6% of the CPUs busy (the idle cluster's background went
 # from 23% to 17.5%, measured 2026-12-07), time taken from every decode. Every 0.5 s is still ten times finer
 # than the autoscalers' 5 s delays.
-SMALL_HOST_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+# And Ray starts every worker, so every Serve replica and its engine, at nice 15 below its own daemons (GCS, raylets,
+# dashboard, agents, log monitor: nice 0), to keep those responsive under user jobs. Here the replicas' engines are
+# the work: at nice 15 every daemon wake-up preempts a decode thread at once, and llama.cpp's other thread waits
+# at its barrier, so 2 threads decoded no faster than 1 and a bare llama.cpp beside the idle cluster ran at half
+# its idle speed (measured 2026-12-07). Workers at nice 0 share the CPUs as equals with the daemons.
+SMALL_HOST_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_worker_niceness": "0"}
 
 
 @dataclass
