@@ -37,3 +37,7 @@ class TierUnavailable(RuntimeError):
         super().__init__(f"the {tier} tier is unavailable ({reason})")
         self.tier = tier
         self.reason = reason
+
+
+class CalibrationInterrupted(Exception):
+    """A re-timing gave way to a request that arrived meanwhile; nothing of it was recorded."""

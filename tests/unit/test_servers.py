@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from aiflow_ray.config import AppArgs, GenerateOptions, GroundingOptions, LinkConfig
-from aiflow_ray.errors import Refusal
+from aiflow_ray.errors import CalibrationInterrupted, Refusal
 from aiflow_ray.network import wire
 from aiflow_ray.serve.cloud_server import CloudServer
 from aiflow_ray.serve.common import QUIET_IDLE_S, QUIETER_BY_SHARE, RECALIBRATE_IDLE_S, CpuShare
@@ -344,3 +344,43 @@ def test_retiming_waits_for_a_quiet_moment_then_for_a_much_quieter_node_or_a_lon
     assert not retime_due(QUIET_IDLE_S, QUIET_IDLE_S, 0.6, same)  # a little quieter is not enough
     assert not retime_due(RECALIBRATE_IDLE_S, RECALIBRATE_IDLE_S / 2, 0.6, same)  # re-timed recently
     assert retime_due(RECALIBRATE_IDLE_S, RECALIBRATE_IDLE_S, 0.6, same)  # idle and untimed a long while
+
+
+def test_an_idle_edge_re_timing_gives_way_to_a_request(servers: Any) -> None:
+    """A request admitted while the idle edge re-times stops the timing at the next forward: it waits for one
+    forward, not for the whole timing, and nothing of the interrupted timing is recorded."""
+    _device, edge, _router = servers
+    edge.edge.calibration_samples.clear()
+    calibrated_at = edge.edge.calibrated_at
+    sessions = edge.edge.engine.num_sessions
+    asked = {"n": 0}
+
+    def arrives_after_two_forwards() -> bool:
+        asked["n"] += 1
+        return asked["n"] > 2
+
+    with pytest.raises(CalibrationInterrupted):
+        edge.edge.calibrate(stop=arrives_after_two_forwards)
+    assert asked["n"] == 3 and not edge.edge.calibration_samples and edge.edge.calibrated_at == calibrated_at
+    assert edge.edge.engine.num_sessions == sessions  # the scratch session is gone
+    with edge.load.admitted():  # through the server: a request is already admitted when the re-timing starts
+        asyncio.run(edge._recalibrate())
+    assert not edge.edge.calibration_samples
+    asyncio.run(edge._recalibrate())  # none admitted: it runs whole
+    assert [n for n, _ in edge.edge.calibration_samples] == [1, 4, 8, 128]
+
+
+def test_an_idle_device_re_timing_gives_way_to_a_request(servers: Any) -> None:
+    device, _edge, _router = servers
+    calibrated_at = device._calibrated_at
+    asked = {"n": 0}
+
+    def arrives_after_the_warm_up() -> bool:
+        asked["n"] += 1
+        return asked["n"] > 1
+
+    with pytest.raises(CalibrationInterrupted):
+        device._calibrate(stop=arrives_after_the_warm_up)
+    assert asked["n"] == 2 and device._calibrated_at == calibrated_at
+    report = device._calibrate(stop=lambda: False)  # and the device is free again: a whole timing runs
+    assert report.on_device_s_per_token > 0 and device._calibrated_at != calibrated_at

@@ -14,7 +14,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from ray.exceptions import RayError
 
 from aiflow_ray.config import AppArgs, GenerateOptions
 from aiflow_ray.engines.base import Engine
-from aiflow_ray.errors import Refusal, RefusedError, TierUnavailable
+from aiflow_ray.errors import CalibrationInterrupted, Refusal, RefusedError, TierUnavailable
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
 from aiflow_ray.network.link import DuplexLink, RealClock
@@ -158,17 +158,28 @@ class DeviceDrafterServer:
         self._router = self._router or router_handle(self.args)
         return self._router
 
-    def _calibrate(self) -> GenerationReport:
-        """Time short local generations (the fastest of three), so the router knows the device's speed."""
+    def _calibrate(self, stop: Callable[[], bool] | None = None) -> GenerationReport:
+        """Time short local generations (the fastest of three), so the router knows the device's speed. ``stop``
+        (a re-timing's) is asked before each: a request that arrived meanwhile waits for one generation, not the
+        whole timing, which then records nothing (``CalibrationInterrupted``)."""
         from aiflow_ray.config import SamplingConfig
+
+        def check() -> None:
+            if stop is not None and stop():
+                raise CalibrationInterrupted("a request arrived")
 
         ids = self.engine.encode_prompt("def add(a, b):", False)
         # A longer prompt's first token: the prefill the router adds to TTFT grows with the prompt.
         long_ids = (ids * (CALIBRATION_PREFILL_TOKENS // max(len(ids), 1) + 1))[:CALIBRATION_PREFILL_TOKENS]
         with self.device.locked():
+            check()
             self.device.drafter.generate_local(ids, 2, SamplingConfig())  # warm-up
             self.cpu.others_share()
-            traces = [self.device.drafter.generate_local(ids, 9, SamplingConfig()).trace for _ in range(3)]
+            traces = []
+            for _ in range(3):
+                check()
+                traces.append(self.device.drafter.generate_local(ids, 9, SamplingConfig()).trace)
+            check()
             long_ttft_s = self.device.drafter.generate_local(long_ids, 1, SamplingConfig()).trace.ttft_s
             self.contended_share = self.cpu.others_share()
         self._calibrated_at = time.monotonic()
@@ -209,7 +220,12 @@ class DeviceDrafterServer:
                     self.tokenizer_error = str(exc)
                     log.error("%s: refusing speculative and edge paths", exc)
             if self.tokenizer_checked and self.tokenizer_error is None and self._calibration_due():
-                self._calibration = self._calibrate()
+                # The first timing runs whole; a re-timing gives way to requests.
+                retiming = self._calibrated_at is not None
+                try:
+                    self._calibration = self._calibrate(stop=(lambda: self.active > 0) if retiming else None)
+                except CalibrationInterrupted:
+                    log.info("device re-timing gave way to a request")
             if self._calibration is not None and self.tokenizer_error is None:
                 self._router_handle().report_generation.remote(self._calibration).result(timeout_s=CALL_TIMEOUT_S)
                 self._calibration = None

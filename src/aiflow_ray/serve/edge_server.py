@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from typing import Any
 
 from aiflow_ray.config import AppArgs
 from aiflow_ray.engines.base import Engine
+from aiflow_ray.errors import CalibrationInterrupted
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.serve.common import (
     CpuShare,
@@ -115,9 +117,13 @@ class EdgeVerifierServer:
     async def _recalibrate(self) -> None:
         try:
             self.cpu.others_share()
-            samples = await self.gate.run(self.edge.calibrate)
+            # Gives way to the first request admitted meanwhile (it waits for one forward, not the whole timing).
+            samples = await self.gate.run(functools.partial(self.edge.calibrate,
+                                                            stop=lambda: self.load.admitted_count > 0))
             self.contended_share = self.cpu.others_share()
             log.info("edge re-timed while idle: %s (other processes: %.0f%% of the CPUs)",
                      ", ".join(f"{n} tokens {s * 1e3:.1f} ms" for n, s in samples), 100 * self.contended_share)
+        except CalibrationInterrupted:
+            log.info("edge re-timing gave way to a request")
         except Exception as exc:  # a calibration is an estimate's refresh: the replica serves on without it
             log.warning("edge re-calibration failed: %s", exc)
