@@ -90,23 +90,28 @@ def _cluster_answers(url: str) -> bool:
         return False
 
 
+def _raw_rows(mode: str, desc: str, prompts: list[dict[str, str]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Both raw models on every prompt; the engines are loaded here and freed after, so the cluster's engines
+    have the memory and the cores when it runs."""
+    raw = {model: RawLlama(model) for model in (DRAFTER, VERIFIER)}
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=len(prompts) * args.repeats * len(raw), desc=desc, unit="request") as bar:
+        for _ in range(args.repeats):
+            for prompt in prompts:
+                for model, engine in raw.items():
+                    rows.append({"mode": mode, "model": model, "kind": prompt["kind"],
+                                 **raw_row(engine, prompt["prompt"], args.max_tokens)})
+                    bar.update()
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import os
 
     if _cluster_answers(args.url):
         raise SystemExit(f"a cluster answers at {args.url}: stop it (make stop) so the raw engine runs alone")
     prompts = _prompts(args.prompts_per_kind)
-    raw = {model: RawLlama(model) for model in (DRAFTER, VERIFIER)}
-    rows: list[dict[str, Any]] = []
-    raw_steps, served_steps = len(prompts) * args.repeats * len(raw), len(prompts) * args.repeats * len(PATH_MODEL)
-    with tqdm(total=raw_steps, desc="raw llama.cpp, idle machine", unit="request") as bar:
-        for _ in range(args.repeats):
-            for prompt in prompts:
-                for model in raw:
-                    rows.append({"mode": "raw-idle", "model": model, "kind": prompt["kind"],
-                                 **raw_row(raw[model], prompt["prompt"], args.max_tokens)})
-                    bar.update()
-    del raw  # the cluster's engines need the memory and the cores; raw engines are reloaded in phase 3
+    rows = _raw_rows("raw-idle", "raw llama.cpp, idle machine", prompts, args)
     log.info("starting the local cluster (llama.cpp on every tier)")
     os.environ["AIFLOW_API_KEY"] = API_KEY
     _aiflow("cluster", "up")
@@ -116,21 +121,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for path, model in PATH_MODEL.items():
                 served_row(args.url, model, path, prompt["prompt"], 8)
         time.sleep(args.settle_s)
-        with tqdm(total=served_steps, desc="served", unit="request") as bar:
+        with tqdm(total=len(prompts) * args.repeats * len(PATH_MODEL), desc="served", unit="request") as bar:
             for _ in range(args.repeats):
                 for prompt in prompts:
                     for path, model in PATH_MODEL.items():
                         rows.append({"mode": "served", "path": path, "model": model, "kind": prompt["kind"],
                                      **served_row(args.url, model, path, prompt["prompt"], args.max_tokens)})
                         bar.update()
-        raw = {model: RawLlama(model) for model in (DRAFTER, VERIFIER)}
-        with tqdm(total=raw_steps, desc="raw llama.cpp beside the idle cluster", unit="request") as bar:
-            for _ in range(args.repeats):
-                for prompt in prompts:
-                    for model in raw:
-                        rows.append({"mode": "raw-beside", "model": model, "kind": prompt["kind"],
-                                     **raw_row(raw[model], prompt["prompt"], args.max_tokens)})
-                        bar.update()
+        rows += _raw_rows("raw-beside", "raw llama.cpp beside the idle cluster", prompts, args)
     finally:
         _aiflow("cluster", "down")
     return rows
