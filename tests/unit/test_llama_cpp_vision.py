@@ -20,7 +20,7 @@ from aiflow_ray.config.generation import ImageSource
 from aiflow_ray.engines.base import ImageInput
 from aiflow_ray.engines.llama_cpp_vision import LlamaCppVisionEngine
 from aiflow_ray.engines.loader import load_engine, resolve_model_path
-from aiflow_ray.models.gguf_convert import convert_vision_checkpoint
+from aiflow_ray.models.gguf_convert import ConverterMissing, convert_vision_checkpoint
 from aiflow_ray.tiers.pipeline import Pipeline
 from aiflow_ray.vision.preprocess import image_tiles
 from tests.unit.test_engine_conformance_images import F32_TOLERANCE
@@ -138,3 +138,9 @@ def test_an_evicted_image_session_is_decoded_again_exactly(engines) -> None:  # 
             together[key].append(token)
             small.append(key, [token])
     assert together == alone
+
+
+def test_a_home_without_the_converter_says_what_to_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A fresh AIFLOW_HOME has no converter until `make install` unpacks it: the error says so."""
+    with pytest.raises(ConverterMissing, match="make install"):
+        convert_vision_checkpoint(resolve_model_path("tiny-qwen-vl-verifier"), home=tmp_path)
