@@ -7,6 +7,7 @@ error of one sentence (no traceback, no file path, no class name).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -41,3 +42,9 @@ class TierUnavailable(RuntimeError):
 
 class CalibrationInterrupted(Exception):
     """A re-timing gave way to a request that arrived meanwhile; nothing of it was recorded."""
+
+
+def give_way_if(stop: Callable[[], bool] | None) -> None:
+    """Asked before each timing forward: raise ``CalibrationInterrupted`` when ``stop`` says a request waits."""
+    if stop is not None and stop():
+        raise CalibrationInterrupted("a request arrived")

@@ -125,10 +125,14 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
 
     def _attach_images(self, session: Any, tokens: list[int], images: Any) -> None:
         super()._attach_images(session, tokens, images)
-        for image, (start, end) in zip(session.images, session.spans, strict=True):
-            if image.tiles is None:
-                raise ValueError(f"{self.name} takes images as pixels, not encoder features")
-            session.encoded.append(self._chunk(image.tiles, end - start))
+        try:
+            for image, (start, end) in zip(session.images, session.spans, strict=True):
+                if image.tiles is None:
+                    raise ValueError(f"{self.name} takes images as pixels, not encoder features")
+                session.encoded.append(self._chunk(image.tiles, end - start))
+        except Exception:
+            self._free_images(session)  # the session is never opened: its earlier images' chunks go with it
+            raise
 
     def release(self, session_id: str) -> None:
         session = self._sessions.get(session_id)

@@ -22,7 +22,7 @@ from ray.exceptions import RayError
 
 from aiflow_ray.config import AppArgs, GenerateOptions
 from aiflow_ray.engines.base import Engine
-from aiflow_ray.errors import CalibrationInterrupted, Refusal, RefusedError, TierUnavailable
+from aiflow_ray.errors import CalibrationInterrupted, Refusal, RefusedError, TierUnavailable, give_way_if
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
 from aiflow_ray.network.link import DuplexLink, RealClock
@@ -164,22 +164,18 @@ class DeviceDrafterServer:
         whole timing, which then records nothing (``CalibrationInterrupted``)."""
         from aiflow_ray.config import SamplingConfig
 
-        def check() -> None:
-            if stop is not None and stop():
-                raise CalibrationInterrupted("a request arrived")
-
         ids = self.engine.encode_prompt("def add(a, b):", False)
         # A longer prompt's first token: the prefill the router adds to TTFT grows with the prompt.
         long_ids = (ids * (CALIBRATION_PREFILL_TOKENS // max(len(ids), 1) + 1))[:CALIBRATION_PREFILL_TOKENS]
         with self.device.locked():
-            check()
+            give_way_if(stop)
             self.device.drafter.generate_local(ids, 2, SamplingConfig())  # warm-up
             self.cpu.others_share()
             traces = []
             for _ in range(3):
-                check()
+                give_way_if(stop)
                 traces.append(self.device.drafter.generate_local(ids, 9, SamplingConfig()).trace)
-            check()
+            give_way_if(stop)
             long_ttft_s = self.device.drafter.generate_local(long_ids, 1, SamplingConfig()).trace.ttft_s
             self.contended_share = self.cpu.others_share()
         self._calibrated_at = time.monotonic()

@@ -20,7 +20,7 @@ import numpy as np
 
 from aiflow_ray.config import SamplingConfig
 from aiflow_ray.engines.base import Engine, ImageInput, SessionNotFound
-from aiflow_ray.errors import CalibrationInterrupted
+from aiflow_ray.errors import give_way_if
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
 from aiflow_ray.speculative.sampling import pick_logprobs
@@ -83,10 +83,6 @@ class EdgeVerifier:
         prefills of 128 tokens: 12-15 s for the 1.5B on a slow 2-core host).
         """
 
-        def check() -> None:
-            if stop is not None and stop():
-                raise CalibrationInterrupted("a request arrived")
-
         sid = "calibration"
         vocab = self.engine.vocab_size
         ids = [(7 * i + 11) % vocab for i in range(context_len + max(draft_lens) + 1)]
@@ -96,7 +92,7 @@ class EdgeVerifier:
             self.engine.score(sid, [], GREEDY)
             for _ in range(repeats):
                 for k in draft_lens:
-                    check()
+                    give_way_if(stop)
                     length = self.engine.session_length(sid)
                     started = time.perf_counter()
                     self.engine.score(sid, ids[context_len : context_len + k], GREEDY)
@@ -109,7 +105,7 @@ class EdgeVerifier:
             # an image), different each time: a prefix cache (vLLM's) must not shorten this prefill.
             text = "".join(f"def f{repeat}_{i}(x):\n    return x * {i + repeat}\n" for i in range(prefill_len))
             prompt = self.engine.encode_prompt(text, False)[:prefill_len]
-            check()
+            give_way_if(stop)
             try:
                 started = time.perf_counter()
                 self.engine.open_session(sid, prompt)
