@@ -239,13 +239,21 @@ def test_cpu_share_sees_other_processes_and_not_its_own() -> None:
         busy = meter.others_share()
     finally:
         burner.wait(timeout=10)
-    end = time.monotonic() + 1.0
-    while time.monotonic() < end:  # this process's own work is not counted
-        pass
-    own = meter.others_share()
     one_cpu = 1 / (CpuShare()._cpus)
     assert busy >= 0.8 * one_cpu, (busy, one_cpu)  # one of the node's CPUs, busy in another process
-    assert own < busy - 0.5 * one_cpu, (own, busy)
+    # This process's own work is not counted. Another process of the host (a cluster a previous test left
+    # shutting down) can keep a CPU busy for a second; a meter that counted this process would read at
+    # least one CPU in every window, so the quietest of three windows decides.
+    owns = []
+    for _ in range(3):
+        meter.others_share()
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            pass
+        owns.append(meter.others_share())
+        if owns[-1] < busy - 0.5 * one_cpu:
+            break
+    assert min(owns) < busy - 0.5 * one_cpu, (owns, busy)
 
 
 def test_a_calibration_timed_under_contention_is_redone_once_the_node_is_quiet(servers: Any) -> None:
