@@ -166,6 +166,52 @@ def test_a_twelve_megapixel_photo_passes_the_default_limits() -> None:
     assert LIMITS.max_image_bytes >= 10 * 1024 * 1024
 
 
+def smooth_photo(width: int, height: int, seed: int = 3) -> Image.Image:
+    """A camera-sized picture of smooth colour (what a reduced decode should keep)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize((width, height),
+                                                                                  Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_photo_bound_for_a_small_input_decodes_at_reduced_scale(orientation: int) -> None:
+    """A JPEG is decoded at the smallest DCT scale that keeps twice the size it is resized to: the pixels are
+    an eighth of the photo's side (orientation applied), its own size is still reported, and resizing them
+    gives nearly the tile a full decode gives."""
+    data = encoded(smooth_photo(4032, 3024), "JPEG", quality=92, exif=exif_with_gps(orientation).tobytes())
+    asked: list[tuple[int, int]] = []
+
+    def needed(width: int, height: int) -> tuple[int, int]:
+        asked.append((width, height))
+        return 112, 112
+
+    full = decode_image(data, FIELD, LIMITS)
+    reduced = decode_image(data, FIELD, LIMITS, needed_size=needed)
+    size = (4032, 3024) if orientation == 1 else (3024, 4032)
+    assert asked == [size]  # the oriented size, before any pixel is decoded
+    assert (reduced.width, reduced.height) == (full.width, full.height) == size
+    assert reduced.pixels.size == (size[0] // 8, size[1] // 8)
+    assert reduced.orientation == orientation and reduced.clean == full.clean
+
+    def tile(image: Image.Image) -> np.ndarray:
+        return np.asarray(image.resize((112, 112), Image.Resampling.BICUBIC), np.int16)
+
+    difference = np.abs(tile(reduced.pixels) - tile(full.pixels))
+    assert difference.mean() < 1.0 and difference.max() <= 8, (difference.mean(), difference.max())
+    # Nothing to gain on a small image, and nothing but a JPEG has reduced scales.
+    assert decode_image(encoded(smooth_photo(200, 150), "JPEG"), FIELD, LIMITS, needed_size=needed).pixels.size == (
+        200, 150)
+    png = decode_image(encoded(smooth_photo(1600, 1200), "PNG"), FIELD, LIMITS, needed_size=needed)
+    assert png.pixels.size == (1600, 1200)
+
+
+def test_a_given_orientation_replaces_the_exif_one() -> None:
+    data = encoded(gradient(64, 48), "JPEG", quality=92, exif=exif_with_gps(6).tobytes())
+    assert decode_image(data, FIELD, LIMITS, orientation=1).pixels.size == (64, 48)
+    assert decode_image(data, FIELD, LIMITS, orientation=8).pixels.size == (48, 64)
+    assert decode_image(data, FIELD, LIMITS, orientation=99).orientation == 1  # out of range: as taken
+
+
 # ------------------------------------------------------------------------------------ metadata removal
 
 

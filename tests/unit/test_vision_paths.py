@@ -87,6 +87,23 @@ def test_resized_sends_fewer_bytes_than_a_camera_photo_and_the_same_output(vlm: 
     assert raw.trace.image_bytes_sent <= len(data)  # metadata removed, nothing added
 
 
+def test_the_edge_decodes_a_raw_photo_into_the_tiles_the_device_drafts_on(vlm: Pipeline) -> None:
+    """A camera JPEG is decoded at reduced scale on both sides of the link, with the orientation the device
+    read from the EXIF it removed: the edge's tiles are the device's, bit for bit, and the tiling is the one
+    the photo's own size gives."""
+    spec = vlm.verifier_engine.vision
+    assert spec is not None
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(io.BytesIO(photo(6, size=(4032, 3024), fmt="JPEG"))).save(rotated, "JPEG", quality=90, exif=exif)
+    prepared = prepare_image(rotated.getvalue(), "images[0]", "raw", spec, ImageLimits())
+    assert prepared.payload.orientation == 6
+    received = receive_image(prepared.payload, spec, ImageLimits())
+    assert received.tiles is not None and np.array_equal(received.tiles, prepared.tiles)
+    assert spec.tokens_for(prepared.tiles.shape) == spec.num_tokens(3024, 4032)  # portrait, as shown
+
+
 def test_features_need_a_shared_encoder_and_then_cross_once(vlm: Pipeline) -> None:
     data = photo(3)
     if vlm.verifier_engine.encoder_digest is None:  # type: ignore[attr-defined]

@@ -43,10 +43,6 @@ ENCODING_OF: dict[str, ImageEncoding] = {"raw": ImageEncoding.RAW, "resized": Im
 MODE_OF = {encoding: mode for mode, encoding in ENCODING_OF.items()}
 
 _FEATURES_HEAD = struct.Struct("<8sII")  # encoder digest (first 8 bytes), rows, width
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_90}
-
 
 def jpeg_quality_for(bandwidth_bps: float) -> int:
     """Higher quality where bytes are cheap: 60 at 250 KB/s and below, 90 at 4 MB/s and above."""
@@ -115,8 +111,8 @@ def prepare_image(data: bytes, field: str, mode: UploadMode, spec: VisionSpec, l
     verifier's encoder; ``lossy_ok`` lets ``auto`` consider jpeg too.
     """
     started = time.perf_counter()
-    decoded = decode_image(data, field, limits)
-    tiles = image_tiles(decoded.pixels, spec)
+    decoded = decode_image(data, field, limits, needed_size=spec.input_size)
+    tiles = image_tiles(decoded.pixels, spec, (decoded.width, decoded.height))
     # The device decodes and tiles every image anyway (its drafter sees the tiles); this time is what the edge
     # would spend again on a raw upload, on the same code.
     decode_s = time.perf_counter() - started
@@ -166,12 +162,10 @@ def receive_image(payload: ImagePayload, spec: VisionSpec, limits: ImageLimits,
     client's bytes (the edge trusts nothing that crossed the link). Errors are ``WireError``."""
     field = "image"
     try:
-        if payload.encoding is ImageEncoding.RAW:
-            decoded = decode_image(payload.data, field, limits)
-            pixels = decoded.pixels
-            if payload.orientation in _TRANSPOSE:
-                pixels = pixels.transpose(_TRANSPOSE[payload.orientation])
-            return ImageInput(tiles=image_tiles(pixels, spec))
+        if payload.encoding is ImageEncoding.RAW:  # decoded as the device decoded it (prepare_image)
+            decoded = decode_image(payload.data, field, limits, needed_size=spec.input_size,
+                                   orientation=payload.orientation)
+            return ImageInput(tiles=image_tiles(decoded.pixels, spec, (decoded.width, decoded.height)))
         if payload.encoding is ImageEncoding.FEATURES:
             if encoder_digest is None:
                 raise WireError("this verifier takes no image features")

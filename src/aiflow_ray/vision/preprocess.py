@@ -85,6 +85,11 @@ class VisionSpec:
             return 1, 1
         return closest_grid(width, height, self.tile_size, self.min_tiles, self.max_tiles)
 
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the image is resized to before it is cut into tiles (the thumbnail is smaller)."""
+        cols, rows = self.grid(width, height)
+        return cols * self.tile_size, rows * self.tile_size
+
     def num_tiles(self, width: int, height: int) -> int:
         cols, rows = self.grid(width, height)
         return cols * rows + (1 if cols * rows > 1 and not self.whole_image else 0)
@@ -184,12 +189,16 @@ def closest_grid(width: int, height: int, tile: int, min_tiles: int, max_tiles: 
     return best
 
 
-def image_tiles(image: Image.Image, spec: VisionSpec) -> np.ndarray:
-    """The tiles the model sees, as uint8 ``[n, tile, tile, 3]`` (the thumbnail last)."""
+def image_tiles(image: Image.Image, spec: VisionSpec, source_size: tuple[int, int] | None = None) -> np.ndarray:
+    """The tiles the model sees, as uint8 ``[n, tile, tile, 3]`` (the thumbnail last).
+
+    ``source_size`` is the image's own size when ``image`` was decoded at a reduced scale: the grid is chosen
+    from the image as it was taken, so a reduced decode changes the pixels' filtering, never the tiling.
+    """
     if image.mode != "RGB":
         image = image.convert("RGB")
     tile = spec.tile_size
-    cols, rows = spec.grid(*image.size)
+    cols, rows = spec.grid(*(source_size or image.size))
     if spec.whole_image:  # one image, resized to whole cells: [1, H, W, 3]
         resized = image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC)
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8)[None])
