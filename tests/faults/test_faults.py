@@ -67,6 +67,27 @@ def test_session_affinity_two_edge_replicas(drill: Drill, slow_link: None) -> No
                  f"context resends {resends} of {rounds} rounds ({100 * resends / rounds:.1f}%)")
 
 
+def test_a_request_that_switches_path_continues_on_the_replica_holding_its_session(drill: Drill,
+                                                                                  slow_link: None) -> None:
+    """A device-edge request re-decided mid-way (tiers/device.py, PathSwitch) goes on server-only from the
+    session its rounds built: with two edge replicas the continuation must reach the one holding it (the
+    other would ask for the prompt: a context resend), and the output is server-only's."""
+    from ray import serve
+
+    from aiflow_ray.config import GenerateOptions
+
+    device = serve.get_deployment_handle("DeviceDrafter", app_name=drill.app)
+    for prompt in PROMPTS:
+        # The router sets switch_tpot_s from its server-only prediction; any measured round is slower than this.
+        opts = GenerateOptions(prompt=prompt, path="device-edge", draft_len=3, max_new_tokens=40, link_id="drill",
+                               switch_tpot_s=1e-9)
+        result = device.generate.remote(opts).result(timeout_s=CLIENT_TIMEOUT_S)
+        assert result.trace.switched_at > 0, result.trace
+        assert result.trace.context_resends == 0 and result.trace.failovers == 0, result.trace
+        server_only = drill.send(_body(prompt, path="server-only"))
+        assert server_only.ok and result.token_ids == server_only.token_ids
+
+
 def test_edge_replica_killed_mid_verify(drill: Drill, slow_link: None) -> None:
     """Speculative rounds and server-only streams (in flight at the edge for their whole length) while a
     replica is killed: rounds fail over with the context resent, streams resume on the other replica."""

@@ -48,7 +48,7 @@ class FlakyTransport(InProcessTransport):
             raise self.fail_at[self.calls]
         return super().exchange(payload, link_timeout_s)
 
-    def stream(self, payload: bytes) -> Iterator[tuple[bytes, float]]:
+    def stream(self, payload: bytes, session_bound: bool = False) -> Iterator[tuple[bytes, float]]:
         self.streams += 1
         for i, item in enumerate(super().stream(payload)):
             if (self.streams == 1 or self.every_stream) and i == self.fail_stream_at:

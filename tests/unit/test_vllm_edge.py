@@ -114,6 +114,30 @@ def test_server_only_streams_decode_natively_and_together(edge: EdgeVerifierServ
     assert engine.num_sessions == held, "a server-only stream left its session behind"
 
 
+def test_a_speculative_session_continues_as_a_native_stream(edge: EdgeVerifierServer,
+                                                            vllm_pair: tuple[Engine, Engine]) -> None:
+    """A request that switches path mid-way (tiers/device.py, PathSwitch): after a verify round, a GENERATE
+    naming the session streams the rest from vLLM's own decode, and the whole output is the target's path."""
+    engine: Any = vllm_pair[1]
+    ids = engine.encode_prompt(PROMPTS[6], chat=True)
+    want = _greedy_path(engine, ids, 10)
+    sid = wire.new_session_id()
+
+    async def run() -> list[int]:
+        reply = wire.decode(await edge.verify(_verify(sid, 0, len(ids), [want[0], want[1] ^ 1], ids)))
+        assert reply.status == VerifyStatus.OK and reply.num_accepted == 1
+        emitted = [want[0], reply.next_token]
+        payload = wire.encode_generate(GenerateRequest(Header(MsgType.GENERATE, sid, 1), np.zeros(0, np.int32),
+                                                       8, None, continue_from=len(ids) + 2))
+        async for message in edge.generate_stream(payload):
+            emitted += wire.decode(message).token_ids.tolist()
+        return emitted
+
+    held = engine.num_sessions
+    assert asyncio.run(run()) == want
+    assert engine.num_sessions == held
+
+
 def test_beam_search_on_vllm(vllm_pair: tuple[Engine, Engine]) -> None:
     """The cloud's beam search on vLLM (each step's beams one batch): width 1 is the greedy path, and wider
     beams score at least as well by the objective (sum log-probability with length_penalty 0)."""

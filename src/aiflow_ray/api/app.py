@@ -44,6 +44,7 @@ from aiflow_ray.logging_utils import clip, get_logger
 from aiflow_ray.models.registry import model_modalities
 from aiflow_ray.routing.classes import request_class
 from aiflow_ray.routing.messages import Routed, RouteRequest
+from aiflow_ray.routing.policy import Decision
 from aiflow_ray.routing.router import RouterState
 from aiflow_ray.tiers.results import StreamDelta, StreamDone, TierResult
 
@@ -146,7 +147,18 @@ class Ingress(TierCalls):
             device_fallback=body.quality == "fast" and body.logprobs is None,
             deadline_s=self.args.deadlines.request_s,
             images=images, image_upload=body.image_upload,
+            switch_tpot_s=self._switch_tpot_s(body, decision),
         )
+
+    @staticmethod
+    def _switch_tpot_s(body: GenerateBody, decision: Decision) -> float | None:
+        """Server-only's predicted TPOT, for a device-edge request the router chose: the request re-decides
+        at a round boundary when its own rounds measure slower (tiers/device.py, PathSwitch). A path the
+        client named is kept."""
+        if body.path != "auto" or decision.path != "device-edge":
+            return None
+        predicted = decision.predicted_tpot_s.get("server-only")
+        return predicted if predicted is not None and predicted > 0 else None
 
     @staticmethod
     def _route_info(routed: Routed) -> dict[str, Any]:

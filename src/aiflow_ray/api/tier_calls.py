@@ -27,7 +27,7 @@ from aiflow_ray.logging_utils import clip, get_logger
 from aiflow_ray.routing.messages import LoadReport, Routed, RouteRequest
 from aiflow_ray.routing.router import RouterState
 from aiflow_ray.tiers.results import TierResult
-from aiflow_ray.tiers.trace import Trace
+from aiflow_ray.tiers.trace import Trace, decode_tpot_s
 from aiflow_ray.units import parse_bandwidth_bps
 
 log = get_logger(__name__)
@@ -63,8 +63,11 @@ class TierCalls:
             # On the device no image crosses the link: what it would have taken is unknown.
             images = () if path == "on-device" else tuple(trace.image_bytes_each)
             accepted, drafted = trace.accepted, trace.draft_lens
-            self.router.report_outcome.remote(routed.decision.request_id, path, trace.ttft_s, trace.tpot_s,
-                                              trace.num_tokens, images, accepted=int(sum(accepted)),
+            tpot_s, num_tokens = trace.tpot_s, trace.num_tokens
+            if trace.switched_at > 0:  # judged by its rounds: the rest was another path's pace
+                tpot_s, num_tokens = decode_tpot_s(trace.token_times_s[:trace.switched_at]), trace.switched_at
+            self.router.report_outcome.remote(routed.decision.request_id, path, trace.ttft_s, tpot_s,
+                                              num_tokens, images, accepted=int(sum(accepted)),
                                               rejections=sum(1 for a, k in zip(accepted, drafted, strict=False)
                                                              if a < k), prompt_tokens=int(prompt_tokens))
         except Exception as exc:  # the router is being replaced: this one measurement is lost, nothing else

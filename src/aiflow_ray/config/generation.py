@@ -190,6 +190,10 @@ class GenerateOptions(StrictModel):
         "auto", description="What of each image crosses the device link: raw (the client's bytes, metadata "
         "removed), resized (the verifier's preprocessed tiles, lossless), jpeg (those tiles, lossy), features (the "
         "shared vision encoder's output), auto (the fewest bytes without changing the output).")
+    switch_tpot_s: float | None = Field(
+        None, gt=0, description="Set by the router for an auto-routed device-edge request: server-only's "
+        "predicted time per output token. When the request's rounds turn out slower than that, it goes on "
+        "server-only from the edge's session (the same verifier, so the same output); None = never.")
 
     @field_validator("prompt")
     @classmethod

@@ -114,6 +114,9 @@ class GenerateRequest:
     min_tokens: int = 0  # an end-of-sequence token before this many tokens does not end the stream
     logprobs: int | None = None
     images: tuple[ImagePayload, ...] = ()
+    # > 0: no prompt; continue the session this id names, which the edge holds at this many committed tokens
+    # (a speculative request that goes on without drafts). Its sampling and logprobs are the session's own.
+    continue_from: int = 0
 
 
 @dataclass

@@ -42,12 +42,14 @@ __all__ = [  # the messages are part of this module's surface: callers use wire.
 ]
 
 MAGIC = b"AF"
-VERSION = 3  # 2: GENERATE carries token ids, not text; 3: images ride with the context
+VERSION = 4  # 2: GENERATE carries token ids, not text; 3: images ride with the context; 4: GENERATE continues
 MAX_CONTEXT_TOKENS = 131_072
 MAX_DRAFT_TOP_K = 256
 MAX_PROBE_PADDING_BYTES = 1 << 16
 MAX_TOP_LOGPROBS = 20
 MAX_IMAGES = 16  # per message
+# The ERROR code of a replica asked to continue a session it does not hold (the device sends the prompt).
+CONTINUE_NOT_HELD = 409
 MAX_IMAGE_PAYLOAD_BYTES = 64 << 20  # per image; the device's own limits are lower and configurable
 
 _HEADER = struct.Struct("<2sBB16sI")
@@ -65,7 +67,7 @@ _U32 = struct.Struct("<I")
 _LOGPROBS_FIXED = struct.Struct("<BH")  # alternatives per token, tokens
 _IMAGE_FIXED = struct.Struct("<BBI")  # encoding, orientation, length
 
-_F_CONTEXT, _F_SAMPLED, _F_SEED, _F_IMAGES, _F_LOGPROBS, _F_MIN_TOKENS = 1, 2, 4, 8, 32, 64
+_F_CONTEXT, _F_SAMPLED, _F_SEED, _F_IMAGES, _F_CONTINUE, _F_LOGPROBS, _F_MIN_TOKENS = 1, 2, 4, 8, 16, 32, 64
 _I32 = np.dtype("<i4")
 _F32 = np.dtype("<f4")
 
@@ -176,6 +178,13 @@ def encode_generate(req: GenerateRequest) -> bytes:
     ids = np.asarray(req.prompt_ids, dtype=_I32)
     flags = 0
     tail = b""
+    if req.continue_from:  # the session's committed length in place of the prompt's, and no ids
+        if len(ids) or req.images:
+            raise WireError("a continuing GENERATE carries no prompt and no images")
+        flags = _F_CONTINUE | (_F_MIN_TOKENS if req.min_tokens else 0)
+        tail = _U32.pack(req.min_tokens) if req.min_tokens else b""
+        head = _header(MsgType.GENERATE, req.header.session_id, req.header.seq)
+        return head + _GEN_FIXED.pack(flags, req.max_new_tokens, req.continue_from) + tail
     if req.sampling is not None and not req.sampling.greedy:
         flags |= _F_SAMPLED | (_F_SEED if req.sampling.seed is not None else 0)
         tail = _sampling_bytes(req.sampling)
@@ -330,6 +339,13 @@ def decode(payload: bytes) -> Message:
         flags, max_new, n = reader.unpack(_GEN_FIXED, "generate header")
         if not 1 <= n <= MAX_CONTEXT_TOKENS:
             raise WireError(f"prompt of {n} tokens is outside 1..{MAX_CONTEXT_TOKENS}")
+        if flags & _F_CONTINUE:
+            if flags & ~(_F_CONTINUE | _F_MIN_TOKENS):
+                raise WireError("a continuing GENERATE carries no prompt, sampling, logprobs or images")
+            min_tokens = reader.unpack(_U32, "min tokens")[0] if flags & _F_MIN_TOKENS else 0
+            msg = GenerateRequest(header, np.zeros(0, np.int32), max_new, None, min_tokens, continue_from=n)
+            reader.finish()
+            return msg
         prompt_ids = reader.array(_I32, n, "prompt")
         sampling = _read_sampling(reader, flags)
         min_tokens = reader.unpack(_U32, "min tokens")[0] if flags & _F_MIN_TOKENS else 0

@@ -43,10 +43,12 @@ class ServeTransport:
         self.link.up.schedule(len(payload))
         self._for(payload).release.remote(payload)
 
-    def stream(self, payload: bytes) -> Iterator[tuple[bytes, float]]:
+    def stream(self, payload: bytes, session_bound: bool = False) -> Iterator[tuple[bytes, float]]:
         self.link.up.transfer(len(payload), timeout_s=self.call_timeout_s)
-        # No session to find again: a server-only stream goes to the least loaded replica.
-        responses = self.edge.options(stream=True).generate_stream.remote(payload)
+        # A new server-only stream has no session to find again and goes to the least loaded replica; one that
+        # continues a speculative session goes where its rounds went.
+        handle = self._for(payload) if session_bound else self.edge
+        responses = handle.options(stream=True).generate_stream.remote(payload)
         for message in calls.iterate("edge", responses, self.call_timeout_s):
             # Waits for the message on the link, re-timed if conditions change, bounded like the call.
             self.link.down.transfer(len(message), timeout_s=self.call_timeout_s)

@@ -53,7 +53,10 @@ class Transport(Protocol):
 
     def notify(self, payload: bytes) -> None: ...
 
-    def stream(self, payload: bytes) -> Iterator[tuple[bytes, float]]: ...
+    def stream(self, payload: bytes, session_bound: bool = False) -> Iterator[tuple[bytes, float]]:
+        """The reply messages of a GENERATE, each with its arrival time. ``session_bound``: the request
+        continues a session, so it must reach the replica that holds it."""
+        ...
 
 
 class InProcessTransport:
@@ -75,7 +78,7 @@ class InProcessTransport:
         self.link.up.schedule(len(payload))
         self.edge.handle(payload)
 
-    def stream(self, payload: bytes) -> Iterator[tuple[bytes, float]]:
+    def stream(self, payload: bytes, session_bound: bool = False) -> Iterator[tuple[bytes, float]]:
         """Yield (message, arrival time): the edge keeps computing while earlier tokens travel."""
         self.link.up.transfer(len(payload))
         for message in self.edge.generate_stream(payload):
@@ -90,6 +93,50 @@ class GenerationResult:
     stats: SpecStats | None = None
     prompt_tokens: int = 0
     logprobs: wire.Logprobs | None = None  # [len(token_ids)] when asked for, from the verifier
+    # A speculative request that switched path: the rest is the edge's to decode (server_only), then
+    # ``continued`` gives the whole result.
+    continuation: Continuation | None = None
+
+    def continued(self, decode: Callable[[list[int]], str]) -> GenerationResult:
+        assert self.continuation is not None
+        cont = self.continuation
+        cont.trace.finish()
+        return GenerationResult(cont.out, decode(cont.out), cont.trace, self.stats, self.prompt_tokens,
+                                wire.Logprobs.concat(cont.logprob_parts))
+
+
+@dataclass
+class Continuation:
+    """A speculative request going on without drafts: the edge replica that holds its session decodes the
+    rest and streams it, into the same output and trace (``server_only.generate_server_only``)."""
+
+    session: bytes
+    committed: int  # tokens the edge holds for the session
+    out: list[int]
+    trace: Trace
+    started: float  # the request's start on the transport's clock
+    logprob_parts: list[wire.Logprobs]
+
+
+@dataclass(frozen=True)
+class PathSwitch:
+    """Re-deciding an auto-routed device-edge request at a round boundary: when its rounds after the prefill
+    have emitted tokens more slowly than server-only was predicted to (``margin`` over ``server_only_tpot_s``,
+    over at least ``after_rounds`` rounds), the rest is decoded by the edge alone (the result's
+    ``continuation``). Both paths give the verifier's output, so the switch keeps greedy output exact and
+    sampled output on the verifier's distribution."""
+
+    server_only_tpot_s: float
+    after_rounds: int = 3
+    # Above 1: a prediction of server-only that is a little optimistic must not move a request that is about
+    # as fast where it is.
+    margin: float = 1.25
+    min_left_tokens: int = 8  # fewer left: the switch's own round trip would not pay
+
+    def due(self, later_rounds: int, later_s: float, later_tokens: int, left_tokens: int) -> bool:
+        if later_rounds < self.after_rounds or left_tokens < self.min_left_tokens or later_tokens <= 0:
+            return False
+        return later_s / later_tokens > self.margin * self.server_only_tpot_s
 
 
 def _truncate_at_eos(tokens: list[int], eos: frozenset[int], emitted_before: int, min_tokens: int
@@ -151,10 +198,12 @@ class DeviceDrafter:
         draft_top_k: int = 0,
         resilience: Resilience | None = None,
         images: Sequence[PreparedImage] = (),
+        switch: PathSwitch | None = None,
     ) -> GenerationResult:
         """The speculative loop; ``draft_top_k`` is the sparse draft distribution's size when sampling (the
         policy prices the uplink with it), ``logprobs`` asks the verifier for its log-probabilities. ``images``
-        cross the link with the context, once per edge session (again only when the edge lost it)."""
+        cross the link with the context, once per edge session (again only when the edge lost it). ``switch``
+        lets the request go on server-only when its rounds turn out slower than that path."""
         # Finishing on the device cannot give the verifier's log-probabilities.
         can_fall_back = resilience is not None and resilience.fallback and logprobs is None
         link_timeout_s = resilience.link_timeout_s if resilience is not None else None
@@ -175,6 +224,8 @@ class DeviceDrafter:
         edge_has_session = False
         seq = 0
         started = clock.now()
+        switched = False
+        after_prefill: tuple[float, int] | None = None  # (time, tokens out) when the first round ended
         try:
             while len(out) < max_new_tokens:
                 if resilience is not None:
@@ -287,6 +338,20 @@ class DeviceDrafter:
                     on_round(emitted, round_logprobs)
                 if hit_eos:
                     break
+                if after_prefill is None:
+                    after_prefill = (now, len(out))
+                elif switch is not None and switch.due(trace.rounds - 1, now - after_prefill[0],
+                                                       len(out) - after_prefill[1], max_new_tokens - len(out)):
+                    switched = True
+                    break
+            if switched:
+                assert switch is not None
+                measured_s = (clock.now() - after_prefill[0]) / (len(out) - after_prefill[1])  # type: ignore[index]
+                trace.switched_at = len(out)
+                trace.switch_reason = (f"{1e3 * measured_s:.1f} ms a token over {trace.rounds - 1} rounds, server-only "
+                                       f"predicted {1e3 * switch.server_only_tpot_s:.1f} ms")
+                log.info("session %s goes on server-only: %s", sid[:8], trace.switch_reason)
+                edge_has_session = False  # kept for the edge's stream, which ends it there
             if fell_back is not None:
                 log.warning("session %s: the edge is lost (%s); the device finishes the output", sid[:8], fell_back)
                 trace.fallback, trace.fallback_at = fell_back, len(out)
@@ -305,8 +370,9 @@ class DeviceDrafter:
         trace.alpha = stats.alpha
         trace.policy = policy.describe()
         trace.finish()
+        continuation = Continuation(session, committed, out, trace, started, logprob_parts) if switched else None
         return GenerationResult(out, self.engine.decode(out), trace, stats, len(prompt_ids),
-                                wire.Logprobs.concat(logprob_parts))
+                                wire.Logprobs.concat(logprob_parts), continuation)
 
     def _decode_alone(self, sid: str, out: list[int], max_new_tokens: int, sampling: SamplingConfig,
                       rng: np.random.Generator, clock: Clock, started: float, trace: Trace,

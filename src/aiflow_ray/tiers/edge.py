@@ -246,23 +246,38 @@ class EdgeVerifier:
                                  _logprobs(scores.logprobs, emitted, state.logprobs))
 
     def generate_stream(self, payload: bytes) -> Iterator[bytes]:
-        """Server-only: the prompt's ids arrive once; tokens stream back one message each."""
+        """Server-only: the prompt's ids arrive once; tokens stream back one message each. A GENERATE that
+        continues a session this replica holds (``continue_from``) decodes on from it with the session's own
+        sampling; a replica without it answers a 409 error, and the device sends the prompt instead."""
         msg = wire.decode(payload)
         if not isinstance(msg, wire.GenerateRequest):
             raise wire.WireError("expected a GENERATE message")
         sid = msg.header.session_id
-        state = self._start(sid, msg.prompt_ids, msg.sampling, msg.logprobs, msg.images)
+        if msg.continue_from:
+            held = self._held(sid, msg.continue_from)
+            if held is None:
+                self.context_requests += 1
+                header = wire.Header(wire.MsgType.ERROR, sid, 0)
+                yield wire.encode_error(wire.ErrorMsg(header, wire.CONTINUE_NOT_HELD, "this replica does not hold "
+                                                      "the session at that length; send the prompt"))
+                return
+            state = held
+        else:
+            state = self._start(sid, msg.prompt_ids, msg.sampling, msg.logprobs, msg.images)
         sampling, rng = state.sampling, state.rng
         native = getattr(self.engine, "stream_greedy", None)
-        if native is not None and sampling.greedy and msg.logprobs is None:
-            # vLLM decodes the whole stream as one request, batched with every other stream and verify.
+        if native is not None and sampling.greedy and state.logprobs is None:
+            # vLLM decodes the whole stream as one request, batched with every other stream and verify (a
+            # continued session's tokens are its prompt: its prefix cache holds them).
+            prompt = msg.prompt_ids.tolist() if not msg.continue_from else self.engine.session_tokens(self._sid(sid))
             self.drop_session(sid)
-            yield from self._native_stream(native, msg)
+            yield from self._native_stream(native, sid, prompt, msg)
             return
         try:
             for i in range(msg.max_new_tokens):
+                fed = state.unfed if i == 0 else 1
                 started = time.perf_counter()
-                scores = self.engine.score(self._sid(sid), [], sampling, with_logprobs=msg.logprobs is not None)
+                scores = self.engine.score(self._sid(sid), [], sampling, with_logprobs=state.logprobs is not None)
                 if sampling.greedy:
                     assert scores.greedy_ids is not None
                     token = scores.greedy_ids[0]
@@ -270,21 +285,20 @@ class EdgeVerifier:
                     assert scores.probs is not None
                     _, token = verify_sampled([], np.zeros((0, 1), np.int32), np.zeros((0, 1)), scores.probs, rng)
                 self.engine.append(self._sid(sid), [token])
-                if i or not state.with_images:  # the first step is the prompt's prefill
-                    self.service_samples.append((1 if i else len(msg.prompt_ids), time.perf_counter() - started))
+                state.unfed = 1
+                if not (state.with_images and fed > 1):  # an image prefill is no sample of a forward's cost
+                    self.service_samples.append((fed, time.perf_counter() - started))
                 done = (token in self.engine.eos_token_ids and i + 1 >= msg.min_tokens) or i == msg.max_new_tokens - 1
                 header = wire.Header(wire.MsgType.TOKENS, sid, i)
                 yield wire.encode_tokens(wire.Tokens(header, np.asarray([token], np.int32), done,
-                                                     _logprobs(scores.logprobs, [token], msg.logprobs)))
+                                                     _logprobs(scores.logprobs, [token], state.logprobs)))
                 if done:
                     break
         finally:
             self.drop_session(sid)
 
-
-    def _native_stream(self, native: Any, msg: wire.GenerateRequest) -> Iterator[bytes]:
-        sid = msg.header.session_id
-        tokens = native(msg.prompt_ids.tolist(), msg.max_new_tokens)
+    def _native_stream(self, native: Any, sid: bytes, prompt: list[int], msg: wire.GenerateRequest) -> Iterator[bytes]:
+        tokens = native(prompt, msg.max_new_tokens)
         try:
             started = time.perf_counter()
             for i, token in enumerate(tokens):

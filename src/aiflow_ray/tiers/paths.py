@@ -23,6 +23,7 @@ from aiflow_ray.tiers.device import (
     DeviceDrafter,
     GenerationResult,
     OnRound,
+    PathSwitch,
     Transport,
 )
 from aiflow_ray.tiers.grounded import CloudTransport, run_grounded
@@ -186,12 +187,20 @@ def run_path(opts: GenerateOptions, device: DeviceSide, edge: Transport, *, poli
 
     def speculate(prompt: Any = None) -> GenerationResult:
         ids = device.encode(opts, prompt, images)
+        # A grounded answer keeps its one path.
+        switch = PathSwitch(opts.switch_tpot_s) if opts.switch_tpot_s is not None and prompt is None else None
         with device.locked():
             result = drafter.generate_speculative(
                 ids, opts.max_new_tokens, opts.sampling, draft_policy_for(opts, policy), edge, on_round=on_round,
                 min_tokens=opts.min_tokens, logprobs=opts.logprobs, draft_top_k=sampled_top_k, resilience=resilience,
-                images=images)
-        return result
+                images=images, switch=switch)
+        if result.continuation is None:
+            return result
+        # The rest streams from the edge, with the device's model free for other requests meanwhile.
+        generate_server_only(ids, opts.max_new_tokens, opts.sampling, edge, drafter.engine.decode, on_token=on_round,
+                             min_tokens=opts.min_tokens, logprobs=opts.logprobs, resilience=resilience, images=images,
+                             continuation=result.continuation)
+        return result.continued(drafter.engine.decode)
 
     if opts.path == "on-device":
         ids = device.encode(opts, images=images)

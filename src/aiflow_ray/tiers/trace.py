@@ -30,6 +30,8 @@ class Trace:
     failovers: int = 0  # edge calls retried after a replica failed or missed its deadline
     fallback: str = ""  # why the device finished the output on its own ("" = it did not)
     fallback_at: int = -1  # output tokens verified before the fallback
+    switched_at: int = -1  # output tokens before a device-edge request went on server-only (-1: it did not)
+    switch_reason: str = ""
     link_outages: list[list[float]] = field(default_factory=list)  # [bytes, seconds waited] of stalled transfers
     num_tokens: int = 0
     policy: dict[str, float] = field(default_factory=dict)
