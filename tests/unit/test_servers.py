@@ -194,7 +194,7 @@ def test_the_device_reports_its_calibration_once_the_tokenizers_agree(servers: A
     assert router.reports[0].on_device_s_per_token > 0
     device.startup_chores()  # calibrated a moment ago: not again
     assert [r.path for r in router.reports].count("calibration") == 1
-    # Idle for a minute without drafting: re-timed, since the router learns the drafter only from drafting.
+    # Idle a long while without drafting: re-timed, since the router learns the drafter only from drafting.
     device._calibrated_at = time.monotonic() - RECALIBRATE_IDLE_S - 1
     device.startup_chores()
     assert [r.path for r in router.reports].count("calibration") == 2

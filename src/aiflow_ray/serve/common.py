@@ -17,9 +17,13 @@ from aiflow_ray.routing.messages import LoadReport
 
 log = get_logger(__name__)
 
-# An idle drafter or verifier re-times itself this often (and this long after its last request): the start-up
-# timing shares the cores with every tier loading its model, and traffic that went elsewhere corrects nothing.
-RECALIBRATE_IDLE_S = 60.0
+# An idle drafter or verifier re-times itself this often (and this long after its last request): traffic that
+# went elsewhere corrects nothing, so an estimate of a path no request takes would otherwise never move. Not
+# more often: a re-timing is three rounds of forwards up to a 128-token prefill (seconds of both cores for the
+# default verifier, none of it interruptible mid-forward), and once a minute it was a third of an idle local
+# cluster's CPU use and, when a request arrived during its prefill, up to 1.8 s of that request's TTFT. The
+# contended start-up timing is redone sooner, by the quieter-node rule below.
+RECALIBRATE_IDLE_S = 900.0
 # Sooner than that when the calibration itself was contended: when the node's other processes now keep a share
 # of its CPUs at least this much smaller than while it ran (every tier loading its model at start-up), it is
 # re-timed as soon as the replica has been idle QUIET_IDLE_S. A share, not a threshold: an idle local cluster's
