@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from aiflow_ray.bench import write_csv
+from aiflow_ray.bench.served import _prompts
 from aiflow_ray.config import GenerateOptions, LinkConfig, ModelPairConfig
 from aiflow_ray.data import load_prompts
 from aiflow_ray.logging_utils import get_logger
@@ -66,9 +67,7 @@ def _link_name(link: LinkConfig) -> str:
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     log.info("loading the pair (%s)", args.dtype)
     pipeline = Pipeline.load(ModelPairConfig(dtype=args.dtype))
-    prompts: list[dict[str, str]] = []
-    for kind in ("code", "english"):
-        prompts += [p for p in load_prompts() if p["kind"] == kind][: args.prompts_per_kind]
+    prompts = _prompts(args.prompts_per_kind)
     warmups = [p for p in load_prompts() if p not in prompts][:2]
     rows: list[dict[str, Any]] = []
     thresholds: dict[str, float] = {}

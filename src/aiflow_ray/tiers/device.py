@@ -133,10 +133,11 @@ class PathSwitch:
     margin: float = 1.25
     min_left_tokens: int = 8  # fewer left: the switch's own round trip would not pay
 
-    def due(self, later_rounds: int, later_s: float, later_tokens: int, left_tokens: int) -> bool:
-        if later_rounds < self.after_rounds or left_tokens < self.min_left_tokens or later_tokens <= 0:
+    def due(self, later_rounds: int, pace_s: float, left_tokens: int) -> bool:
+        """``pace_s``: seconds a token over the ``later_rounds`` rounds after the prefill."""
+        if later_rounds < self.after_rounds or left_tokens < self.min_left_tokens:
             return False
-        return later_s / later_tokens > self.margin * self.server_only_tpot_s
+        return pace_s > self.margin * self.server_only_tpot_s
 
 
 def _truncate_at_eos(tokens: list[int], eos: frozenset[int], emitted_before: int, min_tokens: int
@@ -340,18 +341,16 @@ class DeviceDrafter:
                     break
                 if after_prefill is None:
                     after_prefill = (now, len(out))
-                elif switch is not None and switch.due(trace.rounds - 1, now - after_prefill[0],
-                                                       len(out) - after_prefill[1], max_new_tokens - len(out)):
-                    switched = True
-                    break
-            if switched:
-                assert switch is not None
-                measured_s = (clock.now() - after_prefill[0]) / (len(out) - after_prefill[1])  # type: ignore[index]
-                trace.switched_at = len(out)
-                trace.switch_reason = (f"{1e3 * measured_s:.1f} ms a token over {trace.rounds - 1} rounds, server-only "
-                                       f"predicted {1e3 * switch.server_only_tpot_s:.1f} ms")
-                log.info("session %s goes on server-only: %s", sid[:8], trace.switch_reason)
-                edge_has_session = False  # kept for the edge's stream, which ends it there
+                elif switch is not None:
+                    pace_s = (now - after_prefill[0]) / max(len(out) - after_prefill[1], 1)
+                    if switch.due(trace.rounds - 1, pace_s, max_new_tokens - len(out)):
+                        trace.switched_at = len(out)
+                        trace.switch_reason = (f"{1e3 * pace_s:.1f} ms a token over {trace.rounds - 1} rounds, "
+                                               f"server-only predicted {1e3 * switch.server_only_tpot_s:.1f} ms")
+                        log.info("session %s goes on server-only: %s", sid[:8], trace.switch_reason)
+                        switched = True
+                        edge_has_session = False  # kept for the edge's stream, which ends it there
+                        break
             if fell_back is not None:
                 log.warning("session %s: the edge is lost (%s); the device finishes the output", sid[:8], fell_back)
                 trace.fallback, trace.fallback_at = fell_back, len(out)
@@ -369,10 +368,12 @@ class DeviceDrafter:
         trace.acceptance_rate = stats.acceptance_rate
         trace.alpha = stats.alpha
         trace.policy = policy.describe()
+        if switched:  # text, logprobs and the trace's figures come once the edge has streamed the rest
+            return GenerationResult(out, "", trace, stats, len(prompt_ids),
+                                    continuation=Continuation(session, committed, out, trace, started, logprob_parts))
         trace.finish()
-        continuation = Continuation(session, committed, out, trace, started, logprob_parts) if switched else None
         return GenerationResult(out, self.engine.decode(out), trace, stats, len(prompt_ids),
-                                wire.Logprobs.concat(logprob_parts), continuation)
+                                wire.Logprobs.concat(logprob_parts))
 
     def _decode_alone(self, sid: str, out: list[int], max_new_tokens: int, sampling: SamplingConfig,
                       rng: np.random.Generator, clock: Clock, started: float, trace: Trace,
