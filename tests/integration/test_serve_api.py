@@ -378,7 +378,8 @@ def test_metrics_and_health(api: httpx.Client, serve_url: str) -> None:
     text = api.get("/metrics", timeout=10).text
     # vLLM's names under this project's prefix, after the requests the module's other tests sent.
     for name in ("aiflow:requests_total", "aiflow:time_to_first_token_seconds_bucket",
-                 "aiflow:request_time_per_output_token_seconds_bucket", "aiflow:spec_decode_num_draft_tokens_total",
+                 "aiflow:request_time_per_output_token_seconds_bucket", "aiflow:inter_token_latency_seconds_bucket",
+                 "aiflow:spec_decode_num_draft_tokens_total",
                  "aiflow:spec_decode_num_accepted_tokens_total", "aiflow:generation_tokens_total"):
         assert name in text, name
     # The router's view, refreshed at the scrape: each tier's slots and queue, and its link estimates.

@@ -171,16 +171,17 @@ def test_schemathesis_fuzzes_the_vision_application(vlm_url: str) -> None:
 
 
 @pytest.mark.extended
-def test_a_llama_cpp_edge_serves_qwen2_vl_images_over_http(serve_url: str, tmp_path: Path) -> None:
-    """The tiny Qwen2-VL pair with the edge on llama.cpp (libmtmd, the checkpoint converted at deploy): an HF
-    device drafts against it, and every path and lossless upload gives one caption."""
+@pytest.mark.parametrize("preset", ["tiny-vlm", "tiny-qwen-vl"])
+def test_a_llama_cpp_edge_serves_images_over_http(serve_url: str, tmp_path: Path, preset: str) -> None:
+    """The tiny InternVL and Qwen2-VL pairs with the edge on llama.cpp (libmtmd, the checkpoint converted at
+    deploy): an HF device drafts against it, and every path and lossless upload gives one caption."""
     from ray import serve
 
     from aiflow_ray.serve import build_app
 
     args = vision_args("tiny")
     assert args is not None
-    args.update(name="aiflow-vision-llama", model_preset="tiny-qwen-vl", kb={"path": str(tmp_path / "kb.sqlite")})
+    args.update(name="aiflow-vision-llama", model_preset=preset, kb={"path": str(tmp_path / "kb.sqlite")})
     args["edge"]["engine"] = "llama_cpp"
     serve.run(build_app(args), name="aiflow-vision-llama", route_prefix="/vision-llama", blocking=False)
     url = f"{serve_url}/vision-llama"

@@ -9,11 +9,13 @@ session; sessions with different images must not disturb each other (Qwen2-VL's 
 the last prompt it saw, which a shared engine must never read). Text-only engines refuse images:
 ``test_engine_conformance.test_text_only_engines_refuse_images``.
 
-llama.cpp (``tiny-qwen-vl-llama_cpp``: the tiny Qwen2-VL converted by llama.cpp's converter, served through
-libmtmd) is held to the same cases against its own reference, libmtmd's whole-prompt path as llama.cpp's CLI
-runs it. Its block and one-token evaluations are not bit-identical (f32 kernels of other shapes: logits within
-0.02 of each other), so its logits must match the reference's within ``F32_TOLERANCE`` and two greedy sequences
-may part only where the top two logits lie that close; across engines: ``test_llama_cpp_vision.py``.
+llama.cpp (``tiny-vlm-llama_cpp`` and ``tiny-qwen-vl-llama_cpp``: the tiny InternVL and Qwen2-VL converted by
+llama.cpp's converter, served through libmtmd) is held to the same cases against its own reference: libmtmd's
+whole-prompt path as llama.cpp's CLI runs it (Qwen2-VL), libmtmd's encode-and-decode a tile at a time (InternVL,
+whose mmproj takes one tile an image). Its block and one-token evaluations are not bit-identical (f32 kernels of
+other shapes: logits within 0.02 of each other), so its logits must match the reference's within
+``F32_TOLERANCE`` and two greedy sequences may part only where the top two logits lie that close; across
+engines: ``test_llama_cpp_vision.py``.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ PROMPT = "<image>\nDescribe the image."
 F32_TOLERANCE = 0.05
 
 
-@pytest.fixture(scope="module", params=["tiny-vlm", "tiny-qwen-vl", "tiny-qwen2.5-vl", "tiny-qwen-vl-llama_cpp"])
+@pytest.fixture(scope="module", params=["tiny-vlm", "tiny-qwen-vl", "tiny-qwen2.5-vl", "tiny-vlm-llama_cpp",
+                                                "tiny-qwen-vl-llama_cpp"])
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    if request.param == "tiny-qwen-vl-llama_cpp":
-        return load_engine("tiny-qwen-vl-verifier", engine="llama_cpp", threads=2)
+    if request.param.endswith("-llama_cpp"):
+        return load_engine(request.param.replace("-llama_cpp", "-verifier"), engine="llama_cpp", threads=2)
     if request.param == "tiny-qwen2.5-vl":
         return load_engine(str(_tiny_qwen25_vl(tmp_path_factory.mktemp("qwen25vl"))), dtype="float32")
     return load_engine(f"{request.param}-verifier", dtype="float32")

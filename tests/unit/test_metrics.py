@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from aiflow_ray.api import metrics
@@ -52,7 +53,8 @@ def test_the_install_ships_the_dashboard_as_rendered() -> None:
 def test_vllm_names_where_the_meaning_is_the_same() -> None:
     exported = _exported()
     for name in ("num_requests_running", "num_requests_waiting", "time_to_first_token_seconds",
-                 "request_time_per_output_token_seconds", "e2e_request_latency_seconds", "request_success",
+                 "request_time_per_output_token_seconds", "inter_token_latency_seconds",
+                 "e2e_request_latency_seconds", "request_success",
                  "prompt_tokens", "generation_tokens", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
                  "spec_decode_num_accepted_tokens"):
         assert f"aiflow:{name}" in exported, name
@@ -66,9 +68,15 @@ def _value(name: str, **labels: str) -> float:
 def test_a_trace_and_the_routers_view_become_metrics() -> None:
     before = _value("aiflow:spec_decode_num_accepted_tokens_total")
     drafts = _value("aiflow:spec_decode_num_drafts_total")
+    itl = _value("aiflow:inter_token_latency_seconds_count", path="device-edge")
+    itl_s = _value("aiflow:inter_token_latency_seconds_sum", path="device-edge")
     metrics.observe(Trace(path="device-edge", num_tokens=9, ttft_s=0.2, tpot_s=0.05, total_s=0.6,
                           draft_lens=[4, 4, 2], accepted=[4, 2, 1], bytes_up=60, bytes_down=90,
+                          token_times_s=[0.2, 0.3, 0.3, 0.3, 0.3, 0.45, 0.45, 0.6, 0.6],
                           image_bytes_raw=1000, image_bytes_sent=100), prompt_tokens=30)
+    # Inter-token latency: one observation per round that brought tokens (tokens of one round arrive together).
+    assert _value("aiflow:inter_token_latency_seconds_count", path="device-edge") - itl == 3
+    assert _value("aiflow:inter_token_latency_seconds_sum", path="device-edge") - itl_s == pytest.approx(0.4)
     assert _value("aiflow:spec_decode_num_accepted_tokens_total") - before == 7
     assert _value("aiflow:spec_decode_num_drafts_total") - drafts == 3
     assert _value("aiflow:time_to_first_token_seconds_count", path="device-edge") >= 1

@@ -11,6 +11,7 @@ for a metric this module exports.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -31,6 +32,11 @@ TTFT = Histogram("aiflow:time_to_first_token_seconds", "Time to first token, the
                  buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 TPOT = Histogram("aiflow:request_time_per_output_token_seconds", "A request's mean time per output token after "
                  "the first", ["path"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+ITL = Histogram("aiflow:inter_token_latency_seconds", "Time between a request's successive outputs: one "
+                "observation per round that brought tokens (a speculative round's accepted tokens arrive together, "
+                "as a vLLM step's do)", ["path"],
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5,
+                         10), registry=REGISTRY)
 E2E = Histogram("aiflow:e2e_request_latency_seconds", "A request's whole generation", ["path"],
                 buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 PROMPT_TOKENS = Counter("aiflow:prompt_tokens", "Prompt tokens, image tokens included", registry=REGISTRY)
@@ -72,6 +78,9 @@ def observe(trace: Trace, prompt_tokens: int = 0) -> None:
         GENERATION_TOKENS.labels(path).inc(trace.num_tokens)
     if trace.num_tokens > 1 and trace.tpot_s:
         TPOT.labels(path).observe(trace.tpot_s)
+    arrivals = sorted(set(trace.token_times_s))
+    for earlier, later in itertools.pairwise(arrivals):
+        ITL.labels(path).observe(later - earlier)
     if trace.total_s:
         E2E.labels(path).observe(trace.total_s)
     if path != "server-only":

@@ -1,22 +1,27 @@
-"""llama.cpp engine for Qwen2-VL-class vision-language models: llama.cpp's multimodal library (libmtmd).
+"""llama.cpp engine for vision-language models: llama.cpp's multimodal library (libmtmd).
 
-The language model is a GGUF, the vision tower and merger an *mmproj* GGUF, both written by llama.cpp's own
-converter from transformers' ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration``
-checkpoints (``models.gguf_convert``). Everything the text engine does holds (sequences of one shared KV pool,
-KV reuse, eviction, k-step drafting, one-decode scoring); what this adds:
+Two classes of checkpoints, as transformers holds them: InternVL (``InternVLForConditionalGeneration``, the
+paper's family) and Qwen2-VL / Qwen2.5-VL. The language model is a GGUF, the vision tower and projector an
+*mmproj* GGUF, both written by llama.cpp's own converter (``models.gguf_convert``). Everything the text engine
+does holds (sequences of one shared KV pool, KV reuse, eviction, k-step drafting, one-decode scoring); what this
+adds:
 
-- Token ids hold each image as the HF engine's do: ``<|vision_start|>`` + ``<|image_pad|>`` x n +
-  ``<|vision_end|>``, n from the verifier's ``VisionSpec``, so one prompt's ids are the same on an HF device and
-  a llama.cpp edge. A session keeps its images' embeddings (libmtmd's encoder runs once a session); a forward
-  that reaches an image block decodes those embeddings in its place (``mtmd_helper_decode_image_chunk``), the
-  text around it with ordinary decodes. The KV is never cut inside a block.
-- Positions are M-RoPE's: an image's tokens share its first position, text after it resumes at that position
-  plus the image's ``n_pos`` (its larger grid side), so a token's position is not its index, and KV cuts
+- Token ids hold each image as the HF engines' do (``<img>`` + ``<IMG_CONTEXT>`` x n + ``</img>`` for InternVL,
+  ``<|vision_start|>`` + ``<|image_pad|>`` x n + ``<|vision_end|>`` for Qwen2-VL), n from the verifier's
+  ``VisionSpec``, so one prompt's ids are the same on an HF device and a llama.cpp edge. A session keeps its
+  images' embeddings (libmtmd's encoder runs once a session); a forward that reaches an image block decodes
+  those embeddings in its place (``mtmd_helper_decode_image_chunk``), the text around it with ordinary decodes.
+  The KV is never cut inside a block.
+- The image arrives as the verifier's preprocessing made it (``resized``). InternVL: the tiles the processor
+  cut (dynamic tiling, thumbnail last), each encoded by libmtmd as one image of the tower's input size, their
+  embeddings one block at consecutive positions, as transformers concatenates them. The mmproj is written for
+  one tile an image (``gguf_convert``), so libmtmd never tiles again what the device tiled. Qwen2-VL: one
+  28-px-aligned image within the processor's pixel bounds, which libmtmd keeps at its size; positions are
+  M-RoPE's: an image's tokens share its first position, text after it resumes at that position plus the
+  image's ``n_pos`` (its larger grid side), so a token's position is not its index, and KV cuts
   (``llama_memory_seq_rm``) are made at positions.
-- The image arrives as the verifier's preprocessing made it (``resized``: a 28-px-aligned image within the
-  processor's pixel bounds). libmtmd resizes an image to such a size itself; given one already aligned and
-  in bounds it keeps its size, and the block's token count is checked against the spec's. Its normalisation
-  and vision tower run in ggml, so outputs match the HF engine up to near-ties, as for text.
+- Each block's token count is checked against the spec's. Normalisation and the vision tower run in ggml, so
+  outputs match the HF engine up to near-ties, as for text.
 
 Not thread-safe, like the text engine: the tier serialises calls.
 """
@@ -37,7 +42,7 @@ from aiflow_ray.engines.llama_cpp import _Session as _TextSession
 from aiflow_ray.engines.vision_blocks import ImageBlocks, ImagePromptMismatch, image_spans
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.vision.preprocess import VisionSpec
-from aiflow_ray.vision.prompting import QWEN_VL_BLOCK_TOKENS
+from aiflow_ray.vision.prompting import IMAGE_CONTEXT, IMAGE_END, IMAGE_START, QWEN_VL_BLOCK_TOKENS
 
 log = get_logger(__name__)
 
@@ -48,9 +53,9 @@ class MultimodalUnavailable(RuntimeError):
 
 @dataclass
 class _Image:
-    chunk: int  # an owned mtmd_input_chunk (freed with the session)
-    n_pos: int  # positions the image takes (M-RoPE: its larger grid side)
-    embeds: np.ndarray | None = None  # [tokens, n_embd] float32, encoded once a session
+    chunks: list[int]  # owned mtmd_input_chunks, one a tile (InternVL) or one in all (Qwen2-VL); freed with it
+    n_pos: int  # positions the image takes (M-RoPE: its larger grid side; else its token count)
+    embeds: list[np.ndarray] = field(default_factory=list)  # [tokens, n_embd] float32 a chunk, once a session
 
 
 @dataclass
@@ -73,13 +78,11 @@ def _mtmd() -> Any:
 class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
     """A GGUF language model with its mmproj GGUF; see the module docstring."""
 
-    BLOCK_TOKENS = QWEN_VL_BLOCK_TOKENS
-    encoder_digest: str | None = None  # no features upload: the merger sits inside the vision tower
+    BLOCK_TOKENS = QWEN_VL_BLOCK_TOKENS  # InternVL's are set per engine
+    encoder_digest: str | None = None  # no features upload: libmtmd's tower and projector run as one
 
     def __init__(self, gguf: str | Path, mmproj: str | Path, name: str, vision: VisionSpec, threads: int | None = None,
                  max_sequences: int = DEFAULT_SEQUENCES, kv_tokens: int = DEFAULT_KV_TOKENS) -> None:
-        if not vision.whole_image:
-            raise ValueError(f"{name}: the llama.cpp vision engine serves Qwen2-VL-class models only")
         mt = _mtmd()
         super().__init__(gguf, name, threads=threads, max_sequences=max_sequences, kv_tokens=kv_tokens)
         self._mt = mt
@@ -94,15 +97,20 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
         params.print_timings = False
         params.warmup = False
         params.n_threads = threads or 1
-        cell = vision.tile_size * vision.tile_size
-        # The processor's own token bounds, so libmtmd keeps an image the device already sized within them.
-        params.image_min_tokens = max(1, vision.min_pixels // cell)
-        params.image_max_tokens = max(1, vision.max_pixels // cell)
+        if vision.whole_image:
+            cell = vision.tile_size * vision.tile_size
+            # The processor's own token bounds, so libmtmd keeps an image the device already sized within them.
+            params.image_min_tokens = max(1, vision.min_pixels // cell)
+            params.image_max_tokens = max(1, vision.max_pixels // cell)
+        else:
+            self.BLOCK_TOKENS = (IMAGE_START, IMAGE_CONTEXT, IMAGE_END)
         self._mctx = mt.mtmd_init_from_file(str(mmproj).encode(), self._model, params)
         if not self._mctx:
             raise RuntimeError(f"libmtmd could not load {mmproj}")
-        if not mt.mtmd_support_vision(self._mctx) or not mt.mtmd_decode_use_mrope(self._mctx):
-            raise ValueError(f"{mmproj} is not a Qwen2-VL-class vision projector")
+        self._mrope = bool(mt.mtmd_decode_use_mrope(self._mctx))
+        if not mt.mtmd_support_vision(self._mctx) or self._mrope != vision.whole_image:
+            raise ValueError(f"{mmproj} is not a {'Qwen2-VL' if vision.whole_image else 'InternVL'}-class "
+                             "vision projector")
         ids = [self._tokenize(token) for token in self.BLOCK_TOKENS]
         if any(len(i) != 1 for i in ids):
             raise ValueError(f"{name}: the vocabulary lacks the image block tokens {self.BLOCK_TOKENS}")
@@ -129,7 +137,7 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
             for image, (start, end) in zip(session.images, session.spans, strict=True):
                 if image.tiles is None:
                     raise ValueError(f"{self.name} takes images as pixels, not encoder features")
-                session.encoded.append(self._chunk(image.tiles, end - start))
+                session.encoded.append(self._image(image.tiles, end - start))
         except Exception:
             self._free_images(session)  # the session is never opened: its earlier images' chunks go with it
             raise
@@ -142,13 +150,30 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
 
     def _free_images(self, session: Any) -> None:
         for image in getattr(session, "encoded", []):
-            self._mt.mtmd_input_chunk_free(image.chunk)
+            for chunk in image.chunks:
+                self._mt.mtmd_input_chunk_free(chunk)
         session.encoded = []
 
-    def _chunk(self, tiles: np.ndarray, tokens: int) -> _Image:
-        """libmtmd's image chunk for one resized image ``[1, H, W, 3]``, checked to be ``tokens`` long."""
+    def _image(self, tiles: np.ndarray, tokens: int) -> _Image:
+        """libmtmd's chunks of one preprocessed image ``[tiles, H, W, 3]``, checked to be ``tokens`` long."""
+        if self._mrope:
+            chunk, n_pos = self._chunk(tiles[0], tokens)
+            return _Image(chunks=[chunk], n_pos=n_pos)
+        per_tile = tokens // len(tiles)
+        chunks: list[int] = []
+        try:
+            for tile in tiles:
+                chunks.append(self._chunk(tile, per_tile)[0])
+        except Exception:
+            for chunk in chunks:
+                self._mt.mtmd_input_chunk_free(chunk)
+            raise
+        return _Image(chunks=chunks, n_pos=tokens)
+
+    def _chunk(self, tile: np.ndarray, tokens: int) -> tuple[int, int]:
+        """(libmtmd's owned image chunk, its positions) for one image ``[H, W, 3]``, checked ``tokens`` long."""
         mt = self._mt
-        pixels = np.ascontiguousarray(tiles[0])
+        pixels = np.ascontiguousarray(tile)
         height, width = int(pixels.shape[0]), int(pixels.shape[1])
         bitmap = mt.mtmd_bitmap_init(width, height, pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
         chunks = mt.mtmd_input_chunks_init()
@@ -165,18 +190,20 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
             if n_tokens != tokens:
                 raise ImagePromptMismatch(f"libmtmd makes {n_tokens} tokens of a {width} x {height} px image, "
                                           f"the prompt's block has {tokens}")
-            return _Image(chunk=mt.mtmd_input_chunk_copy(image), n_pos=int(mt.mtmd_input_chunk_get_n_pos(image)))
+            return mt.mtmd_input_chunk_copy(image), int(mt.mtmd_input_chunk_get_n_pos(image))
         finally:
             mt.mtmd_input_chunks_free(chunks)
             mt.mtmd_bitmap_free(bitmap)
 
-    def _embeds(self, image: _Image) -> np.ndarray:
-        if image.embeds is None:
-            if self._mt.mtmd_encode_chunk(self._mctx, image.chunk) != 0:
-                raise RuntimeError(f"{self.name}: libmtmd could not encode an image")
-            n_tokens = int(self._mt.mtmd_input_chunk_get_n_tokens(image.chunk))
-            out = np.ctypeslib.as_array(self._mt.mtmd_get_output_embd(self._mctx), shape=(n_tokens * self._n_embd,))
-            image.embeds = out.reshape(n_tokens, self._n_embd).copy()  # the buffer is reused by the next encode
+    def _embeds(self, image: _Image) -> list[np.ndarray]:
+        if not image.embeds:
+            for chunk in image.chunks:
+                if self._mt.mtmd_encode_chunk(self._mctx, chunk) != 0:
+                    raise RuntimeError(f"{self.name}: libmtmd could not encode an image")
+                n_tokens = int(self._mt.mtmd_input_chunk_get_n_tokens(chunk))
+                out = np.ctypeslib.as_array(self._mt.mtmd_get_output_embd(self._mctx),
+                                            shape=(n_tokens * self._n_embd,))
+                image.embeds.append(out.reshape(n_tokens, self._n_embd).copy())  # the next encode reuses it
         return image.embeds
 
     # -- compute --------------------------------------------------------------------------------
@@ -193,7 +220,8 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
             if index >= end:
                 position -= (end - start) - image.n_pos
             elif index >= start:
-                return start + position - index  # every token of an image block starts at the block's position
+                # M-RoPE: every token of an image block takes the block's first position
+                return start + position - index if self._mrope else position
         return position
 
     def _feed(self, session_id: str, session: _TextSession, seq: int, target: list[int], agree: int,
@@ -216,19 +244,23 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
             index = stop
 
     def _decode_image(self, session_id: str, seq: int, image: _Image, position: int) -> None:
-        embeds = self._embeds(image)
         new_position = self._ll.llama_pos(0)
         while True:
-            rc = self._mt.mtmd_helper_decode_image_chunk(
-                self._mctx, self._ctx, image.chunk, embeds.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), position,
-                seq, N_BATCH, ctypes.byref(new_position), self._mt.mtmd_helper_post_decode_callback(0), None)
+            at, rc = position, 0
+            for chunk, embeds in zip(image.chunks, self._embeds(image), strict=True):
+                rc = self._mt.mtmd_helper_decode_image_chunk(
+                    self._mctx, self._ctx, chunk, embeds.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), at,
+                    seq, N_BATCH, ctypes.byref(new_position), self._mt.mtmd_helper_post_decode_callback(0), None)
+                if rc != 0:
+                    break
+                at = int(new_position.value)  # the next tile's embeddings follow this one's
             if rc == 0:
                 return
             # Out of KV cells part way: drop what of the block went in, make room, decode it again.
             self._ll.llama_memory_seq_rm(self._mem, seq, position, -1)
             if rc == 1 and self._evict_one(keep=session_id):
                 continue
-            raise KvCacheFull(f"decoding an image of {embeds.shape[0]} tokens failed ({rc})")
+            raise KvCacheFull(f"decoding an image of {image.n_pos} positions failed ({rc})")
 
     # -- reference --------------------------------------------------------------------------------
     def reference_logits(self, ids: list[int], images: list[ImageInput]) -> np.ndarray:
@@ -240,6 +272,8 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
         spans = image_spans(ids, self.image_token_id)
         if len(spans) != len(images) or not spans:
             raise ImagePromptMismatch("the reference takes one image per image block")
+        if not self._mrope:
+            return self._reference_by_tiles(ids, images, spans)
         head_end = spans[-1][1] + 1  # through the last <|vision_end|>
         pieces, last = [], 0
         for start, end in spans:
@@ -277,3 +311,34 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
                 mt.mtmd_bitmap_free(bitmap)
             self.release(holder)
 
+
+    def _reference_by_tiles(self, ids: list[int], images: list[ImageInput], spans: list[tuple[int, int]]) -> np.ndarray:
+        """InternVL's reference: the text between blocks decoded whole, each tile of each image tokenized afresh
+        and evaluated by libmtmd (``mtmd_helper_eval_chunk_single``: its encoder, then its decode) at consecutive
+        positions. The mmproj takes one tile an image, so libmtmd's whole-prompt path cannot hold a tiled image
+        as one block; this is that path a tile at a time."""
+        holder = "__reference__"
+        self._sessions[holder] = _VisionSession(list(ids))
+        seq = self._sequence_for(holder, self._sessions[holder])
+        try:
+            index = 0
+            for (start, end), image in zip(spans, images, strict=True):
+                assert image.tiles is not None
+                if start > index:
+                    self._feed_text(holder, seq, [int(t) for t in ids[index:start]], index, 0)
+                per_tile = (end - start) // len(image.tiles)
+                position = self._ll.llama_pos(start)
+                for tile in image.tiles:
+                    chunk, _ = self._chunk(tile, per_tile)
+                    try:
+                        if self._mt.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, chunk, position.value, seq,
+                                                                  N_BATCH, False, ctypes.byref(position)) != 0:
+                            raise RuntimeError("libmtmd could not evaluate a reference tile")
+                    finally:
+                        self._mt.mtmd_input_chunk_free(chunk)
+                index = end
+            self._feed_text(holder, seq, [int(t) for t in ids[index:]], index, 1)
+            row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, -1), shape=(1, self.vocab_size))
+            return row.copy()
+        finally:
+            self.release(holder)

@@ -100,7 +100,7 @@ def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: boo
         from aiflow_ray.engines.beam import MAX_BEAM_WIDTH, beam_sequences
         from aiflow_ray.engines.llama_cpp import LlamaCppEngine
 
-        vision_dir = _qwen_vl_checkpoint(name, fetch)
+        vision_dir = _vision_checkpoint(name, fetch)
         if vision_dir is not None:
             return _llama_cpp_vision(name, vision_dir, threads)
 
@@ -124,10 +124,10 @@ def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: boo
     return HFEngine.from_pretrained(path, name=name, dtype=dtype, device=device)
 
 
-def _qwen_vl_checkpoint(name: str, fetch: bool) -> Path | None:
-    """The local checkpoint directory of ``name`` when it is a Qwen2-VL-class model (llama.cpp serves it through
-    libmtmd, converted from that directory), else None."""
-    from aiflow_ray.vision.preprocess import QWEN_VL_MODEL_TYPES
+def _vision_checkpoint(name: str, fetch: bool) -> Path | None:
+    """The local checkpoint directory of ``name`` when it is a vision-language model in transformers' layout
+    (llama.cpp serves it through libmtmd, converted from that directory), else None."""
+    from aiflow_ray.models.registry import VISION_MODEL_TYPES
 
     entry = get_entry(name)
     if entry is not None and entry.gguf is not None:
@@ -135,7 +135,7 @@ def _qwen_vl_checkpoint(name: str, fetch: bool) -> Path | None:
     if entry is None and not Path(name).expanduser().is_dir():
         return None
     path = resolve_model_path(name, fetch)
-    if isinstance(path, Path) and _model_type(path) in QWEN_VL_MODEL_TYPES:
+    if isinstance(path, Path) and _model_type(path) in VISION_MODEL_TYPES:
         return path
     return None
 
@@ -144,15 +144,15 @@ def _llama_cpp_vision(name: str, model_dir: Path, threads: int | None) -> Engine
     from transformers import AutoConfig
 
     from aiflow_ray.engines.llama_cpp_vision import LlamaCppVisionEngine
-    from aiflow_ray.models.gguf_convert import convert_vision_checkpoint
+    from aiflow_ray.models.gguf_convert import convert_vision_checkpoint, pre_tokenizer_of
     from aiflow_ray.vision.preprocess import VisionSpec
 
     entry = get_entry(name)
     built = entry is not None and entry.tiny is not None
-    # The project's own models: fp32 as built (the reference engine's arithmetic) and their tokenizer, trained here
-    # with Qwen2's pre-tokenizer (its split pattern and NFC), which the converter knows only by released vocabularies.
+    # The project's own models: fp32 as built (the reference engine's arithmetic) and their tokenizers, trained here
+    # with GPT-2's or Qwen2's pre-tokenizer, which the converter knows only by released vocabularies.
     gguf, mmproj = convert_vision_checkpoint(model_dir, outtype="f32" if built else "f16",
-                                             pre_tokenizer="qwen2" if built else None)
+                                             pre_tokenizer=pre_tokenizer_of(model_dir) if built else None)
     spec = VisionSpec.from_model_dir(model_dir, AutoConfig.from_pretrained(model_dir))
     return LlamaCppVisionEngine(gguf, mmproj, name=name, vision=spec, threads=threads)
 

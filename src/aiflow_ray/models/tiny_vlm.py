@@ -6,7 +6,8 @@ vision tower, an MLP projector, a Qwen2 language model), with small dimensions. 
 encoder, so the ``features`` upload applies), embeddings, head and first language layer; the verifier's later
 layers write small residual updates, which gives realistic, nonzero acceptance without training. Tiles are
 56 px (4 x 4 patches of 14 px, pixel-shuffled to 4 visual tokens a tile), with InternVL's dynamic tiling up
-to 4 tiles plus a thumbnail, so tests exercise tiling at a few tokens an image.
+to 4 tiles plus a thumbnail, so tests exercise tiling at a few tokens an image. Every tensor of the vision
+tower is random, those transformers starts at constants included (version 2).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aiflow_ray.vision.prompting import IMAGE_CONTEXT, IMAGE_SPECIAL_TOKENS
 
 log = get_logger(__name__)
 
-TINY_VLM_VERSION = 1
+TINY_VLM_VERSION = 2
 TILE_SIZE = 56
 MAX_TILES = 4
 _DRAFTER_LAYERS = 1
@@ -66,6 +67,14 @@ def build_tiny_vlm_pair(home: Path | None = None, force: bool = False) -> tuple[
     with torch.no_grad():
         # Random projector outputs the size of token embeddings, so the image steers the output.
         verifier.model.multi_modal_projector.linear_2.weight.mul_(4.0)
+        # transformers starts the class token, the position embeddings and the norms at constants (zeros, ones):
+        # left so, an engine or a converter that misplaces them would still match. Trained models never have them so.
+        embeddings = verifier.model.vision_tower.embeddings
+        embeddings.position_embeddings.normal_(0.0, 1.0)
+        embeddings.cls_token.normal_(0.0, 1.0)
+        for name, param in verifier.model.vision_tower.named_parameters():
+            if "layernorm" in name:
+                param.add_(torch.randn_like(param) * 0.2)
     drafter = InternVLForConditionalGeneration(config(_DRAFTER_LAYERS)).float().eval()
     nest(verifier, drafter, verifier.model.language_model.layers, "model.language_model.layers.", _DRAFTER_LAYERS)
     processor = {"crop_to_patches": True, "min_patches": 1, "max_patches": MAX_TILES,

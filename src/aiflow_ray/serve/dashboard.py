@@ -21,9 +21,11 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
                            "(rate(aiflow:time_to_first_token_seconds_bucket[5m])))"),
           ("p95 {{path}}", "histogram_quantile(0.95, sum by (le, path) "
                            "(rate(aiflow:time_to_first_token_seconds_bucket[5m])))")]),
-        ("Time per output token, p50", "s",
-         [("{{path}}", "histogram_quantile(0.5, sum by (le, path) "
-                       "(rate(aiflow:request_time_per_output_token_seconds_bucket[5m])))")]),
+        ("Time per output token p50, inter-token latency p95", "s",
+         [("TPOT p50 {{path}}", "histogram_quantile(0.5, sum by (le, path) "
+                                "(rate(aiflow:request_time_per_output_token_seconds_bucket[5m])))"),
+          ("ITL p95 {{path}}", "histogram_quantile(0.95, sum by (le, path) "
+                               "(rate(aiflow:inter_token_latency_seconds_bucket[5m])))")]),
         ("Output tokens per second", "short",
          [("{{path}}", "sum by (path) (rate(aiflow:generation_tokens_total[1m]))")]),
     ]),

@@ -22,6 +22,7 @@ from ray.exceptions import RayError
 
 from aiflow_ray.config import AppArgs, GenerateOptions
 from aiflow_ray.engines.base import Engine
+from aiflow_ray.engines.detokenize import IncrementalText
 from aiflow_ray.errors import CalibrationInterrupted, Refusal, RefusedError, TierUnavailable, give_way_if
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
@@ -320,7 +321,7 @@ class DeviceDrafterServer:
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         pending: list[int] = []  # tokens whose text is not complete yet (a split UTF-8 character)
         pending_lp: list[wire.Logprobs] = []
-        emitted: list[int] = []
+        text = IncrementalText(self.engine.decode)
         sent_text = ""
 
         def work() -> None:
@@ -335,14 +336,13 @@ class DeviceDrafterServer:
                 kind, value = await asyncio.to_thread(events.get)
                 if kind == "tokens":
                     tokens, lp = value
-                    emitted.extend(tokens)
                     pending.extend(tokens)
                     if lp is not None:
                         pending_lp.append(lp)
-                    text = self.engine.decode(emitted)
-                    if text.endswith("\ufffd"):  # hold back a trailing partial character until it completes
+                    delta = text.add(tokens)
+                    if delta is None:  # hold back a trailing partial character until it completes
                         continue
-                    delta, sent_text = text[len(sent_text):], text
+                    sent_text += delta
                     yield StreamDelta(list(pending), delta, self._named(pending, pending_lp))
                     pending, pending_lp = [], []
                 elif kind == "done":
