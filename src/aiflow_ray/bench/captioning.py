@@ -35,14 +35,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from aiflow_ray.bench.captioning_common import RTT_S, md_table, median, scene_options, scene_png, tpot_or_nan
+from aiflow_ray.bench.captioning_engines import engine_pairs, engines_markdown
 from aiflow_ray.bench.tpot import retime_server_only, retime_speculative
-from aiflow_ray.config import GenerateOptions, LinkConfig, ModelPairConfig
-from aiflow_ray.config.generation import ImageSource
+from aiflow_ray.config import ModelPairConfig
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network.wire import VERIFY_RESULT_SIZE, verify_request_size
 from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts, expected_tokens, speculative_tpot_s
 from aiflow_ray.tiers.images import prepare_image, stack_tiles
-from aiflow_ray.tiers.trace import decode_tpot_s
 from aiflow_ray.units import format_bandwidth, parse_int_ranges
 from aiflow_ray.vision.decode import ImageLimits, encode_png
 from aiflow_ray.vision.preprocess import IMAGENET_MEAN, IMAGENET_STD, VisionSpec, image_tiles
@@ -50,8 +50,6 @@ from aiflow_ray.vision.preprocess import IMAGENET_MEAN, IMAGENET_STD, VisionSpec
 log = get_logger("bench.captioning")
 
 BANDWIDTHS_BPS = (500e3, 1e6, 2e6)
-RTT_S = 0.02
-PROMPT = "<image>\nDescribe the image."
 PHOTOS = ("motorcycle_left.png", "rocket.jpg", "astronaut.png", "coffee.png")
 CAMERA_SIZE = (4032, 3024)  # 12.2 megapixels, a phone's main camera
 UPLOADS = ("raw", "resized", "jpeg", "features")
@@ -59,8 +57,6 @@ UPLOAD_ROWS = (*UPLOADS, "auto")
 # InternVL's released preprocessing, for the bytes it would send (no model needed).
 INTERNVL_RELEASED = VisionSpec(tile_size=448, tokens_per_tile=256, crop_to_patches=True, min_tiles=1, max_tiles=12,
                                mean=IMAGENET_MEAN, std=IMAGENET_STD)
-ENGINE_PAIRS = (("hf", "hf"), ("hf", "llama_cpp"), ("llama_cpp", "llama_cpp"))  # (drafter, verifier)
-ENGINE_BANDWIDTH_BPS = 1e6
 # Forward times (ms) on one H200, HF eager bf16, 512-token context, for a block of k new tokens (docs/design.md).
 GPU_CURVES_MS = {"InternLM2-1.8B": {1: 15.5, 4: 26.1, 16: 25.9, 32: 26.1},
                  "InternLM2-20B": {1: 32.7, 4: 34.1, 16: 40.3, 32: 36.9}}
@@ -77,31 +73,9 @@ def camera_photo(name: str) -> bytes:
     return buf.getvalue()
 
 
-def scene_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _options(data: bytes, path: str, k: int, bw: float, upload: str, max_new: int) -> GenerateOptions:
-    return GenerateOptions(prompt=PROMPT, path=path, draft_len=k, max_new_tokens=max_new,
-                           link=LinkConfig(bandwidth_bps=bw, rtt_s=RTT_S, virtual_time=True),
-                           images=(ImageSource(data=data, field="images[0]"),), image_upload=upload)
-
-
 def interp_ms(curve: dict[int, float], k: int) -> float:
     points = sorted(curve)
     return float(np.interp(k, points, [curve[p] for p in points]))
-
-
-def _tpot_s(times: list[float]) -> float:
-    """Decode TPOT, undefined (nan) when every token arrived in one round (a draft as long as the caption)."""
-    return decode_tpot_s(times) if len(set(times)) > 1 else float("nan")
-
-
-def _median(values: list[float]) -> float:
-    kept = [v for v in values if v == v]
-    return statistics.median(kept) if kept else float("nan")
 
 
 def fig6(pipeline: Any, scenes: list[Any], draft_lens: list[int], max_new: int) -> tuple[list[dict[str, Any]],
@@ -117,17 +91,17 @@ def fig6(pipeline: Any, scenes: list[Any], draft_lens: list[int], max_new: int) 
     bar = tqdm(total=len(scenes) * (1 + len(draft_lens)), desc="captioning: TPOT vs k", unit="run")
     for i, scene in enumerate(scenes):
         data = scene_png(scene.image)
-        base = pipeline.run(_options(data, "server-only", 1, base_bw, "raw", max_new))
+        base = pipeline.run(scene_options(data, "server-only", 1, base_bw, "raw", max_new))
         correct += base.text.strip() == scene.caption
         server_tpot.append(base.trace.tpot_s)
         for bw in BANDWIDTHS_BPS:
             times = retime_server_only(base.trace, base_bw, bw)
             records.append({"scene": i, "method": "server-only", "draft_len": 0, "bandwidth_bps": bw,
-                            "tpot_s": _tpot_s(times), "ttft_s": times[0], "per_token_s": times[-1] / len(times),
+                            "tpot_s": tpot_or_nan(times), "ttft_s": times[0], "per_token_s": times[-1] / len(times),
                             "identical": True, "acceptance_rate": float("nan")})
         bar.update(1)
         for k in draft_lens:
-            result = pipeline.run(_options(data, "device-edge", k, base_bw, "raw", max_new))
+            result = pipeline.run(scene_options(data, "device-edge", k, base_bw, "raw", max_new))
             trace = result.trace
             accepted += sum(trace.accepted)
             drafted += sum(trace.draft_lens)
@@ -138,7 +112,7 @@ def fig6(pipeline: Any, scenes: list[Any], draft_lens: list[int], max_new: int) 
             for bw in BANDWIDTHS_BPS:
                 times = retime_speculative(trace, base_bw, bw)
                 records.append({"scene": i, "method": "speculative", "draft_len": k, "bandwidth_bps": bw,
-                                "tpot_s": _tpot_s(times), "ttft_s": times[0], "per_token_s": times[-1] / len(times),
+                                "tpot_s": tpot_or_nan(times), "ttft_s": times[0], "per_token_s": times[-1] / len(times),
                                 "identical": result.token_ids == base.token_ids,
                                 "acceptance_rate": trace.acceptance_rate})
             bar.update(1)
@@ -170,7 +144,7 @@ def uploads(pipeline: Any, images: list[tuple[str, str, bytes]], max_new: int, k
                                          drafter.vision_features if shared else None,
                                          drafter.encoder_digest if shared else None)
                 device_s = time.perf_counter() - started  # decoding, preprocessing and encoding on the device
-                result = pipeline.run(_options(data, "device-edge", k, bw, mode, max_new))
+                result = pipeline.run(scene_options(data, "device-edge", k, bw, mode, max_new))
                 if mode == "raw" and reference is None:
                     reference = result.token_ids
                 trace = result.trace
@@ -193,54 +167,6 @@ def uploads(pipeline: Any, images: list[tuple[str, str, bytes]], max_new: int, k
                 })
                 bar.update(1)
     bar.close()
-    return rows
-
-
-def engine_pairs(scenes: list[Any], drafter: str, verifier: str, draft_lens: list[int],
-                 max_new: int) -> list[dict[str, Any]]:
-    """Server-only and each k on every engine pair of ``ENGINE_PAIRS``, one scene after another."""
-    from aiflow_ray.engines.loader import load_engine
-    from aiflow_ray.tiers.pipeline import Pipeline
-
-    bw = ENGINE_BANDWIDTH_BPS
-    rows: list[dict[str, Any]] = []
-    hf_captions: list[list[int]] = []
-    for d_engine, v_engine in ENGINE_PAIRS:
-        # Two threads each: the in-process pipeline runs one tier at a time, as the HF rows do.
-        pipeline = Pipeline(load_engine(drafter, dtype="float32", engine=d_engine, threads=2),  # type: ignore[arg-type]
-                            load_engine(verifier, dtype="float32", engine=v_engine, threads=2))  # type: ignore[arg-type]
-        runs: dict[int, list[dict[str, Any]]] = {k: [] for k in (0, *draft_lens)}
-        bar = tqdm(total=len(scenes) * (1 + len(draft_lens)), desc=f"captioning: {d_engine}/{v_engine}", unit="run")
-        for i, scene in enumerate(scenes):
-            data = scene_png(scene.image)
-            base = pipeline.run(_options(data, "server-only", 1, bw, "raw", max_new))
-            if v_engine == "hf":
-                hf_captions.append(base.token_ids)
-            runs[0].append({"tpot_s": _tpot_s(retime_server_only(base.trace, bw, bw)), "identical": True,
-                            "correct": base.text.strip() == scene.caption,
-                            "same_as_hf": base.token_ids == hf_captions[i], "acceptance_rate": float("nan")})
-            bar.update(1)
-            for k in draft_lens:
-                result = pipeline.run(_options(data, "device-edge", k, bw, "raw", max_new))
-                runs[k].append({"tpot_s": _tpot_s(retime_speculative(result.trace, bw, bw)),
-                                "identical": result.token_ids == base.token_ids,
-                                "correct": result.text.strip() == scene.caption,
-                                "same_as_hf": result.token_ids == hf_captions[i],
-                                "acceptance_rate": result.trace.acceptance_rate})
-                bar.update(1)
-        bar.close()
-        server_tpot_s = _median([r["tpot_s"] for r in runs[0]])
-        for k, done in runs.items():
-            tpot_s = _median([r["tpot_s"] for r in done])
-            rows.append({"drafter_engine": d_engine, "verifier_engine": v_engine, "bandwidth_bps": bw,
-                         "method": "server-only" if k == 0 else "speculative", "draft_len": k, "tpot_s": tpot_s,
-                         "tpot_ratio_vs_server_only": tpot_s / server_tpot_s,
-                         "caption_accuracy": sum(r["correct"] for r in done) / len(done),
-                         "identical_share": sum(r["identical"] for r in done) / len(done),
-                         "same_as_hf_share": sum(r["same_as_hf"] for r in done) / len(done),
-                         "acceptance_rate": float(np.nanmean([r["acceptance_rate"] for r in done])) if k else
-                         float("nan"), "num_scenes": len(done)})
-        log.info("engines %s/%s: server-only TPOT %.2f ms", d_engine, v_engine, server_tpot_s * 1e3)
     return rows
 
 
@@ -289,11 +215,11 @@ def summarize_fig6(records: list[dict[str, Any]], pair: dict[str, float]) -> lis
     keys = sorted({(r["bandwidth_bps"], r["method"], r["draft_len"]) for r in records})
     for bw, method, k in keys:
         group = [r for r in records if (r["bandwidth_bps"], r["method"], r["draft_len"]) == (bw, method, k)]
-        server = _median([r["tpot_s"] for r in records if r["bandwidth_bps"] == bw and r["method"] == "server-only"])
-        server_e2e = _median([r["per_token_s"] for r in records
+        server = median([r["tpot_s"] for r in records if r["bandwidth_bps"] == bw and r["method"] == "server-only"])
+        server_e2e = median([r["per_token_s"] for r in records
                               if r["bandwidth_bps"] == bw and r["method"] == "server-only"])
-        tpot = _median([r["tpot_s"] for r in group])
-        e2e = _median([r["per_token_s"] for r in group])
+        tpot = median([r["tpot_s"] for r in group])
+        e2e = median([r["per_token_s"] for r in group])
         predicted = float("nan")
         if method == "speculative":
             compute = ComputeCosts(draft_s_per_token=pair["draft_s_per_token"], verify_base_s=pair["verify_s"],
@@ -341,13 +267,6 @@ def run(args: argparse.Namespace) -> Path:
     return md
 
 
-def _table(rows: list[list[str]]) -> str:
-    head, *body = rows
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
-
-
 def write_markdown(out_dir: Path, args: argparse.Namespace, fig_rows: list[dict[str, Any]], pair: dict[str, float],
                    upload_rows: list[dict[str, Any]], released: list[dict[str, Any]], paper: list[dict[str, Any]],
                    engine_rows: list[dict[str, Any]], elapsed_s: float) -> Path:
@@ -384,7 +303,7 @@ def write_markdown(out_dir: Path, args: argparse.Namespace, fig_rows: list[dict[
                       f"{r['tpot_ratio_vs_server_only']:.2f}", f"{r['per_token_s'] * 1e3:.2f}",
                       f"{r['per_token_ratio_vs_server_only']:.2f}", f"{r['identical_share']:.0%}",
                       f"{r['ttft_s'] * 1e3:.1f}"])
-    lines += [_table(table), ""]
+    lines += [md_table(table), ""]
     lines += ["TPOT is the decode time per token after the first (undefined when a draft as long as the caption "
               "emits it in one round); 'end to end' is the last token's time over the token count, TTFT included.",
               "", "## Upload modes", "", f"Device-edge path, k = {args.upload_draft_len}. Photos: scikit-image's, "
@@ -401,7 +320,7 @@ def write_markdown(out_dir: Path, args: argparse.Namespace, fig_rows: list[dict[
                       f"{r['image_bytes_sent']:,}", f"{r['bytes_ratio_vs_raw']:.1f}x", f"{r['ttft_s']:.3f}",
                       f"{r['predicted_ttft_s']:.3f}", "yes" if r["same_output_as_raw"] else
                       f"no ({r['token_agreement_with_raw']:.0%} of tokens)"])
-    lines += [_table(table), ""]
+    lines += [md_table(table), ""]
     lines += ["InternVL's released preprocessing (448 px tiles, up to 12 plus a thumbnail, 256 visual tokens a tile) "
               "would send, losslessly:", ""]
     table = [["photo", "tiles", "visual tokens", "raw JPEG bytes", "resized PNG bytes",
@@ -409,7 +328,7 @@ def write_markdown(out_dir: Path, args: argparse.Namespace, fig_rows: list[dict[
     for r in released:
         table.append([r["image"], str(r["tiles"]), f"{r['visual_tokens']:,}", f"{r['raw_bytes']:,}",
                       f"{r['resized_png_bytes']:,}", *(r[f"auto_at_{bw:.0f}"] for bw in BANDWIDTHS_BPS)])
-    lines += [_table(table), ""]
+    lines += [md_table(table), ""]
     lines += ["## The paper's shapes, predicted", "",
               "InternVL2-2B (InternLM2-1.8B) drafting for InternVL2-26B (InternLM2-20B): forward times measured on "
               "an H200 (HF eager, bf16; docs/design.md), acceptance as measured on the trained pair; the cost "
@@ -420,28 +339,8 @@ def write_markdown(out_dir: Path, args: argparse.Namespace, fig_rows: list[dict[
             table.append([format_bandwidth(r["bandwidth_bps"]), str(r["draft_len"]),
                           f"{r['predicted_tpot_s'] * 1e3:.1f}", f"{r['server_only_tpot_s'] * 1e3:.1f}",
                           f"{r['speedup']:.2f}x"])
-    lines += [_table(table), ""]
-    lines += ["## Engines: llama.cpp beside the HF engine", "",
-              f"The same pair and the first {engine_rows[0]['num_scenes']} held-out scenes at "
-              f"{format_bandwidth(ENGINE_BANDWIDTH_BPS)}, with llama.cpp (libmtmd; the checkpoints converted by "
-              "llama.cpp's own converter, f32) as the verifier and as both tiers. Two threads an engine, one tier "
-              "computing at a time. 'identical' compares with the same engines' server-only caption (greedy "
-              "speculative output must equal it), 'same as HF' with the HF verifier's server-only caption (f32 "
-              "kernels of two libraries: they may part only at near-ties).", ""]
-    table = [["drafter / verifier", "method", "k", "TPOT ms", "TPOT / server-only", "acceptance", "caption accuracy",
-              "identical to server-only", "same as HF"]]
-    for r in engine_rows:
-        table.append([f"{r['drafter_engine']} / {r['verifier_engine']}", r["method"], str(r["draft_len"]),
-                      f"{r['tpot_s'] * 1e3:.2f}", f"{r['tpot_ratio_vs_server_only']:.2f}",
-                      "" if r["method"] == "server-only" else f"{r['acceptance_rate']:.3f}",
-                      f"{r['caption_accuracy']:.1%}", f"{r['identical_share']:.0%}", f"{r['same_as_hf_share']:.0%}"])
-    lines += [_table(table), ""]
-    server = {(r["drafter_engine"], r["verifier_engine"]): r["tpot_s"] for r in engine_rows if r["draft_len"] == 0}
-    lines += [f"llama.cpp computes the verifier's token {server[('hf', 'hf')] / server[('hf', 'llama_cpp')]:.1f}x "
-              "faster than the HF engine, and server-only follows; speculation does not, since a round here is "
-              "bounded by the link's round trip (20 ms) and not by the verifier's forward. The exactness does "
-              "carry over: llama.cpp's verifier writes the HF verifier's captions, and the speculative output "
-              "equals its own server-only output.", ""]
+    lines += [md_table(table), ""]
+    lines += engines_markdown(engine_rows)
     path = out_dir / "captioning.md"
     path.write_text("\n".join(lines))
     return path
