@@ -198,7 +198,7 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
     def _embeds(self, image: _Image) -> list[np.ndarray]:
         if not image.embeds:
             for chunk in image.chunks:
-                if self._mt.mtmd_encode_chunk(self._mctx, chunk) != 0:
+                if self._compute.run(self._mt.mtmd_encode_chunk, self._mctx, chunk) != 0:
                     raise RuntimeError(f"{self.name}: libmtmd could not encode an image")
                 n_tokens = int(self._mt.mtmd_input_chunk_get_n_tokens(chunk))
                 out = np.ctypeslib.as_array(self._mt.mtmd_get_output_embd(self._mctx),
@@ -248,9 +248,10 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
         while True:
             at, rc = position, 0
             for chunk, embeds in zip(image.chunks, self._embeds(image), strict=True):
-                rc = self._mt.mtmd_helper_decode_image_chunk(
-                    self._mctx, self._ctx, chunk, embeds.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), at,
-                    seq, N_BATCH, ctypes.byref(new_position), self._mt.mtmd_helper_post_decode_callback(0), None)
+                rc = self._compute.run(
+                    self._mt.mtmd_helper_decode_image_chunk, self._mctx, self._ctx, chunk,
+                    embeds.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), at, seq, N_BATCH,
+                    ctypes.byref(new_position), self._mt.mtmd_helper_post_decode_callback(0), None)
                 if rc != 0:
                     break
                 at = int(new_position.value)  # the next tile's embeddings follow this one's
@@ -298,8 +299,8 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
                 raise ImagePromptMismatch("libmtmd's tokens of the prompt differ from the session's ids")
             n_past = self._ll.llama_pos(0)
             tail = [int(t) for t in ids[head_end:]]
-            if mt.mtmd_helper_eval_chunks(self._mctx, self._ctx, chunks, 0, seq, N_BATCH, not tail,
-                                          ctypes.byref(n_past)) != 0:
+            if self._compute.run(mt.mtmd_helper_eval_chunks, self._mctx, self._ctx, chunks, 0, seq, N_BATCH,
+                                 not tail, ctypes.byref(n_past)) != 0:
                 raise RuntimeError("libmtmd could not evaluate the reference prompt")
             if tail:
                 self._feed_text(holder, seq, tail, int(n_past.value), 1)
@@ -331,8 +332,8 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
                 for tile in image.tiles:
                     chunk, _ = self._chunk(tile, per_tile)
                     try:
-                        if self._mt.mtmd_helper_eval_chunk_single(self._mctx, self._ctx, chunk, position.value, seq,
-                                                                  N_BATCH, False, ctypes.byref(position)) != 0:
+                        if self._compute.run(self._mt.mtmd_helper_eval_chunk_single, self._mctx, self._ctx, chunk,
+                                             position.value, seq, N_BATCH, False, ctypes.byref(position)) != 0:
                             raise RuntimeError("libmtmd could not evaluate a reference tile")
                     finally:
                         self._mt.mtmd_input_chunk_free(chunk)
