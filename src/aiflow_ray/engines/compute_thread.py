@@ -9,11 +9,14 @@ stops spinning at a barrier and sleeps at once (it assumes the CPUs are oversubs
 threads): 35 ms a token decoding from one thread; 62 ms after three other live threads had decoded, its two
 threads sleeping 30,000 times each over 128 tokens (10 before). The served device replica showed the same:
 26,000 sleeps a thread, the machine 18% idle while it decoded, 40-50 ms a token. Funnelling every computation
-of an engine through one thread keeps one pool, whatever calls it.
+of an engine through one thread keeps one pool, whatever calls it. torch's CPU kernels use OpenMP the same
+way (a bare HF decode after three other live threads: 10,000 sleeps a thread for 32 tokens, 83 from one
+thread), so the HF engines' modules compute there too (``on_compute_thread``).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,19 +26,54 @@ T = TypeVar("T")
 
 
 class ComputeThread:
-    def __init__(self, name: str) -> None:
-        self._ident: int | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{name}"[:15],
-                                        initializer=self._started)
+    """The thread ends with the object (an engine's), and its OpenMP pool with it."""
 
-    def _started(self) -> None:
-        self._ident = threading.get_ident()
+    def __init__(self, name: str) -> None:
+        # The worker keeps its initializer: a list's method, so that the thread holds no reference to this object.
+        self._ident: list[int] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{name}"[:15],
+                                        initializer=_record_ident, initargs=(self._ident,))
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the engine's thread; the caller waits (without the GIL) for its result."""
-        if threading.get_ident() == self._ident:  # already there: a computation that computes again
+        if self._ident and threading.get_ident() == self._ident[0]:  # already there: a forward calling a child
             return fn(*args)
         return self._pool.submit(fn, *args).result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+
+def _record_ident(holder: list[int]) -> None:
+    holder.append(threading.get_ident())
+
+
+def on_compute_thread(model: Any, compute: ComputeThread) -> None:
+    """Make a torch model compute on ``compute``'s thread: its ``forward``, its children's and grandchildren's
+    (the vision tower, the projector, the language model: what an engine calls directly) and the
+    ``get_image_features`` of its inner model. Grad mode is per thread, so each call runs under
+    ``inference_mode`` there; calls made on that thread (a forward calling its children) run directly."""
+    import torch
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            def run() -> Any:
+                with torch.inference_mode():
+                    return fn(*args, **kwargs)
+
+            return compute.run(run)
+
+        return call
+
+    modules = [model, *model.children(), *(g for c in model.children() for g in c.children())]
+    for module in modules:
+        module.forward = wrap(module.forward)
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "get_image_features"):
+        inner.get_image_features = wrap(inner.get_image_features)

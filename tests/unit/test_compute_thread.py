@@ -1,0 +1,86 @@
+"""Every computation of an engine runs on one thread of its own, whichever thread calls the engine
+(engines/compute_thread.py: libgomp keeps a worker pool per calling thread, and several pools make it sleep at
+every barrier). Checked on the HF engine (torch) and the llama.cpp engine, called from several threads."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+
+from aiflow_ray.config import SamplingConfig
+from aiflow_ray.engines.compute_thread import ComputeThread
+from aiflow_ray.engines.loader import load_engine
+
+
+def _from_threads(fn, count: int = 3) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(count):
+        worker = threading.Thread(target=fn)
+        worker.start()
+        worker.join()
+
+
+def test_the_hf_engine_computes_on_one_thread_and_scores_as_before() -> None:
+    engine = load_engine("tiny-verifier", dtype="float32")
+    seen: set[int] = set()
+    engine.model.register_forward_hook(lambda *_: seen.add(threading.get_ident()))  # type: ignore[attr-defined]
+    ids = engine.encode_prompt("def add(a, b):", chat=False)
+    scores: list[list[int]] = []
+
+    def score() -> None:
+        engine.open_session("s", ids)
+        scores.append(engine.score("s", [ids[-1], ids[-1]], SamplingConfig()).greedy_ids)  # type: ignore[arg-type]
+        engine.release("s")
+
+    _from_threads(score)
+    assert len(seen) == 1 and threading.get_ident() not in seen
+    assert scores[0] == scores[1] == scores[2]
+
+
+@pytest.mark.real_model
+def test_the_llama_cpp_engine_computes_on_one_thread() -> None:
+    engine = load_engine("qwen2.5-coder-0.5b-instruct", engine="llama_cpp", threads=2)
+    seen: set[int] = set()
+
+    class Spy:  # llama-cpp-python's bindings, with llama_decode noting the thread it runs on
+        def __init__(self, real: object) -> None:
+            self.real = real
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+        def llama_decode(self, *args: object) -> int:
+            seen.add(threading.get_ident())
+            return int(self.real.llama_decode(*args))  # type: ignore[attr-defined]
+
+    engine._ll = Spy(engine._ll)  # type: ignore[attr-defined]
+    ids = engine.encode_prompt("def add(a, b):", chat=False)
+
+    def draft() -> None:
+        engine.open_session("s", ids)
+        engine.draft("s", 2, SamplingConfig())
+        engine.release("s")
+
+    _from_threads(draft)
+    assert len(seen) == 1 and threading.get_ident() not in seen
+
+
+def test_the_thread_ends_with_its_owner() -> None:
+    owner = {"compute": ComputeThread("owned")}
+
+    def nested() -> int:  # a computation that computes again runs in place
+        return owner["compute"].run(lambda: 7)
+
+    def alive() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("compute-owned")]
+
+    assert owner["compute"].run(nested) == 7
+    assert len(alive()) == 1
+    owner.clear()
+    gc.collect()
+    for _ in range(100):
+        if not alive():
+            break
+        threading.Event().wait(0.02)
+    assert not alive()
