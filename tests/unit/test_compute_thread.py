@@ -1,4 +1,4 @@
-"""Every computation of an engine runs on one thread of its own, whichever thread calls the engine
+"""Every engine computation of a process runs on one thread, whichever thread calls the engine
 (engines/compute_thread.py: libgomp keeps a worker pool per calling thread, and several pools make it sleep at
 every barrier). Checked on the HF engine (torch) and the llama.cpp engine, called from several threads."""
 
@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.compute_thread import ComputeThread
+from aiflow_ray.engines.compute_thread import ComputeThread, shared_compute
 from aiflow_ray.engines.loader import load_engine
 
 
@@ -24,7 +24,9 @@ def _from_threads(fn, count: int = 3) -> None:  # type: ignore[no-untyped-def]
 def test_the_hf_engine_computes_on_one_thread_and_scores_as_before() -> None:
     engine = load_engine("tiny-verifier", dtype="float32")
     seen: set[int] = set()
-    engine.model.register_forward_hook(lambda *_: seen.add(threading.get_ident()))  # type: ignore[attr-defined]
+    # A hook runs where its module's __call__ does: a decoder layer's, inside the model's forward.
+    layer = engine.model.model.layers[0]  # type: ignore[attr-defined]
+    layer.register_forward_hook(lambda *_: seen.add(threading.get_ident()))
     ids = engine.encode_prompt("def add(a, b):", chat=False)
     scores: list[list[int]] = []
 
@@ -64,6 +66,15 @@ def test_the_llama_cpp_engine_computes_on_one_thread() -> None:
 
     _from_threads(draft)
     assert len(seen) == 1 and threading.get_ident() not in seen
+    # The HF engine's thread is the same: one OpenMP pool for the process.
+    hf_seen: set[int] = set()
+    hf = load_engine("tiny-verifier", dtype="float32")
+    hf.model.model.layers[0].register_forward_hook(  # type: ignore[attr-defined]
+        lambda *_: hf_seen.add(threading.get_ident()))
+    hf.open_session("h", hf.encode_prompt("x = 1", chat=False))
+    hf.score("h", [], SamplingConfig())
+    assert hf_seen == seen
+    assert shared_compute() is shared_compute()
 
 
 def test_the_thread_ends_with_its_owner() -> None:

@@ -9,14 +9,17 @@ stops spinning at a barrier and sleeps at once (it assumes the CPUs are oversubs
 threads): 35 ms a token decoding from one thread; 62 ms after three other live threads had decoded, its two
 threads sleeping 30,000 times each over 128 tokens (10 before). The served device replica showed the same:
 26,000 sleeps a thread, the machine 18% idle while it decoded, 40-50 ms a token. Funnelling every computation
-of an engine through one thread keeps one pool, whatever calls it. torch's CPU kernels use OpenMP the same
+of a process through one thread keeps one pool, whatever calls it. torch's CPU kernels use OpenMP the same
 way (a bare HF decode after three other live threads: 10,000 sleeps a thread for 32 tokens, 83 from one
-thread), so the HF engines' modules compute there too (``on_compute_thread``).
+thread), so the HF engines' modules compute there too (``on_compute_thread``). One thread for the process, not
+one per engine: two engines with a thread each are two pools again (a second engine's decode slept 13,000 times
+in 64 tokens), and engines in one process take turns on the CPUs anyway.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -77,3 +80,17 @@ def on_compute_thread(model: Any, compute: ComputeThread) -> None:
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "get_image_features"):
         inner.get_image_features = wrap(inner.get_image_features)
+
+
+_shared: ComputeThread | None = None
+_shared_pid = 0
+_shared_lock = threading.Lock()
+
+
+def shared_compute() -> ComputeThread:
+    """The process's compute thread, started on first use (again in a forked child, whose copy has no thread)."""
+    global _shared, _shared_pid
+    with _shared_lock:
+        if _shared is None or _shared_pid != os.getpid():
+            _shared, _shared_pid = ComputeThread("engines"), os.getpid()
+        return _shared

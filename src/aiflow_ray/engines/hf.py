@@ -20,7 +20,7 @@ import torch
 from aiflow_ray import envs
 from aiflow_ray.config import SamplingConfig
 from aiflow_ray.engines.base import BeamResult, DraftOutput, ScoreOutput, SessionTable, tokenizer_fingerprint
-from aiflow_ray.engines.compute_thread import ComputeThread, on_compute_thread
+from aiflow_ray.engines.compute_thread import on_compute_thread, shared_compute
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
 
@@ -129,8 +129,7 @@ class HFEngine(TokenizerText, SessionTable):
         self._sessions: dict[str, _Session] = {}
         self._fingerprint: str | None = None
         if device.type == "cpu":  # torch's OpenMP pools: see engines/compute_thread.py
-            self._compute = ComputeThread(name)
-            on_compute_thread(self.model, self._compute)
+            on_compute_thread(self.model, shared_compute())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, name: str, dtype: str = "auto", device: str = "auto") -> HFEngine:

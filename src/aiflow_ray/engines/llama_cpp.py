@@ -33,7 +33,7 @@ import numpy as np
 
 from aiflow_ray.config import MAX_CONTEXT_TOKENS, SamplingConfig
 from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionTable, tokenizer_fingerprint
-from aiflow_ray.engines.compute_thread import ComputeThread
+from aiflow_ray.engines.compute_thread import shared_compute
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
 
@@ -98,7 +98,7 @@ class LlamaCppEngine(SessionTable):
             raise RuntimeError(f"llama.cpp could not create a context for {gguf}")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
-        self._compute = ComputeThread(name)  # every ggml computation on one thread (one OpenMP pool)
+        self._compute = shared_compute()  # every ggml computation on one thread (one OpenMP pool)
         self.eos_token_ids = frozenset(t for t in range(self.vocab_size)
                                        if llama_cpp.llama_vocab_is_eog(self._vocab, t))
         template = llama_cpp.llama_model_chat_template(self._model, None)
@@ -116,9 +116,6 @@ class LlamaCppEngine(SessionTable):
                  cparams.n_threads, max_sequences, kv_tokens, time.perf_counter() - started)
 
     def __del__(self) -> None:
-        compute = getattr(self, "_compute", None)
-        if compute is not None:
-            compute.close()
         ll = getattr(self, "_ll", None)
         if ll is not None and getattr(self, "_ctx", None):
             ll.llama_batch_free(self._batch)
