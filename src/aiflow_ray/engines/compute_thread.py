@@ -1,4 +1,4 @@
-"""One thread for all of an engine's OpenMP computation, whichever thread calls the engine.
+"""One thread for all of a process's engine computation (OpenMP), whichever thread calls an engine.
 
 llama.cpp's CPU backend (as `make install` builds it) and torch both parallelise with OpenMP, and libgomp keeps
 a pool of worker threads for every thread that has ever started a parallel region, for as long as that thread
@@ -29,7 +29,8 @@ T = TypeVar("T")
 
 
 class ComputeThread:
-    """The thread ends with the object (an engine's), and its OpenMP pool with it."""
+    """A one-thread executor that knows its thread; engines use the process's (``shared_compute``). The thread
+    ends when the object is collected, its OpenMP pool with it."""
 
     def __init__(self, name: str) -> None:
         # The worker keeps its initializer: a list's method, so that the thread holds no reference to this object.
@@ -42,9 +43,6 @@ class ComputeThread:
         if self._ident and threading.get_ident() == self._ident[0]:  # already there: a forward calling a child
             return fn(*args)
         return self._pool.submit(fn, *args).result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
 
     def __del__(self) -> None:
         pool = getattr(self, "_pool", None)
