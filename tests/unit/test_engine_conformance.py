@@ -318,3 +318,50 @@ def test_llama_cpp_evicts_the_least_recent_kv_and_recomputes_it_exactly() -> Non
     engine.open_session("huge", long[0] * 3)
     with pytest.raises(KvCacheFull):
         engine.score("huge", [], GREEDY)
+
+
+@pytest.mark.real_model
+def test_llama_cpp_sessions_share_prefixes_and_score_as_a_cold_prefill() -> None:
+    """A new session takes the longest prefix a resident sequence holds (a released one's, kept as a donor, or a
+    live one's) and feeds only the rest; its scores are those of an engine that prefills everything."""
+    from aiflow_ray.engines.llama_cpp import LlamaCppEngine
+    from aiflow_ray.engines.loader import resolve_gguf
+
+    gguf = resolve_gguf("qwen2.5-coder-0.5b-instruct")
+    engine = LlamaCppEngine(gguf, name="shared", max_sequences=4, kv_tokens=1024)
+    cold = LlamaCppEngine(gguf, name="cold", max_sequences=4, kv_tokens=1024)
+    cold.share_prefixes = False
+    fed: list[int] = []
+    decode = engine._decode
+    engine._decode = lambda feeds, *a, **kw: (fed.append(sum(len(t) for _, t, _ in feeds)), decode(feeds, *a, **kw))[1]
+
+    def check(sid: str, ids: list[int], draft: list[int], expect_fed: int) -> None:
+        fed.clear()
+        engine.open_session(sid, ids)
+        cold.open_session(sid, ids)
+        got = engine.score(sid, draft, GREEDY, with_logprobs=True)
+        want = cold.score(sid, draft, GREEDY, with_logprobs=True)
+        assert sum(fed) == expect_fed
+        assert got.greedy_ids == want.greedy_ids
+        assert got.logprobs is not None and want.logprobs is not None
+        assert np.abs(got.logprobs - want.logprobs).max() < 1e-3
+        cold.release(sid)
+
+    first = engine.encode_prompt(PROMPTS[0], chat=True)
+    second = engine.encode_prompt(PROMPTS[1], chat=True)
+    system = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert system >= 10, "the chat template's system turn is the shared prefix"
+    check("a", first, [], len(first))  # nothing resident yet
+    engine.release("a")
+    draft = engine.encode_prompt(" return", chat=False)
+    check("b", second, draft, len(second) + len(draft) - system)  # from the released "a"
+    # The next turn of "b"'s conversation while "b" is live: all of "b" that is still held comes from it.
+    turn = second + draft + engine.encode_prompt("<|im_end|>\n<|im_start|>user\nAnd in Rust?", chat=False)
+    check("c", turn, [], len(turn) - len(second + draft))
+    assert len(engine._retained) == 1
+    for sid in ("b", "c"):
+        engine.release(sid)
+    assert len(engine._retained) == 2, "at most half the sequences kept for prefixes"
+    engine.claim_all_sequences()
+    assert not engine._retained
+    check("d", first, [], len(first))

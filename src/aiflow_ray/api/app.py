@@ -250,9 +250,9 @@ class Ingress(TierCalls):
                 if isinstance(event, StreamDelta):
                     out: dict[str, Any] = {"token_ids": event.token_ids, "text": event.text}
                 else:
-                    out = {"done": True, "text": event.text, "num_tokens": event.num_tokens,
-                           "prompt_tokens": event.prompt_tokens, "trace": event.trace.to_dict(),
-                           "route": self._route_info(routed)}
+                    out = {"done": True, "text": event.text, "token_ids": event.token_ids,
+                           "num_tokens": event.num_tokens, "prompt_tokens": event.prompt_tokens,
+                           "trace": event.trace.to_dict(), "route": self._route_info(routed)}
                 if event.logprobs is not None:
                     out["logprobs"] = [e.to_dict() for e in event.logprobs]
                 return [out]

@@ -41,6 +41,7 @@ log = get_logger(__name__)
 # through the native API (/v1/generate, streamed), which takes a path.
 PATH_MODEL = {"on-device": DRAFTER, "server-only": VERIFIER, "auto": VERIFIER}
 API_KEY = "served-idle-bench"
+HISTORY = "## What the runs show"
 
 
 def _aiflow(*args: str) -> None:
@@ -83,6 +84,14 @@ def served_row(base_url: str, model: str, path: str, prompt: str, max_tokens: in
             "chosen_path": path if path == "on-device" else "", "api": "openai"}
 
 
+def _asked(number: int, prompt: str) -> str:
+    """Every request a prompt of its own: both sides keep the KV of earlier prompts (llama-cpp-python's ``Llama``
+    reuses its last prompt's longest common prefix, as llama-server's slots do; the served engines share
+    prefixes across sessions), so a prompt asked twice would time a prefill of nothing. Numbered at the
+    start, requests share the chat template's system turn and no more, on both sides."""
+    return f"Request {number}. {prompt}"
+
+
 def _cluster_answers(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=3).status_code == 200
@@ -96,11 +105,12 @@ def _raw_rows(mode: str, desc: str, prompts: list[dict[str, str]], args: argpars
     raw = {model: RawLlama(model) for model in (DRAFTER, VERIFIER)}
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(prompts) * args.repeats * len(raw), desc=desc, unit="request") as bar:
-        for _ in range(args.repeats):
-            for prompt in prompts:
-                for model, engine in raw.items():
+        for repeat in range(args.repeats):
+            for i, prompt in enumerate(prompts):
+                for j, (model, engine) in enumerate(raw.items()):
+                    asked = _asked((repeat * len(prompts) + i) * len(raw) + j, prompt["prompt"])
                     rows.append({"mode": mode, "model": model, "kind": prompt["kind"],
-                                 **raw_row(engine, prompt["prompt"], args.max_tokens)})
+                                 **raw_row(engine, asked, args.max_tokens)})
                     bar.update()
     return rows
 
@@ -122,11 +132,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 served_row(args.url, model, path, prompt["prompt"], 8)
         time.sleep(args.settle_s)
         with tqdm(total=len(prompts) * args.repeats * len(PATH_MODEL), desc="served", unit="request") as bar:
-            for _ in range(args.repeats):
-                for prompt in prompts:
-                    for path, model in PATH_MODEL.items():
+            for repeat in range(args.repeats):
+                for i, prompt in enumerate(prompts):
+                    for j, (path, model) in enumerate(PATH_MODEL.items()):
+                        asked = _asked((repeat * len(prompts) + i) * len(PATH_MODEL) + j, prompt["prompt"])
                         rows.append({"mode": "served", "path": path, "model": model, "kind": prompt["kind"],
-                                     **served_row(args.url, model, path, prompt["prompt"], args.max_tokens)})
+                                     **served_row(args.url, model, path, asked, args.max_tokens)})
                         bar.update()
         rows += _raw_rows("raw-beside", "raw llama.cpp beside the idle cluster", prompts, args)
     finally:
@@ -183,7 +194,10 @@ def write_report(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace
             served_tpot = _median(rows, "tpot_s", mode="served", path=path, kind=kind)
             lines.append(f"| {path} | {kind} | {raw_tpot * 1e3:.1f} ms | {served_tpot * 1e3:.1f} ms | "
                          f"{served_tpot / raw_tpot:.2f}x |")
-    (out / "served_idle.md").write_text("\n".join(lines) + "\n")
+    report = out / "served_idle.md"
+    # The notes on earlier runs (written by hand, below the generated tables) stay with the new tables.
+    notes = report.read_text().partition(HISTORY)[2] if report.exists() else ""
+    report.write_text("\n".join(lines) + "\n" + (f"\n{HISTORY}{notes}" if notes else ""))
     _plot(rows, out / "served_idle.png")
 
 

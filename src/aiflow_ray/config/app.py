@@ -201,6 +201,10 @@ class AppArgs(StrictModel):
                                 "device tier before any pixel is decoded, and again at the edge.")
     rate_limit: RateLimitArgs = Field(default_factory=RateLimitArgs,
                                       description="Per-caller request rate limit of the API (off by default).")
+    stream_interval_s: float = Field(
+        0.05, ge=0, le=1.0, description="Streams: after the first chunk, tokens ready within this long of the last "
+        "chunk go out together (never held longer than this). Each chunk crosses the device replica, the ingress and "
+        "the HTTP proxy, about 6 ms of CPU that a 2-core host takes from the decode; 0 sends every round at once.")
     max_new_tokens_limit: int = Field(1024, ge=1, le=4096, description="Cap on max_tokens per request.")
     max_context_tokens: int = Field(
         MAX_CONTEXT_TOKENS, ge=512, le=MAX_CONTEXT_TOKENS, description="Longest prompt + max_tokens a request may "

@@ -14,6 +14,14 @@ sequence is cut back to their longest common prefix (``llama_memory_seq_rm``), w
 that were not accepted roll back. When the pool runs out of sequences or cells, the least recently
 used other session loses its KV (not its ids) and is recomputed when it comes back.
 
+Prefixes are shared, as llama-server's slots and vLLM's prefix cache share them: a session's first forward
+takes the longest common prefix of its ids that any resident sequence holds (a live session's, or one of the
+last released sessions', kept while nobody needs their cells) by ``llama_memory_seq_cp``, which in a unified
+cache only tags the same cells with one more sequence. Every chat request starts with the template's system
+turn (about 20 tokens for Qwen2.5's), and a conversation's next turn repeats all of the last one, so the
+prefill feeds only what is new. The KV of a token depends only on the tokens before it, so the copied cells
+are the ones a fresh prefill would compute.
+
 The high-level ``Llama`` class knows one sequence only, and its tokenizer helpers truncate long
 pieces, so this module calls the C functions directly. Not thread-safe: the tier serialises calls.
 """
@@ -44,6 +52,11 @@ DEFAULT_SEQUENCES = 64  # sessions with KV resident at once (the edge keeps 64 s
 # Cells in the shared pool (900 MiB for the 1.5B at f16, 390 MiB for the 0.5B): the longest context a request
 # may ask for, plus a draft scored past its end, in llama.cpp's 256-cell steps.
 DEFAULT_KV_TOKENS = MAX_CONTEXT_TOKENS + 256
+# Released sessions whose KV stays as prefix donors (fewer where the pool has few sequences). A few suffice for
+# the system turns and the latest conversations; every decode attends over the span of the cells in use, so
+# more would slow every live session for prefixes seldom asked again.
+RETAINED_SEQUENCES = 4
+MIN_SHARED_PREFIX = 4  # tokens; a shorter match saves less than the bookkeeping
 
 
 class KvCacheFull(RuntimeError):
@@ -111,6 +124,7 @@ class LlamaCppEngine(SessionTable):
                                              add_generation_prompt=True)
         self._sessions: dict[str, _Session] = {}
         self._seq_owner: OrderedDict[int, str] = OrderedDict()  # LRU order: oldest first
+        self._retained: OrderedDict[int, list[int]] = OrderedDict()  # released sequences' cached ids, oldest first
         self._fingerprint: str | None = None
         log.info("loaded %s (llama.cpp, %d threads, %d sequences sharing %d KV cells) in %.1f s", name,
                  cparams.n_threads, max_sequences, kv_tokens, time.perf_counter() - started)
@@ -171,10 +185,22 @@ class LlamaCppEngine(SessionTable):
     def _new_session(self, tokens: list[int]) -> _Session:
         return _Session(tokens)
 
+    # A vision engine's image blocks are placeholder ids that differ in content only: never shared.
+    share_prefixes = True
+
     def release(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
-        if session is not None and session.seq is not None:
+        if session is None or session.seq is None:
+            return
+        if not (self.share_prefixes and len(session.cached) >= MIN_SHARED_PREFIX):
             self._drop_kv(session)
+            return
+        seq, cached = session.seq, session.cached
+        self._seq_owner.pop(seq, None)
+        session.seq, session.cached = None, []
+        self._retained[seq] = cached
+        while len(self._retained) > min(RETAINED_SEQUENCES, self.max_sequences // 2):
+            self._drop_retained()
 
     # -- KV sequences ---------------------------------------------------------------------------
     def _drop_kv(self, session: _Session) -> None:
@@ -183,7 +209,17 @@ class LlamaCppEngine(SessionTable):
         self._seq_owner.pop(session.seq, None)
         session.seq, session.cached = None, []
 
+    def _drop_retained(self) -> bool:
+        """Free the oldest released sequence kept as a prefix donor; False when none is kept."""
+        if not self._retained:
+            return False
+        seq, _ = self._retained.popitem(last=False)
+        self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        return True
+
     def _evict_one(self, keep: str) -> bool:
+        if self._drop_retained():  # released prefixes go before any live session's KV
+            return True
         for seq, owner in self._seq_owner.items():  # oldest first
             if owner != keep:
                 log.info("evicting the KV of session %s (sequence %d)", owner[:8], seq)
@@ -193,21 +229,49 @@ class LlamaCppEngine(SessionTable):
 
     def _sequence_for(self, session_id: str, session: _Session) -> int:
         if session.seq is None:
-            free = next((s for s in range(self.max_sequences) if s not in self._seq_owner), None)
+            free = self._free_sequence()
             if free is None:
                 self._evict_one(keep=session_id)
-                free = next(s for s in range(self.max_sequences) if s not in self._seq_owner)
+                free = self._free_sequence()
+            assert free is not None
             session.seq = free
         self._seq_owner[session.seq] = session_id
         self._seq_owner.move_to_end(session.seq)
         return session.seq
 
+    def _free_sequence(self) -> int | None:
+        return next((s for s in range(self.max_sequences) if s not in self._seq_owner and s not in self._retained),
+                    None)
+
+    def _adopt_prefix(self, session: _Session, seq: int, target: list[int], outputs: int) -> None:
+        """Start an empty sequence with the longest prefix of ``target`` another sequence holds."""
+        limit = len(target) - outputs
+        donors = [(s, self._sessions[owner].cached) for s, owner in self._seq_owner.items() if s != seq]
+        best_seq, best = -1, 0
+        for donor, cached in [*donors, *self._retained.items()]:
+            common = 0
+            for a, b in zip(cached[:limit], target, strict=False):
+                if a != b:
+                    break
+                common += 1
+            if common > best:
+                best_seq, best = donor, common
+        if best < MIN_SHARED_PREFIX:
+            return
+        self._ll.llama_memory_seq_cp(self._mem, best_seq, seq, 0, best)
+        session.cached = target[:best]
+        if best_seq in self._retained:
+            self._retained.move_to_end(best_seq)  # the donor that served last is the last to go
+
     def _forward(self, session_id: str, extra: list[int], outputs: int) -> np.ndarray:
         """Logits [outputs, V] of the last ``outputs`` tokens of committed + ``extra``, feeding only what
         the session's sequence does not already hold (and at least those ``outputs`` tokens)."""
         session = self._get(session_id)
+        fresh = session.seq is None
         seq = self._sequence_for(session_id, session)
         target = session.tokens + extra
+        if fresh and self.share_prefixes:
+            self._adopt_prefix(session, seq, target, outputs)
         agree = self._reusable(session, target, outputs)
         if agree < len(session.cached):
             self._ll.llama_memory_seq_rm(self._mem, seq, self._position(session, agree), -1)
@@ -246,6 +310,8 @@ class LlamaCppEngine(SessionTable):
         """Every sequence id, emptied (sessions keep their ids and recompute their KV when they come back)."""
         for seq in list(self._seq_owner):
             self._drop_kv(self._sessions[self._seq_owner[seq]])
+        while self._drop_retained():
+            pass
         return list(range(self.max_sequences))
 
     def decode_rows(self, feeds: list[tuple[int, list[int], int]], outputs_last: int = 1) -> np.ndarray:

@@ -80,6 +80,9 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
 
     BLOCK_TOKENS = QWEN_VL_BLOCK_TOKENS  # InternVL's are set per engine
     encoder_digest: str | None = None  # no features upload: libmtmd's tower and projector run as one
+    # An image block's ids are the same placeholders whatever the image: a shared prefix could carry another
+    # image's KV.
+    share_prefixes = False
 
     def __init__(self, gguf: str | Path, mmproj: str | Path, name: str, vision: VisionSpec, threads: int | None = None,
                  max_sequences: int = DEFAULT_SEQUENCES, kv_tokens: int = DEFAULT_KV_TOKENS) -> None:

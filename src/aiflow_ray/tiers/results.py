@@ -66,3 +66,4 @@ class StreamDone:
     prompt_tokens: int
     trace: Trace
     logprobs: list[TokenLogprob] | None = None  # for the tokens of ``text``
+    token_ids: list[int] = field(default_factory=list)  # the tokens of ``text``: held back, not sent in a delta
