@@ -42,7 +42,7 @@ LLAMA_WHEELS := $(LLAMA_HOME)/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLA
 LLAMA_SDIST := $(LLAMA_HOME)/wheels/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 LLAMA_CONVERTER := $(LLAMA_HOME)/tools/llama.cpp-convert-$(LLAMA_CPP_VERSION)
 
-.PHONY: help install models kb run stop test test-extended lint typecheck unit bench-tpot bench-capacity load-test fault-report gpu-check configs images bench-kb clean
+.PHONY: help install models kb run stop test test-extended lint typecheck unit bench-tpot bench-capacity bench-capacity-served load-test fault-report gpu-check configs images bench-kb clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -143,6 +143,9 @@ bench-tpot: models ## TPOT vs draft length at 500KB/s, 1MB/s, 2MB/s (about 75 mi
 
 bench-capacity: models ## edge capacity: 1-16 devices on one edge verifier per engine (hf, llama_cpp, vllm) vs server-only (~25 min)
 	$(PY) -m aiflow_ray.bench.capacity
+
+bench-capacity-served: install ## 1/2/4 devices through the running local cluster (make run first), one edge replica (~3 min)
+	$(PY) -m aiflow_ray.bench.capacity_served --url $(or $(URL),http://127.0.0.1:$(HTTP_PORT))
 
 # The load test's own ports, so that it never meets `make run`'s (6390/8265/8000) or the integration tests'.
 LOAD_HTTP_PORT ?= 8129

@@ -22,7 +22,6 @@ from ray.exceptions import RayError
 
 from aiflow_ray.config import AppArgs, GenerateOptions
 from aiflow_ray.engines.base import Engine
-from aiflow_ray.engines.detokenize import IncrementalText
 from aiflow_ray.errors import CalibrationInterrupted, Refusal, RefusedError, TierUnavailable, give_way_if
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
@@ -35,6 +34,7 @@ from aiflow_ray.serve.common import (
     router_handle,
     tier_engine,
 )
+from aiflow_ray.serve.stream_chunks import StreamChunks
 from aiflow_ray.serve.transports import ServeCloud, ServeTransport
 from aiflow_ray.tiers.device import DeviceDrafter, EdgeError, GenerationResult
 from aiflow_ray.tiers.links import LinkProber, LinkRegistry, Sample
@@ -315,26 +315,12 @@ class DeviceDrafterServer:
         return self._result(result)
 
     async def generate_stream(self, opts: GenerateOptions) -> AsyncIterator[StreamDelta | StreamDone | Refusal]:
-        """``StreamDelta``s, then ``StreamDone``; a failure ends the stream with a ``Refusal``.
-
-        The first round goes out at once (TTFT). Later rounds that come within ``stream_interval_s`` of the
-        last chunk wait for the interval to pass and go out as one chunk, held no longer than the interval
-        (as vLLM's ``stream_interval`` coalesces tokens): on-device at 30 ms a token sends half the chunks, and
-        every chunk costs three processes' CPU. Rounds slower than the interval (speculative rounds wait on the
-        link) each go out as they come."""
+        """``StreamDelta``s (as ``StreamChunks`` groups the rounds), then ``StreamDone``; a failure ends the
+        stream with a ``Refusal``."""
         self.load.start()
         cancel = threading.Event()
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        pending: list[int] = []  # tokens not sent yet: held back, or whose text is not complete (a split character)
-        pending_lp: list[wire.Logprobs] = []
-        text = IncrementalText(self.engine.decode)
-        sent_text = ""
-        sent_tokens = 0
-        unsent = ""  # the complete text of `pending`, when `whole`
-        whole = False  # every pending token's text is complete: the chunk may go out
-        interval_s = self.args.stream_interval_s
-        last_sent_s: float | None = None  # monotonic time of the last chunk
-        held_since_s = 0.0
+        chunks = StreamChunks(self.engine.decode, self.args.stream_interval_s)
 
         def work() -> None:
             try:
@@ -345,35 +331,20 @@ class DeviceDrafterServer:
         threading.Thread(target=work, name="aiflow-generate", daemon=True).start()
         try:
             while True:
-                timeout_s = max(0.0, held_since_s + interval_s - time.monotonic()) if whole else None
                 try:
-                    kind, value = await asyncio.to_thread(events.get, True, timeout_s)
+                    kind, value = await asyncio.to_thread(events.get, True, chunks.wait_s())
                 except queue.Empty:  # the held chunk has waited the whole interval
                     kind, value = "flush", None
-                if kind == "tokens":
-                    tokens, lp = value
-                    pending.extend(tokens)
-                    if lp is not None:
-                        pending_lp.append(lp)
-                    delta = text.add(tokens)
-                    whole = delta is not None  # else hold back a trailing partial character until it completes
-                    if delta is None:
-                        continue
-                    if not unsent:
-                        held_since_s = time.monotonic()
-                    unsent += delta
-                    if last_sent_s is not None and time.monotonic() - last_sent_s < interval_s:
-                        continue
+                if kind == "tokens" and not chunks.add(*value):
+                    continue
                 if kind in ("tokens", "flush"):
-                    sent_text += unsent
-                    sent_tokens += len(pending)
-                    yield StreamDelta(list(pending), unsent, self._named(pending, pending_lp))
-                    pending, pending_lp, unsent, whole = [], [], "", False
-                    last_sent_s = time.monotonic()
+                    tokens, text, logprobs = chunks.take()
+                    yield StreamDelta(tokens, text, self._named(tokens, logprobs))
                 elif kind == "done":
                     result: GenerationResult = value
-                    yield StreamDone(result.text[len(sent_text):], len(result.token_ids), result.prompt_tokens,
-                                     result.trace, self._named(pending, pending_lp), result.token_ids[sent_tokens:])
+                    yield StreamDone(result.text[len(chunks.sent_text):], len(result.token_ids), result.prompt_tokens,
+                                     result.trace, self._named(chunks.tokens, chunks.logprobs),
+                                     result.token_ids[chunks.sent_tokens:])
                     return
                 else:
                     if not isinstance(value, Cancelled):
