@@ -100,11 +100,11 @@ def run_vllm_bench(url: str, tokenizer: Path, model: str, streams: int, requests
             "first_error": str(errors[0])[:200] if errors else ""}
 
 
-def write(rows: list[dict[str, Any]], command: str, note: str) -> None:
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+def write(rows: list[dict[str, Any]], command: str, note: str, out: Path = OUT) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["client", "streams", "requests", "ok", "failed", "ttft_ms_p50", "tpot_ms_p50", "output_tok_s",
               "first_error"]
-    with OUT.with_suffix(".csv").open("w", newline="") as f:
+    with out.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -116,11 +116,11 @@ def write(rows: list[dict[str, Any]], command: str, note: str) -> None:
               f"| {r['tpot_ms_p50']} | {r['output_tok_s']} |" for r in rows]
     errors = [f"- {r['client']} at {r['streams']} streams: {r['first_error']}" for r in rows if r["first_error"]]
     lines += ["", "First error per run, where any:", *errors] if errors else ["", "No request failed."]
-    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot(rows)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(rows, out)
 
 
-def _plot(rows: list[dict[str, Any]]) -> None:
+def _plot(rows: list[dict[str, Any]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +137,7 @@ def _plot(rows: list[dict[str, Any]]) -> None:
             ax.set_xscale("log", base=2)
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(OUT.with_suffix(".png"), dpi=110)
+    fig.savefig(out.with_suffix(".png"), dpi=110)
 
 
 def main() -> int:
@@ -151,6 +151,7 @@ def main() -> int:
                         help="tokenizer directory (default: the tiny verifier's under AIFLOW_HOME)")
     parser.add_argument("--clients", default="guidellm,vllm")
     parser.add_argument("--note", default="", help="what was served (profile, replicas), for the report")
+    parser.add_argument("--out", type=Path, default=OUT, help="report path without suffix (.csv, .md, .png)")
     args = parser.parse_args()
     from aiflow_ray import envs
 
@@ -176,8 +177,11 @@ def main() -> int:
                   f"{out['ttft_ms_p50']} ms, TPOT p50 {out['tpot_ms_p50']} ms, {out['output_tok_s']} tok/s "
                   f"({time.monotonic() - started:.0f} s)", flush=True)
     command = (f".venv/bin/python -m load_tests.concurrency --url {args.url} --streams {args.streams} "
-               f"--requests-per-stream {args.requests_per_stream} --clients {args.clients}")
-    write(rows, command, args.note)
+               f"--requests-per-stream {args.requests_per_stream} --clients {args.clients}"
+               + (f" --tokenizer {args.tokenizer}" if args.tokenizer else "")
+               + (f" --out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}"
+                  if args.out != OUT else ""))
+    write(rows, command, args.note, args.out.resolve())
     return 1 if any(r["failed"] for r in rows) else 0
 
 

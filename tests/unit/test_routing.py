@@ -412,3 +412,26 @@ def test_ttft_carries_the_prompts_prefill_measured_at_each_tier() -> None:
     assert state.inputs("phone").compute.verify_s(3) == pytest.approx(0.06)
     assert state.inputs("phone", prompt_tokens=128).edge_prefill_s == pytest.approx(0.3)
     assert state.inputs("phone").compute.verify_s(7) == pytest.approx(0.12)
+
+
+def test_a_shared_host_prices_drafting_into_the_edge_queue() -> None:
+    """Idle, server-only wins on llama.cpp-like costs; behind a long edge queue speculation wins where the
+    devices draft on their own hardware, and does not where they draft on the edge's CPUs."""
+    from aiflow_ray.serve.router_server import shared_host
+
+    costs = ComputeCosts(draft_s_per_token=0.03, verify_base_s=0.0, verify_per_token_s=0.0,
+                         verify_table_s=(0.04, 0.045, 0.06, 0.07, 0.08))
+    busy = TierLoad(ongoing=4, queued=12, capacity=4, queue_limit=32)
+
+    def path(edge: TierLoad, shared: bool) -> str | None:
+        inputs = RouteInputs(alpha=0.8, compute=costs, link=LinkCosts(0.02, 1e6, 1e6), edge=edge, cloud=TierLoad(),
+                             shared_host=shared)
+        return decide("auto", "exact", inputs).path
+
+    assert path(TierLoad(), shared=False) == path(TierLoad(), shared=True) == "server-only"
+    assert path(busy, shared=False) == "device-edge"
+    assert path(busy, shared=True) == "server-only"
+    local = [{"NodeID": str(i), "Alive": True, "NodeManagerAddress": "127.0.0.1"} for i in range(4)]
+    assert shared_host(local)
+    assert not shared_host([*local, {"NodeID": "9", "Alive": True, "NodeManagerAddress": "10.0.0.7"}])
+    assert shared_host([*local, {"NodeID": "9", "Alive": False, "NodeManagerAddress": "10.0.0.7"}])

@@ -98,6 +98,12 @@ class RouteInputs:
     # The device tier, which runs every path's request from start to end (None until its replicas report):
     # where its emulated devices share a host, it is a tier with slots and a queue like the others.
     device: TierLoad | None = None
+    # The device and edge tiers compute on one host's CPUs (the local cluster, a one-pod install). Under an edge
+    # queue, speculation looks cheaper than server-only because the devices' drafting is free for the edge; on a
+    # shared host it is not: every draft takes CPU from the edge's queue. Measured on the local profile under 4-16
+    # guidellm streams: auto sent a third of the requests to device-edge, and the host's tokens/s fell to 0.3-0.4
+    # of one stream's (docs/benchmarks/concurrency_default.md).
+    shared_host: bool = False
 
 
 # Admission aims at this share of a client's stated timeout: the queue's pace is an estimate.
@@ -134,7 +140,7 @@ def predict(inputs: RouteInputs) -> Prediction:
     compute = inputs.compute
     link = inputs.link
     factor = _edge_factor(inputs.edge)
-    loaded = compute.scaled(factor)
+    loaded = compute.scaled(factor, device_too=inputs.shared_host)
     k, spec = best_draft_len(inputs.alpha, loaded, link, verify_request_size, VERIFY_RESULT_SIZE,
                              inputs.max_draft_len)
     # Server-only streams one TOKENS message per token: on a very slow link their serialisation,
@@ -148,7 +154,8 @@ def predict(inputs: RouteInputs) -> Prediction:
     }
     # The prompt's prefill, beyond the one-token forward each path pays for its first token anyway: on the
     # device it comes before the first draft, at the edge it rides the first verify (or is the first step).
-    device_prefill = max(inputs.device_prefill_s - compute.draft_s_per_token, 0.0)
+    device_prefill = max(inputs.device_prefill_s - compute.draft_s_per_token, 0.0) * (
+        factor if inputs.shared_host else 1.0)
     edge_prefill = max(inputs.edge_prefill_s - compute.verify_s(0), 0.0) * factor
     ttft = {
         "on-device": compute.draft_s_per_token + device_prefill,

@@ -60,6 +60,7 @@ class RouterState:
         # count, exact at once, where load reports lag a period behind. An entry whose end never came (its
         # ingress died) expires after the request deadline.
         self.in_flight: dict[str, tuple[tuple[str, ...], float]] = {}
+        self.shared_host = False  # every node on one host's CPUs (set from the cluster's nodes; RouteInputs)
         # Per tier: (when, seconds since the previous completion) for completions while every slot was taken,
         # and when the last such completion came (None after one on a tier with free slots: a gap that spans
         # idle time says nothing about the pace).
@@ -266,6 +267,7 @@ class RouterState:
             cloud_s_per_token=self.cloud_s_per_token.value or self.cfg.prior_verify_s,
             request_deadline_s=self.request_deadline_s, client_timeout_s=client_timeout_s,
             client_timeout_first_byte=client_timeout_first_byte, measured_tpot_s=self.recent_tpot_s(),
+            shared_host=self.shared_host,
         )
 
     def upload_bytes(self, req: RouteRequest) -> int:
@@ -386,6 +388,7 @@ class RouterState:
             "cloud_s_per_token": self.cloud_s_per_token.value, "cloud_retrieval_s": self.cloud_retrieval_s.value,
             "loads": {tier: asdict(self.tier_load(tier)) for tier in self.loads},
             "decision_counts": dict(self.decision_counts),
+            "shared_host": self.shared_host,
             "prediction_error": self.prediction_errors(),
             "recent_decisions": list(self.decisions)[-20:],
         }

@@ -26,6 +26,12 @@ log = get_logger(__name__)
 
 SAVE_PERIOD_S = 2.0
 NODES_PERIOD_S = 2.0
+
+
+def shared_host(nodes: list[dict[str, Any]]) -> bool:
+    """Every live Ray node on one address: the tiers share that host's CPUs (the local cluster, whose nodes are
+    processes on 127.0.0.1, or a one-pod install). Separate pods or machines have addresses of their own."""
+    return len({n.get("NodeManagerAddress") for n in nodes if n.get("Alive")}) == 1
 MAX_EMULATED_LINKS = 4096  # admin settings kept (and saved); the oldest is dropped beyond
 
 
@@ -73,6 +79,7 @@ class RouterServer:
                 if time.monotonic() - last_nodes >= NODES_PERIOD_S:
                     nodes = await asyncio.to_thread(ray.nodes)
                     self.state.dead_nodes = {n["NodeID"] for n in nodes if not n.get("Alive")}
+                    self.state.shared_host = shared_host(nodes)
                     last_nodes = time.monotonic()
             except Exception as exc:
                 log.warning("router background work failed: %s", type(exc).__name__)

@@ -44,10 +44,12 @@ class ComputeCosts:
             return table[-1] + step * (k - len(table) + 1)
         return self.verify_base_s + self.verify_per_token_s * (k + 1)
 
-    def scaled(self, factor: float) -> ComputeCosts:
-        """The verifier's costs times ``factor`` (a queue in front of it); the device's unchanged."""
-        return ComputeCosts(self.draft_s_per_token, self.verify_base_s * factor, self.verify_per_token_s * factor,
-                            self.round_overhead_s, tuple(t * factor for t in self.verify_table_s))
+    def scaled(self, factor: float, device_too: bool = False) -> ComputeCosts:
+        """The verifier's costs times ``factor`` (a queue in front of it); the device's unchanged, unless the
+        device computes on the same CPUs (``device_too``), where its drafting waits with the edge's queue."""
+        return ComputeCosts(self.draft_s_per_token * (factor if device_too else 1.0), self.verify_base_s * factor,
+                            self.verify_per_token_s * factor, self.round_overhead_s,
+                            tuple(t * factor for t in self.verify_table_s))
 
 
 Acceptance = float | Sequence[float]  # constant alpha, or a_1, a_2, ... (the last repeats)
