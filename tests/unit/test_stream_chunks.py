@@ -60,3 +60,35 @@ def test_a_split_character_is_held_until_whole_and_everything_is_sent_once() -> 
     assert "".join(t for _, t in sent) == TEXT and [b for tokens, _ in sent for b in tokens] == data
     assert next(tokens for tokens, text in sent if text == "€") == list("€".encode()), "its three bytes as one chunk"
     assert len(sent) == len(TEXT), "with no interval, a chunk for every whole character"
+
+
+def test_the_edge_sends_server_only_tokens_within_the_interval_in_one_message() -> None:
+    """tiers/edge.py: each token when forwards are slower than the interval; within it, held for the next
+    message (never past the stream's next forward), the last token always with its own ``done``."""
+    import numpy as np
+
+    from aiflow_ray.network import wire
+    from aiflow_ray.tiers.edge import tokens_messages
+
+    sid = wire.new_session_id()
+
+    def run(gaps_s: list[float], interval_s: float, logprobs: bool = False) -> list[tuple[list[int], bool, int]]:
+        clock = Clock()
+
+        def decoded():  # type: ignore[no-untyped-def]
+            for i, gap_s in enumerate(gaps_s):
+                clock.now_s += gap_s
+                lp = wire.Logprobs(np.asarray([-0.5 * i], np.float32), np.zeros((1, 2), np.int32),
+                                   np.zeros((1, 2), np.float32)) if logprobs else None
+                yield 100 + i, i == len(gaps_s) - 1, lp
+        out = []
+        for message in tokens_messages(decoded(), sid, interval_s, clock):
+            msg = wire.decode(message)
+            assert isinstance(msg, wire.Tokens)
+            out.append((msg.token_ids.tolist(), msg.done, 0 if msg.logprobs is None else len(msg.logprobs.chosen)))
+        return out
+
+    assert run([0.06] * 4, 0.05) == [([100], False, 0), ([101], False, 0), ([102], False, 0), ([103], True, 0)]
+    assert run([0.02] * 5, 0.05) == [([100], False, 0), ([101, 102, 103], False, 0), ([104], True, 0)]
+    assert run([0.001] * 6, 0.05, logprobs=True) == [([100], False, 1), ([101, 102, 103, 104, 105], True, 5)]
+    assert run([0.001] * 3, 0.0) == [([100], False, 0), ([101], False, 0), ([102], True, 0)]

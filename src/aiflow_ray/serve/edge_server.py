@@ -44,7 +44,8 @@ class EdgeVerifierServer:
         """``engine``, ``router`` and ``replica_id`` are injected by unit tests; Serve passes only ``args``."""
         self.args = AppArgs.model_validate(args)
         self.edge = EdgeVerifier(tier_engine(self.args, "edge", "verifier", engine),
-                                 max_sessions=self.args.edge_sessions_per_replica, image_limits=self.args.images)
+                                 max_sessions=self.args.edge_sessions_per_replica, image_limits=self.args.images,
+                                 stream_interval_s=self.args.stream_interval_s)
         self.cpu = CpuShare()
         samples = self.edge.calibrate()
         self.contended_share = self.cpu.others_share()

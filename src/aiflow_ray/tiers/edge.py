@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +54,11 @@ def _logprobs(scores_logprobs: np.ndarray | None, chosen: list[int], top_n: int 
 
 class EdgeVerifier:
     def __init__(self, engine: Engine, max_sessions: int = 256, seed: int | None = None,
-                 image_limits: ImageLimits | None = None) -> None:
+                 image_limits: ImageLimits | None = None, stream_interval_s: float = 0.0) -> None:
+        """``stream_interval_s``: server-only tokens that come within this long of the last TOKENS message go
+        in the next one (``tokens_messages``)."""
         self.engine = engine
+        self.stream_interval_s = stream_interval_s
         self.max_sessions = max_sessions
         # Images that crossed the link are decoded as strictly as the device decoded the client's.
         self.image_limits = image_limits or ImageLimits()
@@ -246,9 +249,10 @@ class EdgeVerifier:
                                  _logprobs(scores.logprobs, emitted, state.logprobs))
 
     def generate_stream(self, payload: bytes) -> Iterator[bytes]:
-        """Server-only: the prompt's ids arrive once; tokens stream back one message each. A GENERATE that
-        continues a session this replica holds (``continue_from``) decodes on from it with the session's own
-        sampling; a replica without it answers a 409 error, and the device sends the prompt instead."""
+        """Server-only: the prompt's ids arrive once; tokens stream back in TOKENS messages (``tokens_messages``).
+        A GENERATE that continues a session this replica holds (``continue_from``) decodes on from it with the
+        session's own sampling; a replica without it answers a 409 error, and the device sends the prompt
+        instead."""
         msg = wire.decode(payload)
         if not isinstance(msg, wire.GenerateRequest):
             raise wire.WireError("expected a GENERATE message")
@@ -264,9 +268,8 @@ class EdgeVerifier:
             state = held
         else:
             state = self._start(sid, msg.prompt_ids, msg.sampling, msg.logprobs, msg.images)
-        sampling, rng = state.sampling, state.rng
         native = getattr(self.engine, "stream_greedy", None)
-        if native is not None and sampling.greedy and state.logprobs is None:
+        if native is not None and state.sampling.greedy and state.logprobs is None:
             # vLLM decodes the whole stream as one request, batched with every other stream and verify (a
             # continued session's tokens are its prompt: its prefix cache holds them).
             prompt = msg.prompt_ids.tolist() if not msg.continue_from else self.engine.session_tokens(self._sid(sid))
@@ -274,44 +277,77 @@ class EdgeVerifier:
             yield from self._native_stream(native, sid, prompt, msg)
             return
         try:
-            for i in range(msg.max_new_tokens):
-                fed = state.unfed if i == 0 else 1
-                started = time.perf_counter()
-                scores = self.engine.score(self._sid(sid), [], sampling, with_logprobs=state.logprobs is not None)
-                if sampling.greedy:
-                    assert scores.greedy_ids is not None
-                    token = scores.greedy_ids[0]
-                else:
-                    assert scores.probs is not None
-                    _, token = verify_sampled([], np.zeros((0, 1), np.int32), np.zeros((0, 1)), scores.probs, rng)
-                self.engine.append(self._sid(sid), [token])
-                state.unfed = 1
-                if not (state.with_images and fed > 1):  # an image prefill is no sample of a forward's cost
-                    self.service_samples.append((fed, time.perf_counter() - started))
-                done = (token in self.engine.eos_token_ids and i + 1 >= msg.min_tokens) or i == msg.max_new_tokens - 1
-                header = wire.Header(wire.MsgType.TOKENS, sid, i)
-                yield wire.encode_tokens(wire.Tokens(header, np.asarray([token], np.int32), done,
-                                                     _logprobs(scores.logprobs, [token], state.logprobs)))
-                if done:
-                    break
+            yield from tokens_messages(self._decoded(sid, state, msg), sid, self.stream_interval_s)
         finally:
             self.drop_session(sid)
 
+    def _decoded(self, sid: bytes, state: _SessionState, msg: wire.GenerateRequest
+                 ) -> Iterator[tuple[int, bool, wire.Logprobs | None]]:
+        """(token, last, logprobs) of a server-only stream, one forward each, until the last."""
+        sampling, rng = state.sampling, state.rng
+        for i in range(msg.max_new_tokens):
+            fed = state.unfed if i == 0 else 1
+            started = time.perf_counter()
+            scores = self.engine.score(self._sid(sid), [], sampling, with_logprobs=state.logprobs is not None)
+            if sampling.greedy:
+                assert scores.greedy_ids is not None
+                token = scores.greedy_ids[0]
+            else:
+                assert scores.probs is not None
+                _, token = verify_sampled([], np.zeros((0, 1), np.int32), np.zeros((0, 1)), scores.probs, rng)
+            self.engine.append(self._sid(sid), [token])
+            state.unfed = 1
+            if not (state.with_images and fed > 1):  # an image prefill is no sample of a forward's cost
+                self.service_samples.append((fed, time.perf_counter() - started))
+            done = (token in self.engine.eos_token_ids and i + 1 >= msg.min_tokens) or i == msg.max_new_tokens - 1
+            yield token, done, _logprobs(scores.logprobs, [token], state.logprobs)
+            if done:
+                break
+
     def _native_stream(self, native: Any, sid: bytes, prompt: list[int], msg: wire.GenerateRequest) -> Iterator[bytes]:
         tokens = native(prompt, msg.max_new_tokens)
-        try:
+
+        def decoded() -> Iterator[tuple[int, bool, wire.Logprobs | None]]:
             started = time.perf_counter()
             for i, token in enumerate(tokens):
                 if i:  # the first token includes the prompt's prefill
                     self.service_samples.append((1, time.perf_counter() - started))
                 started = time.perf_counter()
                 done = (token in self.engine.eos_token_ids and i + 1 >= msg.min_tokens) or i == msg.max_new_tokens - 1
-                yield wire.encode_tokens(wire.Tokens(wire.Header(wire.MsgType.TOKENS, sid, i),
-                                                     np.asarray([token], np.int32), done, None))
+                yield token, done, None
                 if done:
                     break
+
+        try:
+            yield from tokens_messages(decoded(), sid, self.stream_interval_s)
         finally:
             tokens.close()
+
+
+def tokens_messages(decoded: Iterable[tuple[int, bool, wire.Logprobs | None]], sid: bytes, interval_s: float,
+                    clock: Callable[[], float] = time.monotonic) -> Iterator[bytes]:
+    """TOKENS messages of a server-only stream: the first token at once, later ones that come within
+    ``interval_s`` of the last message held for the next (the device coalesces its client's chunks the same way,
+    serve/stream_chunks.py). Each message costs CPU in the edge, the device, the ingress and the proxy; a token
+    is held no longer than its stream's next forward. Tokens of one stream come no faster than its forwards, so
+    with several streams sharing an engine, or forwards slower than the interval, every token goes at once."""
+    held: list[int] = []
+    parts: list[wire.Logprobs] = []
+    last_sent_s: float | None = None
+    index = -1
+    done = False
+    for index, (token, done, logprobs) in enumerate(decoded):
+        held.append(token)
+        if logprobs is not None:
+            parts.append(logprobs)
+        now_s = clock()
+        if done or last_sent_s is None or now_s - last_sent_s >= interval_s:
+            yield wire.encode_tokens(wire.Tokens(wire.Header(wire.MsgType.TOKENS, sid, index),
+                                                 np.asarray(held, np.int32), done, wire.Logprobs.concat(parts)))
+            held, parts, last_sent_s = [], [], now_s
+    if held:  # the stream ended before its last token said so
+        yield wire.encode_tokens(wire.Tokens(wire.Header(wire.MsgType.TOKENS, sid, index),
+                                             np.asarray(held, np.int32), done, wire.Logprobs.concat(parts)))
 
 
 def answer_ping(payload: bytes) -> bytes:
