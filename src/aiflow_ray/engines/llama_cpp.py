@@ -245,12 +245,12 @@ class LlamaCppEngine(SessionTable):
 
     def _adopt_prefix(self, session: _Session, seq: int, target: list[int], outputs: int) -> None:
         """Start an empty sequence with the longest prefix of ``target`` another sequence holds."""
-        limit = len(target) - outputs
+        head = target[:len(target) - outputs]  # the last `outputs` tokens are fed whatever is held
         donors = [(s, self._sessions[owner].cached) for s, owner in self._seq_owner.items() if s != seq]
         best_seq, best = -1, 0
         for donor, cached in [*donors, *self._retained.items()]:
             common = 0
-            for a, b in zip(cached[:limit], target, strict=False):
+            for a, b in zip(cached, head, strict=False):
                 if a != b:
                     break
                 common += 1

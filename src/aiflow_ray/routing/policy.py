@@ -100,9 +100,9 @@ class RouteInputs:
     device: TierLoad | None = None
     # The device and edge tiers compute on one host's CPUs (the local cluster, a one-pod install). Under an edge
     # queue, speculation looks cheaper than server-only because the devices' drafting is free for the edge; on a
-    # shared host it is not: every draft takes CPU from the edge's queue. Measured on the local profile under 4-16
-    # guidellm streams: auto sent a third of the requests to device-edge, and the host's tokens/s fell to 0.3-0.4
-    # of one stream's (docs/benchmarks/concurrency_default.md).
+    # shared host it is not: every draft takes CPU from the edge's queue, so the device's costs are stretched
+    # with the edge's. On the local profile under 4-16 guidellm streams auto sent 45 of about 140 requests to
+    # device-edge without this, 4 of 128 with it (docs/benchmarks/concurrency_default.md).
     shared_host: bool = False
 
 
@@ -148,7 +148,7 @@ def predict(inputs: RouteInputs) -> Prediction:
     streamed = TOKENS_MESSAGE_SIZE / link.bandwidth_down_bps
     upload = link.rtt_s + inputs.prompt_bytes / link.bandwidth_up_bps
     tpot = {
-        "on-device": compute.draft_s_per_token,
+        "on-device": loaded.draft_s_per_token,  # stretched only on a shared host
         "device-edge": spec,
         "server-only": max(loaded.verify_s(0), streamed),
     }
@@ -158,7 +158,7 @@ def predict(inputs: RouteInputs) -> Prediction:
         factor if inputs.shared_host else 1.0)
     edge_prefill = max(inputs.edge_prefill_s - compute.verify_s(0), 0.0) * factor
     ttft = {
-        "on-device": compute.draft_s_per_token + device_prefill,
+        "on-device": loaded.draft_s_per_token + device_prefill,
         # Token ids (4 bytes each) replace the text, about as many bytes as the raw prompt.
         "device-edge": upload + device_prefill + edge_prefill
         + round_time_s(k, loaded, link, verify_request_size, VERIFY_RESULT_SIZE),

@@ -26,13 +26,13 @@ log = get_logger(__name__)
 
 SAVE_PERIOD_S = 2.0
 NODES_PERIOD_S = 2.0
+MAX_EMULATED_LINKS = 4096  # admin settings kept (and saved); the oldest is dropped beyond
 
 
 def shared_host(nodes: list[dict[str, Any]]) -> bool:
     """Every live Ray node on one address: the tiers share that host's CPUs (the local cluster, whose nodes are
     processes on 127.0.0.1, or a one-pod install). Separate pods or machines have addresses of their own."""
     return len({n.get("NodeManagerAddress") for n in nodes if n.get("Alive")}) == 1
-MAX_EMULATED_LINKS = 4096  # admin settings kept (and saved); the oldest is dropped beyond
 
 
 class RouterServer:

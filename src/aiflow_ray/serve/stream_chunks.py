@@ -41,6 +41,8 @@ class StreamChunks:
 
     def add(self, tokens: Sequence[int], logprobs: wire.Logprobs | None) -> bool:
         """Hold a round's tokens; True when the chunk should go now."""
+        if not self.tokens:  # a new chunk starts: the interval counts from its first token
+            self._held_since_s = self._clock()
         self.tokens.extend(tokens)
         if logprobs is not None:
             self.logprobs.append(logprobs)
@@ -48,8 +50,6 @@ class StreamChunks:
         self._whole = delta is not None
         if delta is None:
             return False
-        if not self._unsent:
-            self._held_since_s = self._clock()
         self._unsent += delta
         return self._last_sent_s is None or self._clock() - self._last_sent_s >= self._interval_s
 
