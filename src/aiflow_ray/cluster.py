@@ -45,8 +45,9 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **AUTH_ENV}
 # the work: at nice 15 every daemon wake-up preempts a decode thread at once, and llama.cpp's other thread waits
 # at its barrier, so 2 threads decoded no faster than 1 and a bare llama.cpp beside the idle cluster ran at half
 # its idle speed (measured 2026-12-07). Workers at nice 0 share the CPUs as equals with the daemons.
+# The tiers' engines, all on this host's CPUs, compute in turns (engines/compute_thread.py).
 SMALL_HOST_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_worker_niceness": "0",
-                  "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+                  "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000", "AIFLOW_HOST_COMPUTE_LOCK": "1"}
 
 
 @dataclass

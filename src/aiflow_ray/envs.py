@@ -26,6 +26,16 @@ def threads() -> int | None:
     return int(raw) if raw else None
 
 
+def host_compute_lock() -> Path | None:
+    """Set (to 1) where several engine processes share one host's CPUs (the local cluster's emulated nodes):
+    their computations take turns by a lock file of the host's (engines/compute_thread.py), in the temp dir."""
+    if os.environ.get("AIFLOW_HOST_COMPUTE_LOCK", "") not in ("1", "true"):
+        return None
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"aiflow-compute-{os.getuid()}.lock"
+
+
 def log_level() -> str:
     """Log level for the ``aiflow_ray`` logger (DEBUG shows every speculative round)."""
     return os.environ.get("AIFLOW_LOG_LEVEL", "INFO").upper()

@@ -104,6 +104,33 @@ def test_every_local_path_answers_on_llama_cpp(llama_api: httpx.Client) -> None:
     assert grounded.json()["trace"]["path"] == "device-edge-cloud" and grounded.json()["token_ids"]
 
 
+def test_concurrent_server_only_streams_share_the_edge_s_decodes(llama_api: httpx.Client) -> None:
+    """Four clients at once, server-only: the llama.cpp edge scores their tokens in shared decodes (as
+    llama-server's slots do), and each answer is the one that client gets alone, or parts from it only at a
+    near-tie (a shared decode's sums differ from a lone one's in the last bits)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    prompts = [f"Write a Python function number {i} that {what}." for i, what in
+               enumerate(("sorts a list", "reverses a string", "sums a dict's values", "counts vowels"))]
+    alone = [_generate(llama_api, p, "server-only", logprobs=2) for p in prompts]
+    edge = serve.get_deployment_handle("EdgeVerifier", app_name=APP)
+    before = edge.stats.remote().result(timeout_s=30)
+    assert before["engine"] == "BatchingLlamaCppEngine" and before["concurrent"]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: _generate(llama_api, p, "server-only"), prompts))
+    after = edge.stats.remote().result(timeout_s=30)
+    scores, decodes = after["scores"] - before["scores"], after["decodes"] - before["decodes"]
+    assert scores >= 1.5 * decodes, f"{scores} scores in {decodes} decodes: the streams did not share them"
+    for solo, both in zip(alone, together, strict=True):
+        want, got = solo["token_ids"], both["token_ids"]
+        if got != want:
+            first = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
+            top = sorted((alt["logprob"] for alt in solo["logprobs"][first]["top_logprobs"]), reverse=True)
+            assert top[0] - top[1] < TIE_LOGITS, f"parted at token {first} without a near-tie ({top[0] - top[1]:.2f})"
+
+
 def test_the_profile_under_test_is_the_committed_one() -> None:
     import yaml
 

@@ -5,7 +5,9 @@ every barrier). Checked on the HF engine (torch) and the llama.cpp engine, calle
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +97,35 @@ def test_the_thread_ends_with_its_owner() -> None:
             break
         threading.Event().wait(0.02)
     assert not alive()
+
+
+def _timed_computations(lock: str, count: int, out: multiprocessing.Queue[list[tuple[float, float]]]) -> None:
+    import time
+
+    compute = ComputeThread("host-lock", lock)
+
+    def work() -> tuple[float, float]:
+        started = time.monotonic()
+        time.sleep(0.02)  # a computation's time on the CPUs
+        return started, time.monotonic()
+
+    out.put([compute.run(work) for _ in range(count)])
+
+
+def test_processes_sharing_a_host_compute_in_turns(tmp_path: Path) -> None:
+    """With a host lock (the local cluster sets AIFLOW_HOST_COMPUTE_LOCK), two processes' computations never
+    overlap, and both progress: their OpenMP pools would otherwise spin against each other."""
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue[list[tuple[float, float]]] = ctx.Queue()
+    lock = str(tmp_path / "compute.lock")
+    procs = [ctx.Process(target=_timed_computations, args=(lock, 10, out)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    first, second = out.get(timeout=60), out.get(timeout=60)
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    assert len(first) == len(second) == 10
+    for a_start, a_end in first:
+        for b_start, b_end in second:
+            assert a_end <= b_start or b_end <= a_start, "two processes computed at once"

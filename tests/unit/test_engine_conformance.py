@@ -66,8 +66,7 @@ def _step_logits(engine: Engine, ids: list[int]) -> np.ndarray:
         engine.release(sid)
 
 
-def _greedy_steps(engine: Engine, ids: list[int], n: int) -> list[int]:
-    sid = "conformance-greedy"
+def _greedy_steps(engine: Engine, ids: list[int], n: int, sid: str = "conformance-greedy") -> list[int]:
     engine.open_session(sid, ids)
     out: list[int] = []
     try:
@@ -365,3 +364,55 @@ def test_llama_cpp_sessions_share_prefixes_and_score_as_a_cold_prefill() -> None
     engine.claim_all_sequences()
     assert not engine._retained
     check("d", first, [], len(first))
+
+
+@pytest.mark.real_model
+def test_llama_cpp_edge_engine_shares_decodes_among_concurrent_streams() -> None:
+    """The edge's llama.cpp engine (any thread may call it) scores the sessions that ask at once in shared
+    decodes, as llama-server's slots do: four streams decoding together take about a quarter of the decodes, and
+    each stream's greedy tokens are those of decoding it alone, or part from them only at a near-tie (the
+    kernels' sums differ with a decode's width in the last bits). A call whose session is gone fails alone."""
+    import threading
+
+    from aiflow_ray.engines.llama_cpp import LlamaCppEngine
+    from aiflow_ray.engines.llama_cpp_batch import BatchingLlamaCppEngine, _Call
+    from aiflow_ray.engines.loader import load_engine, resolve_gguf
+
+    gguf = resolve_gguf("qwen2.5-coder-0.5b-instruct")
+    engine = load_engine("qwen2.5-coder-0.5b-instruct", engine="llama_cpp", shared_decodes=True)
+    assert isinstance(engine, BatchingLlamaCppEngine) and engine.concurrent
+    alone = LlamaCppEngine(gguf, name="alone", max_sequences=4, kv_tokens=2048)
+    prompts = [engine.encode_prompt(p, chat=True) for p in PROMPTS[:4]]
+    want = [_greedy_steps(alone, ids, 16) for ids in prompts]
+    got: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def stream(i: int) -> None:
+        try:
+            got[i] = _greedy_steps(engine, prompts[i], 16, sid=f"stream-{i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(got) == 4
+    assert engine.calls >= 2.5 * engine.decodes, f"{engine.calls} scores in {engine.decodes} decodes"
+    reference = Pair("llama_cpp-alone", alone, alone, exact=False)
+    for i, ids in enumerate(prompts):
+        assert_same_or_near_tie(reference, ids, got[i], want[i])
+    assert engine.num_sessions == 0 and not engine._streams
+
+    # One shared decode with a call whose session was released: that call alone fails.
+    for sid, ids in (("a", prompts[0]), ("b", prompts[1])):
+        engine.open_session(sid, ids)
+    calls = [_Call("a", [], GREEDY, False), _Call("gone", [], GREEDY, False), _Call("b", [], GREEDY, True)]
+    engine._run(calls)
+    assert isinstance(calls[1].error, SessionNotFound)
+    assert calls[0].result is not None and calls[2].result is not None
+    assert_same_or_near_tie(reference, prompts[0], calls[0].result.greedy_ids or [], want[0][:1])
+    assert calls[0].result.shared_forward_tokens  # counted once, on the first call of the shared decode
+    assert calls[2].result.shared_forward_tokens == 0 and calls[2].result.logprobs is not None
+

@@ -68,6 +68,10 @@ class ScoreOutput:
     probs: np.ndarray | None  # [k+1, V] target distribution (sampling only)
     compute_s: float
     logprobs: np.ndarray | None = None  # [k+1, V] float32 raw log-softmax (with_logprobs only)
+    # Set when the forward was shared with other sessions' (one llama_decode for several): the tokens it fed in
+    # all on one of the calls that shared it, 0 on the others, so a service time is counted once; compute_s is
+    # then the shared forward's own time.
+    shared_forward_tokens: int | None = None
 
 
 @dataclass

@@ -28,7 +28,6 @@ pieces, so this module calls the C functions directly. Not thread-safe: the tier
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from collections import OrderedDict
@@ -40,8 +39,9 @@ from typing import Any
 import numpy as np
 
 from aiflow_ray.config import MAX_CONTEXT_TOKENS, SamplingConfig
-from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionTable, tokenizer_fingerprint
+from aiflow_ray.engines.base import DraftOutput, ScoreOutput, SessionTable
 from aiflow_ray.engines.compute_thread import shared_compute
+from aiflow_ray.engines.llama_cpp_text import GgufText
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.speculative.sampling import draft_sparse_probs, sample_sparse, target_probs
 
@@ -75,7 +75,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
 
 
-class LlamaCppEngine(SessionTable):
+class LlamaCppEngine(GgufText, SessionTable):
     """Engine over a GGUF file; see ``aiflow_ray.engines.base`` for the contract."""
 
     def __init__(self, gguf: str | Path, name: str, threads: int | None = None,
@@ -137,50 +137,6 @@ class LlamaCppEngine(SessionTable):
             ll.llama_model_free(self._model)
             self._ctx = None
 
-    # -- text -----------------------------------------------------------------------------------
-    def _tokenize(self, text: str) -> list[int]:
-        data = text.encode()
-        cap = len(data) + 16
-        while True:
-            out = (self._ll.llama_token * cap)()
-            n = self._ll.llama_tokenize(self._vocab, data, len(data), out, cap, False, True)
-            if n >= 0:
-                return list(out[:n])
-            cap = -n
-
-    def _piece(self, token: int, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
-
-    def _render(self, prompt: str | list[dict[str, str]], chat: bool) -> str:
-        if isinstance(prompt, list) and self._chat is None:
-            return "\n".join(f"{turn['role']}: {turn['content']}" for turn in prompt) + "\nassistant:"
-        if chat and self._chat is not None:
-            turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            return str(self._chat(messages=turns).prompt)
-        assert isinstance(prompt, str)
-        return prompt
-
-    def _tokenize_text(self, text: str) -> list[int]:
-        return self._tokenize(text)
-
-    def encode_prompt(self, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
-        """A string, or a conversation of {role, content} turns, with the GGUF's own chat template."""
-        return self._tokenize(self._render(prompt, chat))
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        data = b"".join(self._piece(int(t)) for t in token_ids if int(t) not in self.eos_token_ids)
-        return data.decode("utf-8", "replace")
-
-    def vocab_fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = tokenizer_fingerprint(self.encode_prompt)
-        return self._fingerprint
-
     # -- sessions (the rest is SessionTable's) ------------------------------------------------
     def _new_session(self, tokens: list[int]) -> _Session:
         return _Session(tokens)
@@ -217,21 +173,22 @@ class LlamaCppEngine(SessionTable):
         self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
         return True
 
-    def _evict_one(self, keep: str) -> bool:
+    def _evict_one(self, keep: str | frozenset[str]) -> bool:
+        """Free the oldest retained prefix, else the least recently used live KV of a session not in ``keep``."""
         if self._drop_retained():  # released prefixes go before any live session's KV
             return True
         for seq, owner in self._seq_owner.items():  # oldest first
-            if owner != keep:
+            if owner != keep if isinstance(keep, str) else owner not in keep:
                 log.info("evicting the KV of session %s (sequence %d)", owner[:8], seq)
                 self._drop_kv(self._sessions[owner])
                 return True
         return False
 
-    def _sequence_for(self, session_id: str, session: _Session) -> int:
+    def _sequence_for(self, session_id: str, session: _Session, keep: str | frozenset[str]) -> int:
         if session.seq is None:
             free = self._free_sequence()
             if free is None:
-                self._evict_one(keep=session_id)
+                self._evict_one(keep)
                 free = self._free_sequence()
             assert free is not None
             session.seq = free
@@ -266,9 +223,18 @@ class LlamaCppEngine(SessionTable):
     def _forward(self, session_id: str, extra: list[int], outputs: int) -> np.ndarray:
         """Logits [outputs, V] of the last ``outputs`` tokens of committed + ``extra``, feeding only what
         the session's sequence does not already hold (and at least those ``outputs`` tokens)."""
+        session, seq, target, agree = self._prepare(session_id, extra, outputs, session_id)
+        self._feed(session_id, session, seq, target, agree, outputs)
+        session.cached = target
+        return self._logits(outputs)
+
+    def _prepare(self, session_id: str, extra: list[int], outputs: int, keep: str | frozenset[str]
+                 ) -> tuple[_Session, int, list[int], int]:
+        """Give the session a sequence holding the longest prefix of committed + ``extra`` it may keep; returns
+        the session, its sequence, that target and how many of its tokens the sequence holds."""
         session = self._get(session_id)
         fresh = session.seq is None
-        seq = self._sequence_for(session_id, session)
+        seq = self._sequence_for(session_id, session, keep)
         target = session.tokens + extra
         if fresh and self.share_prefixes:
             self._adopt_prefix(session, seq, target, outputs)
@@ -276,10 +242,11 @@ class LlamaCppEngine(SessionTable):
         if agree < len(session.cached):
             self._ll.llama_memory_seq_rm(self._mem, seq, self._position(session, agree), -1)
             del session.cached[agree:]
-        self._feed(session_id, session, seq, target, agree, outputs)
-        session.cached = target
-        rows = np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(outputs, self.vocab_size))
-        return rows.copy()  # the buffer is reused by the next decode
+        return session, seq, target, agree
+
+    def _logits(self, rows: int) -> np.ndarray:
+        """The last decode's ``rows`` logit rows, copied (the buffer is reused by the next decode)."""
+        return np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(rows, self.vocab_size)).copy()
 
     def _reusable(self, session: _Session, target: list[int], outputs: int) -> int:
         """How many leading tokens of ``target`` the sequence's KV already holds and may keep."""
@@ -298,12 +265,12 @@ class LlamaCppEngine(SessionTable):
         """Decode ``target[agree:]`` into ``seq``, with logits for its last ``outputs`` tokens."""
         self._feed_text(session_id, seq, target[agree:], agree, outputs)
 
-    def _feed_text(self, session_id: str, seq: int, feed: list[int], pos0: int, outputs: int) -> None:
+    def _feed_text(self, keep: str | frozenset[str], seq: int, feed: list[int], pos0: int, outputs: int) -> None:
         start = 0
         while start < len(feed):
             # Every output row must come from the last decode: the last chunk holds the last `outputs`.
             end = len(feed) if len(feed) - start <= N_BATCH else min(start + N_BATCH, len(feed) - outputs)
-            self._decode([(seq, feed[start:end], pos0 + start)], outputs if end == len(feed) else 0, keep=session_id)
+            self._decode([(seq, feed[start:end], pos0 + start)], outputs if end == len(feed) else 0, keep)
             start = end
 
     def claim_all_sequences(self) -> list[int]:
@@ -324,9 +291,7 @@ class LlamaCppEngine(SessionTable):
         def flush() -> None:
             nonlocal pending, width
             self._decode(pending, outputs_last)
-            count = outputs_last * len(pending)
-            logits = np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(count, self.vocab_size))
-            rows.extend(logits.copy())
+            rows.extend(self._logits(outputs_last * len(pending)))
             pending, width = [], 0
 
         for seq, tokens, pos0 in feeds:
@@ -343,24 +308,26 @@ class LlamaCppEngine(SessionTable):
             flush()
         return np.stack(rows)
 
-    def _decode(self, feeds: list[tuple[int, list[int], int]], outputs_last: int, keep: str | None = None) -> None:
-        """One ``llama_decode`` of ``(seq, tokens, first position)`` feeds, with logits for each feed's last
-        ``outputs_last`` tokens. Out of KV cells, it evicts the least recently used session other than
-        ``keep`` and retries (with no ``keep``, the caller holds every sequence: nothing to evict)."""
+    def _decode(self, feeds: list[tuple[int, list[int], int]], outputs: int | list[int],
+                keep: str | frozenset[str] | None = None) -> None:
+        """One ``llama_decode`` of ``(seq, tokens, first position)`` feeds, with logits for the last ``outputs``
+        tokens of each feed (one count for all, or one each). Out of KV cells, it evicts the least recently used
+        session not in ``keep`` and retries (with no ``keep``, the caller holds every sequence: nothing to evict)."""
         batch = self._batch
         n = 0
-        for seq, tokens, pos0 in feeds:
+        for f, (seq, tokens, pos0) in enumerate(feeds):
+            last = outputs if isinstance(outputs, int) else outputs[f]
             for i, token in enumerate(tokens):
                 batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos0 + i, 1
                 batch.seq_id[n][0] = seq
-                batch.logits[n] = i >= len(tokens) - outputs_last
+                batch.logits[n] = i >= len(tokens) - last
                 n += 1
         batch.n_tokens = n
         while True:
             rc = self._compute.run(self._ll.llama_decode, self._ctx, batch)
             if rc == 0:
                 return
-            if rc == 1 and keep is not None and self._evict_one(keep=keep):  # no free KV cells: make room, retry
+            if rc == 1 and keep is not None and self._evict_one(keep):  # no free KV cells: make room, retry
                 continue
             raise KvCacheFull(f"llama_decode failed ({rc}) for {n} tokens over {len(feeds)} sequences")
 
@@ -392,9 +359,15 @@ class LlamaCppEngine(SessionTable):
               with_logprobs: bool = False) -> ScoreOutput:
         started = time.perf_counter()
         draft = [int(t) for t in draft_ids]
-        logits = self._forward(session_id, draft, len(draft) + 1)  # [k+1, V]
-        logprobs = log_softmax(logits) if with_logprobs else None
-        if sampling.greedy:
-            greedy = [int(t) for t in np.argmax(logits, axis=-1)]
-            return ScoreOutput(greedy, None, time.perf_counter() - started, logprobs)
-        return ScoreOutput(None, target_probs(logits, sampling), time.perf_counter() - started, logprobs)
+        return scores_of(self._forward(session_id, draft, len(draft) + 1), sampling, with_logprobs, started)
+
+
+def scores_of(logits: np.ndarray, sampling: SamplingConfig, with_logprobs: bool, started: float,
+              shared_forward_tokens: int | None = None) -> ScoreOutput:
+    """A score's output from its forward's logits [k+1, V] (``compute_s`` since ``started``)."""
+    logprobs = log_softmax(logits) if with_logprobs else None
+    if sampling.greedy:
+        greedy = [int(t) for t in np.argmax(logits, axis=-1)]
+        return ScoreOutput(greedy, None, time.perf_counter() - started, logprobs, shared_forward_tokens)
+    return ScoreOutput(None, target_probs(logits, sampling), time.perf_counter() - started, logprobs,
+                       shared_forward_tokens)

@@ -287,7 +287,7 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
         text = b"".join(pieces)
         holder = "__reference__"
         self._sessions[holder] = _VisionSession(list(ids))
-        seq = self._sequence_for(holder, self._sessions[holder])
+        seq = self._sequence_for(holder, self._sessions[holder], holder)
         pixels = [np.ascontiguousarray(image.tiles[0]) for image in images if image.tiles is not None]
         bitmaps_list = [mt.mtmd_bitmap_init(int(p.shape[1]), int(p.shape[0]),
                                             p.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))) for p in pixels]
@@ -323,7 +323,7 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
         as one block; this is that path a tile at a time."""
         holder = "__reference__"
         self._sessions[holder] = _VisionSession(list(ids))
-        seq = self._sequence_for(holder, self._sessions[holder])
+        seq = self._sequence_for(holder, self._sessions[holder], holder)
         try:
             index = 0
             for (start, end), image in zip(spans, images, strict=True):

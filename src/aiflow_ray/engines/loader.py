@@ -77,11 +77,12 @@ def resolve_gguf(name: str, fetch: bool = True) -> Path:
 
 def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: bool = True,
                 engine: EngineName = "hf", threads: int | None = None, beams: bool = False,
-                vllm: VllmArgs | None = None) -> Engine:
+                vllm: VllmArgs | None = None, shared_decodes: bool = False) -> Engine:
     """``engine`` picks the runtime: ``hf`` (torch/transformers, the reference), ``llama_cpp`` (the GGUF
     as released, quantized; ``dtype`` and ``device`` do not apply) or ``vllm`` (the safetensors weights,
     settings from ``vllm``). ``beams``: size a llama.cpp engine for beam search up to the widest beam the
-    API allows (sequences whose prefixes share KV cells)."""
+    API allows (sequences whose prefixes share KV cells). ``shared_decodes``: a llama.cpp text engine that any
+    thread may call, scoring concurrent sessions in shared decodes (the edge's, engines/llama_cpp_batch.py)."""
     if engine == "vllm":
         from aiflow_ray.config import VllmArgs
         from aiflow_ray.engines.vllm import VllmEngine, cuda_available
@@ -107,6 +108,10 @@ def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: boo
         if beams:
             return LlamaCppEngine(resolve_gguf(name, fetch), name=name, threads=threads,
                                   max_sequences=beam_sequences(MAX_BEAM_WIDTH))
+        if shared_decodes:
+            from aiflow_ray.engines.llama_cpp_batch import BatchingLlamaCppEngine
+
+            return BatchingLlamaCppEngine(resolve_gguf(name, fetch), name=name, threads=threads)
         return LlamaCppEngine(resolve_gguf(name, fetch), name=name, threads=threads)
     from aiflow_ray.engines.hf import HFEngine
     from aiflow_ray.engines.hf_vision import HFVisionEngine, is_vision_model

@@ -103,7 +103,8 @@ def tier_engine(args: AppArgs, tier: TierName, role: Literal["drafter", "verifie
 
     pair = args.model_pair()
     return load_engine(pair.drafter if role == "drafter" else pair.verifier, pair.dtype, pair.device,
-                       engine=settings.engine, threads=threads, beams=tier == "cloud", vllm=settings.vllm)
+                       engine=settings.engine, threads=threads, beams=tier == "cloud", vllm=settings.vllm,
+                       shared_decodes=tier == "edge" and settings.shared_decodes)
 
 
 def router_handle(args: AppArgs) -> Any:
@@ -218,8 +219,8 @@ class EngineGate:
     """Runs a replica's engine work off its event loop, in a pool of its own.
 
     Engines that are not thread-safe (HF, llama.cpp: one forward at a time) run behind one lock.
-    Engines that batch (``concurrent = True``: vLLM) run without it: every admitted call gets a thread,
-    so the calls of different sessions are in the engine together and share its steps. The pool is
+    Engines that batch (``concurrent = True``: vLLM, the edge's llama.cpp) run without it: every admitted
+    call gets a thread, so the calls of different sessions are in the engine together and share its steps. The pool is
     sized to the replica's ``max_ongoing_requests`` (asyncio's default pool has cores + 4 threads, which
     on a 2-core node would cap a vLLM edge at 6 concurrent verifies).
     """

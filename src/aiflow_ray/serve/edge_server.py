@@ -99,7 +99,10 @@ class EdgeVerifierServer:
                 "sessions": getattr(self.edge.engine, "num_sessions", None),
                 "context_requests": self.edge.context_requests, "ongoing": self.load.ongoing,
                 "queued": self.load.queued, "engine": type(self.edge.engine).__name__,
-                "concurrent": self.gate.concurrent}
+                "concurrent": self.gate.concurrent,
+                # Scores and the decodes that ran them (llama.cpp's shared decodes): scores/decode > 1 when shared.
+                "scores": getattr(self.edge.engine, "calls", None),
+                "decodes": getattr(self.edge.engine, "decodes", None)}
 
     async def check_health(self) -> None:
         self.load.start()  # report load from the start, not only after the first request

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.base import Engine, ImageInput, SessionNotFound
+from aiflow_ray.engines.base import Engine, ImageInput, ScoreOutput, SessionNotFound
 from aiflow_ray.errors import give_way_if
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
@@ -204,6 +204,16 @@ class EdgeVerifier:
             return None
         return state
 
+    def _sample(self, fed: int, elapsed_s: float, scores: ScoreOutput, image_prefill: bool) -> None:
+        """Record a forward's service time: ``fed`` tokens in ``elapsed_s``; a forward shared with other sessions
+        once, as the tokens all of them fed in its own time. An image prefill costs the vision encoder besides
+        the forward: no sample of either."""
+        if scores.shared_forward_tokens is not None:
+            if scores.shared_forward_tokens:
+                self.service_samples.append((scores.shared_forward_tokens, scores.compute_s))
+        elif not image_prefill:
+            self.service_samples.append((fed, elapsed_s))
+
     def verify(self, req: wire.VerifyRequest) -> wire.VerifyResult:
         sid = req.header.session_id
         header = wire.Header(wire.MsgType.VERIFY_RESULT, sid, req.header.seq)
@@ -241,8 +251,7 @@ class EdgeVerifier:
             self.context_requests += 1
             return wire.VerifyResult(header, wire.VerifyStatus.NEED_CONTEXT)
         elapsed_s = time.perf_counter() - started
-        if not (state.with_images and state.unfed > 1):
-            self.service_samples.append((state.unfed + len(draft), elapsed_s))
+        self._sample(state.unfed + len(draft), elapsed_s, scores, state.with_images and state.unfed > 1)
         state.unfed = 1
         verify_us = int(elapsed_s * 1e6)
         return wire.VerifyResult(header, wire.VerifyStatus.OK, accepted, next_token, verify_us, length,
@@ -297,8 +306,7 @@ class EdgeVerifier:
                 _, token = verify_sampled([], np.zeros((0, 1), np.int32), np.zeros((0, 1)), scores.probs, rng)
             self.engine.append(self._sid(sid), [token])
             state.unfed = 1
-            if not (state.with_images and fed > 1):  # an image prefill is no sample of a forward's cost
-                self.service_samples.append((fed, time.perf_counter() - started))
+            self._sample(fed, time.perf_counter() - started, scores, state.with_images and fed > 1)
             done = (token in self.engine.eos_token_ids and i + 1 >= msg.min_tokens) or i == msg.max_new_tokens - 1
             yield token, done, _logprobs(scores.logprobs, [token], state.logprobs)
             if done:
