@@ -100,6 +100,9 @@ def run_vllm_bench(url: str, tokenizer: Path, model: str, streams: int, requests
             "first_error": str(errors[0])[:200] if errors else ""}
 
 
+HISTORY = "## What the runs show"
+
+
 def write(rows: list[dict[str, Any]], command: str, note: str, out: Path = OUT) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["client", "streams", "requests", "ok", "failed", "ttft_ms_p50", "tpot_ms_p50", "output_tok_s",
@@ -116,7 +119,9 @@ def write(rows: list[dict[str, Any]], command: str, note: str, out: Path = OUT) 
               f"| {r['tpot_ms_p50']} | {r['output_tok_s']} |" for r in rows]
     errors = [f"- {r['client']} at {r['streams']} streams: {r['first_error']}" for r in rows if r["first_error"]]
     lines += ["", "First error per run, where any:", *errors] if errors else ["", "No request failed."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    report = out.with_suffix(".md")
+    history = report.read_text().partition(HISTORY)[2] if report.exists() else ""  # hand-written, kept
+    report.write_text("\n".join(lines) + "\n" + (f"\n{HISTORY}{history}" if history else ""))
     _plot(rows, out)
 
 

@@ -51,8 +51,9 @@ def pair(request: pytest.FixtureRequest, tiny_pipeline: Pipeline) -> Iterator[Pa
         return
     from aiflow_ray.engines.loader import load_engine
 
+    # The verifier as the edge serves it: any thread may call it, concurrent scores share decodes.
     yield Pair("llama_cpp-real", load_engine("qwen2.5-coder-0.5b-instruct", engine="llama_cpp"),
-               load_engine("qwen2.5-coder-1.5b-instruct", engine="llama_cpp"), exact=False)
+               load_engine("qwen2.5-coder-1.5b-instruct", engine="llama_cpp", shared_decodes=True), exact=False)
 
 
 def _step_logits(engine: Engine, ids: list[int]) -> np.ndarray:
