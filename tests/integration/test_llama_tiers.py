@@ -104,10 +104,11 @@ def test_every_local_path_answers_on_llama_cpp(llama_api: httpx.Client) -> None:
     assert grounded.json()["trace"]["path"] == "device-edge-cloud" and grounded.json()["token_ids"]
 
 
-def test_concurrent_server_only_streams_share_the_edge_s_decodes(llama_api: httpx.Client) -> None:
+def test_concurrent_requests_share_the_tiers_decodes(llama_api: httpx.Client) -> None:
     """Four clients at once, server-only: the llama.cpp edge scores their tokens in shared decodes (as
-    llama-server's slots do), and each answer is the one that client gets alone, or parts from it only at a
-    near-tie (a shared decode's sums differ from a lone one's in the last bits)."""
+    llama-server's slots do); then four at once on device-edge: the device drafts for all of them side by side.
+    Each answer is the one that client gets alone, or parts from it only at a near-tie (a shared decode's sums
+    differ from a lone one's in the last bits)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ray import serve
@@ -120,15 +121,19 @@ def test_concurrent_server_only_streams_share_the_edge_s_decodes(llama_api: http
     assert before["engine"] == "BatchingLlamaCppEngine" and before["concurrent"]
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(lambda p: _generate(llama_api, p, "server-only"), prompts))
-    after = edge.stats.remote().result(timeout_s=30)
+        after = edge.stats.remote().result(timeout_s=30)
+        speculated = list(pool.map(lambda p: _generate(llama_api, p, "device-edge", draft_len=3), prompts))
     scores, decodes = after["scores"] - before["scores"], after["decodes"] - before["decodes"]
     assert scores >= 1.5 * decodes, f"{scores} scores in {decodes} decodes: the streams did not share them"
-    for solo, both in zip(alone, together, strict=True):
-        want, got = solo["token_ids"], both["token_ids"]
-        if got != want:
-            first = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
-            top = sorted((alt["logprob"] for alt in solo["logprobs"][first]["top_logprobs"]), reverse=True)
-            assert top[0] - top[1] < TIE_LOGITS, f"parted at token {first} without a near-tie ({top[0] - top[1]:.2f})"
+    for solo, *others in zip(alone, together, speculated, strict=True):
+        want = solo["token_ids"]
+        for other in others:
+            got = other["token_ids"]
+            if got != want:
+                first = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
+                top = sorted((alt["logprob"] for alt in solo["logprobs"][first]["top_logprobs"]), reverse=True)
+                assert top[0] - top[1] < TIE_LOGITS, f"parted at token {first} without a near-tie " \
+                                                     f"({top[0] - top[1]:.2f})"
 
 
 def test_the_profile_under_test_is_the_committed_one() -> None:

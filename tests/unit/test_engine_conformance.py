@@ -368,11 +368,12 @@ def test_llama_cpp_sessions_share_prefixes_and_score_as_a_cold_prefill() -> None
 
 
 @pytest.mark.real_model
-def test_llama_cpp_edge_engine_shares_decodes_among_concurrent_streams() -> None:
-    """The edge's llama.cpp engine (any thread may call it) scores the sessions that ask at once in shared
-    decodes, as llama-server's slots do: four streams decoding together take about a quarter of the decodes, and
-    each stream's greedy tokens are those of decoding it alone, or part from them only at a near-tie (the
-    kernels' sums differ with a decode's width in the last bits). A call whose session is gone fails alone."""
+def test_llama_cpp_served_engine_shares_decodes_among_concurrent_streams() -> None:
+    """The llama.cpp engine of the edge and the device (any thread may call it) runs the forwards that sessions
+    ask for at once in shared decodes, as llama-server's slots do: four streams decoding together take about a
+    quarter of the decodes, and each stream's greedy tokens are those of decoding it alone, or part from them only
+    at a near-tie (the kernels' sums differ with a decode's width in the last bits). A call whose session is gone
+    fails alone; a draft's steps take the same decodes."""
     import threading
 
     from aiflow_ray.engines.llama_cpp import LlamaCppEngine
@@ -409,11 +410,14 @@ def test_llama_cpp_edge_engine_shares_decodes_among_concurrent_streams() -> None
     # One shared decode with a call whose session was released: that call alone fails.
     for sid, ids in (("a", prompts[0]), ("b", prompts[1])):
         engine.open_session(sid, ids)
-    calls = [_Call("a", [], GREEDY, False), _Call("gone", [], GREEDY, False), _Call("b", [], GREEDY, True)]
+    calls = [_Call("a", [], 1), _Call("gone", [], 1), _Call("b", [7, 8], 3)]
     engine._run(calls)
     assert isinstance(calls[1].error, SessionNotFound)
-    assert calls[0].result is not None and calls[2].result is not None
-    assert_same_or_near_tie(reference, prompts[0], calls[0].result.greedy_ids or [], want[0][:1])
-    assert calls[0].result.shared_forward_tokens  # counted once, on the first call of the shared decode
-    assert calls[2].result.shared_forward_tokens == 0 and calls[2].result.logprobs is not None
+    assert calls[0].logits is not None and calls[2].logits is not None and calls[2].logits.shape[0] == 3
+    assert_same_or_near_tie(reference, prompts[0], [int(np.argmax(calls[0].logits[0]))], want[0][:1])
+    assert calls[0].shared_tokens and calls[2].shared_tokens == 0  # the shared decode is counted once
 
+    # A device's drafts go through the same decodes: greedy drafts are the engine's own greedy steps.
+    engine.release("b")
+    drafted = engine.draft("a", 4, GREEDY).token_ids
+    assert_same_or_near_tie(reference, prompts[0], drafted, want[0][:4])

@@ -86,10 +86,12 @@ class TierArgs(StrictModel):
         "the node; Ray would "
         "otherwise cap them at num_cpus, and the tiers of one request take turns rather than compete).")
     max_ongoing_requests: int = Field(4, ge=1, description="Requests one replica serves at once.")
-    shared_decodes: bool = Field(True, description="The edge on llama_cpp: score the sessions that ask at once in "
-                                 "one decode, as llama-server's slots do (more tokens a second under concurrency); "
-                                 "false: one session's forward at a time, so an answer never depends on what else "
-                                 "runs (the kernels' sums differ with a decode's width in the last bits).")
+    shared_decodes: bool = Field(True, description="The device and the edge on llama_cpp (text models): run the "
+                                 "forwards that sessions ask for at once in one decode, as llama-server's slots do "
+                                 "(more tokens a second under concurrency; the device interleaves requests instead "
+                                 "of serving one at a time); false: one request's forward at a time, so an answer "
+                                 "never depends on what else runs (the kernels' sums differ with a decode's width "
+                                 "in the last bits).")
     max_queued_requests: int = Field(32, ge=-1, description="Queued requests before 503 (-1 = unbounded).")
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
 

@@ -1,13 +1,15 @@
-"""The llama.cpp edge's forwards of many sessions in one ``llama_decode``, as llama-server's slots batch them.
+"""Forwards of many sessions in one ``llama_decode``, as llama-server's slots batch them (the edge's and the device's
+llama.cpp engine).
 
 A plain ``LlamaCppEngine`` runs one session's forward at a time behind its tier's lock: with four server-only
 streams on one edge, each token of each stream is a decode of its own, and the streams share the engine's
-speed four ways. A decode's cost grows far slower than its token count on a CPU (the weights are read once per
-decode, whatever it feeds: the 1.5B at Q8 here, 1 / 2 / 4 / 8 tokens in 33 / 49 / 76 / 158 ms), so
-``BatchingLlamaCppEngine`` scores every session that asks at about the same time in one decode, each token in
-its own sequence of the unified KV cache.
+speed four ways; a device held its model for a request's whole generation, link round trips included. A
+decode's cost grows slower than its token count (the 1.5B Q4_K_M on 2 cores: 1 / 2 / 4 / 8 tokens, of one
+sequence or of several, in 33 / 55 / 95 / 230 ms), so ``BatchingLlamaCppEngine`` runs every forward that
+sessions ask for at about the same time in one decode, each in its own sequence of the unified KV cache: an
+edge's scores, a device's draft steps (``_forward``, which ``draft`` and ``score`` both call).
 
-Flat combining, no scheduler thread: a ``score`` puts its call on a pending list; if no thread leads, it leads:
+Flat combining, no scheduler thread: a forward puts its call on a pending list; if no thread leads, it leads:
 takes every pending call and runs them all; the others wait for their results, and a call that came too late
 for the running decode leads the next one. While one decode runs, the next one's calls gather. A stream comes
 back for its next token a few milliseconds after its last (the edge hands the token out and asks again), so a
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from aiflow_ray.config import SamplingConfig
-from aiflow_ray.engines.base import DraftOutput, ScoreOutput
+from aiflow_ray.engines.base import ScoreOutput
 from aiflow_ray.engines.llama_cpp import N_BATCH, LlamaCppEngine, scores_of
 from aiflow_ray.logging_utils import get_logger
 
@@ -49,22 +51,26 @@ MAX_GATHER_S = 0.01
 
 @dataclass(eq=False)
 class _Call:
+    """One forward asked for: logits of the last ``outputs`` tokens of the session's committed ids + ``extra``."""
+
     session_id: str
-    draft: list[int]
-    sampling: SamplingConfig
-    with_logprobs: bool
-    result: ScoreOutput | None = None
+    extra: list[int]
+    outputs: int
+    logits: np.ndarray | None = None  # [outputs, V] once run
     error: BaseException | None = None
+    shared_tokens: int | None = None  # as ScoreOutput.shared_forward_tokens
+    compute_s: float = 0.0
 
     @property
     def settled(self) -> bool:
-        return self.result is not None or self.error is not None
+        return self.logits is not None or self.error is not None
 
 
 class BatchingLlamaCppEngine(LlamaCppEngine):
     """A ``LlamaCppEngine`` any thread may call; concurrent scores share decodes (module docstring)."""
 
     concurrent = True  # the tier takes no lock around it (serve/common.py EngineGate)
+    shares_decodes = True  # the device runs its requests side by side on it (serve/device_server.py)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -88,11 +94,6 @@ class BatchingLlamaCppEngine(LlamaCppEngine):
             super().release(session_id)
             self._streams.pop(session_id, None)
 
-    def draft(self, session_id: str, k: int, sampling: SamplingConfig, rng: np.random.Generator | None = None
-              ) -> DraftOutput:
-        with self._lock:
-            return super().draft(session_id, k, sampling, rng)
-
     def decode_rows(self, feeds: list[tuple[int, list[int], int]], outputs_last: int = 1) -> np.ndarray:
         with self._lock:
             return super().decode_rows(feeds, outputs_last)
@@ -101,10 +102,22 @@ class BatchingLlamaCppEngine(LlamaCppEngine):
         with self._lock:
             return super().claim_all_sequences()
 
-    # -- scores, combined ------------------------------------------------------------------------
+    # -- forwards, combined ----------------------------------------------------------------------
     def score(self, session_id: str, draft_ids: Sequence[int], sampling: SamplingConfig,
               with_logprobs: bool = False) -> ScoreOutput:
-        call = _Call(session_id, [int(t) for t in draft_ids], sampling, with_logprobs)
+        draft = [int(t) for t in draft_ids]
+        call = self._combined(_Call(session_id, draft, len(draft) + 1))
+        assert call.logits is not None
+        started = time.perf_counter() - call.compute_s  # compute_s: its decode's own time, not the wait for it
+        return scores_of(call.logits, sampling, with_logprobs, started, call.shared_tokens)
+
+    def _forward(self, session_id: str, extra: list[int], outputs: int) -> np.ndarray:
+        """Every forward, a draft's steps included, joins whatever other sessions ask for at the same time."""
+        call = self._combined(_Call(session_id, extra, outputs))
+        assert call.logits is not None
+        return call.logits
+
+    def _combined(self, call: _Call) -> _Call:
         with self._arrived:
             self._pending.append(call)
             self._arrived.notify_all()
@@ -125,8 +138,7 @@ class BatchingLlamaCppEngine(LlamaCppEngine):
                     self._arrived.notify_all()
         if call.error is not None:
             raise call.error
-        assert call.result is not None
-        return call.result
+        return call
 
     def _gather(self) -> None:
         """Wait, briefly, for the streams answered by the last decodes to ask again."""
@@ -154,9 +166,9 @@ class BatchingLlamaCppEngine(LlamaCppEngine):
         finally:
             now = time.perf_counter()
             for call in calls:
-                if call.draft or call.result is None:
+                if call.outputs > 1 or call.logits is None:  # a verify: its device drafts before the next
                     self._streams.pop(call.session_id, None)
-                else:
+                else:  # a stream's step or a draft's: its thread asks again at once
                     self._streams[call.session_id] = now
             for sid in [sid for sid, at in self._streams.items() if now - at > 1.0]:  # gone quiet
                 del self._streams[sid]
@@ -166,7 +178,7 @@ class BatchingLlamaCppEngine(LlamaCppEngine):
         prepared: list[tuple[_Call, Any, int, list[int], int]] = []
         for call in calls:
             try:
-                prepared.append((call, *self._prepare(call.session_id, call.draft, len(call.draft) + 1, keep)))
+                prepared.append((call, *self._prepare(call.session_id, call.extra, call.outputs, keep)))
             except Exception as exc:  # this call's alone (its session gone): the others go on
                 call.error = exc
         groups: list[list[tuple[_Call, Any, int, list[int], int]]] = []
@@ -183,7 +195,7 @@ class BatchingLlamaCppEngine(LlamaCppEngine):
 
     def _decode_group(self, group: list[tuple[_Call, Any, int, list[int], int]], keep: frozenset[str]) -> None:
         started = time.perf_counter()
-        outputs = [len(call.draft) + 1 for call, *_ in group]
+        outputs = [call.outputs for call, *_ in group]
         fed = sum(len(target) - agree for _, _, _, target, agree in group)
         self.decodes += 1
         self.calls += len(group)
@@ -201,8 +213,7 @@ class BatchingLlamaCppEngine(LlamaCppEngine):
             log.warning("a shared decode of %d sessions failed (%s): decoding them one by one", len(group), exc)
             for call, *_ in group:
                 try:
-                    call.result = scores_of(self._forward(call.session_id, call.draft, len(call.draft) + 1),
-                                            call.sampling, call.with_logprobs, time.perf_counter())
+                    call.logits = LlamaCppEngine._forward(self, call.session_id, call.extra, call.outputs)
                 except Exception as one:
                     call.error = one
             return
@@ -211,6 +222,7 @@ class BatchingLlamaCppEngine(LlamaCppEngine):
         start = 0
         for i, ((call, session, _, target, _), count) in enumerate(zip(group, outputs, strict=True)):
             session.cached = target
-            shared = None if len(group) == 1 else (fed if i == 0 else 0)
-            call.result = scores_of(rows[start:start + count], call.sampling, call.with_logprobs, started, shared)
+            call.shared_tokens = None if len(group) == 1 else (fed if i == 0 else 0)
+            call.compute_s = self._last_decode_s
+            call.logits = rows[start:start + count]
             start += count

@@ -82,7 +82,8 @@ def load_engine(name: str, dtype: str = "auto", device: str = "auto", fetch: boo
     as released, quantized; ``dtype`` and ``device`` do not apply) or ``vllm`` (the safetensors weights,
     settings from ``vllm``). ``beams``: size a llama.cpp engine for beam search up to the widest beam the
     API allows (sequences whose prefixes share KV cells). ``shared_decodes``: a llama.cpp text engine that any
-    thread may call, scoring concurrent sessions in shared decodes (the edge's, engines/llama_cpp_batch.py)."""
+    thread may call, running concurrent sessions' forwards in shared decodes (the edge's and the device's,
+    engines/llama_cpp_batch.py)."""
     if engine == "vllm":
         from aiflow_ray.config import VllmArgs
         from aiflow_ray.engines.vllm import VllmEngine, cuda_available

@@ -104,7 +104,7 @@ def tier_engine(args: AppArgs, tier: TierName, role: Literal["drafter", "verifie
     pair = args.model_pair()
     return load_engine(pair.drafter if role == "drafter" else pair.verifier, pair.dtype, pair.device,
                        engine=settings.engine, threads=threads, beams=tier == "cloud", vllm=settings.vllm,
-                       shared_decodes=tier == "edge" and settings.shared_decodes)
+                       shared_decodes=tier in ("edge", "device") and settings.shared_decodes)
 
 
 def router_handle(args: AppArgs) -> Any:

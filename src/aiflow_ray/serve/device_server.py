@@ -104,7 +104,10 @@ class DeviceDrafterServer:
         self.args = AppArgs.model_validate(args)
         self.engine = tier_engine(self.args, "device", "drafter", engine)
         self._embedder: Any = None
-        self.device = DeviceSide(DeviceDrafter(self.engine), threading.Lock(), self._embed,
+        # llama.cpp's shared decodes (any thread may call the engine) interleave requests forward by forward: one
+        # request's link round trip is another's drafting time. Other engines serve a request at a time.
+        lock = None if getattr(self.engine, "shares_decodes", False) else threading.Lock()
+        self.device = DeviceSide(DeviceDrafter(self.engine), lock, self._embed,
                                  max_context_tokens=self.args.context_limit_tokens(), image_limits=self.args.images)
         self.edge_handle = edge_handle
         self.cloud_handle = cloud_handle
