@@ -144,7 +144,8 @@ class BatchingLlamaCppEngine(LlamaCppEngine):
         """Wait, briefly, for the streams answered by the last decodes to ask again."""
         now = time.perf_counter()
         recent_s = 2 * self._last_decode_s + MAX_GATHER_S  # two decodes: streams that went in the one before
-        expected = {sid for sid, at in self._streams.items() if now - at < recent_s}
+        # A copy first (atomic under the GIL): a release may change the dict while this thread reads it.
+        expected = {sid for sid, at in dict(self._streams).items() if now - at < recent_s}
         if len(expected) < 2:
             return
         deadline = time.perf_counter() + min(GATHER_SHARE * self._last_decode_s, MAX_GATHER_S)
