@@ -64,8 +64,8 @@ class EdgeVerifier:
         self.image_limits = image_limits or ImageLimits()
         self._sessions: OrderedDict[bytes, _SessionState] = OrderedDict()
         self._seed_rng = np.random.default_rng(seed)
-        # Guards the session table only, never a forward: an engine that batches (vLLM) verifies many
-        # sessions at once from the server's threads.
+        # Guards the session table only, never a forward: an engine that batches (vLLM, llama.cpp's shared decodes)
+        # verifies many sessions at once from the server's threads.
         self._lock = threading.Lock()
         self.context_requests = 0
         # (tokens fed, seconds) of recent forwards, drained by whoever reports service times.
