@@ -26,7 +26,9 @@ VISION_PRESETS = {"local": "caption", "tiny": "tiny-vlm", "dev": "caption"}
 
 def profile_args(profile: str) -> dict[str, Any]:
     # What each tier scales on, as Serve's request count per replica (see AutoscalingArgs): the edge and the
-    # cloud run one forward at a time, so a mean above 1 is a queue of verifications or beam searches. A device
+    # cloud run one forward at a time, so a mean above 1 is a queue of verifications or beam searches (a llama.cpp
+    # edge shares its decodes among the requests it holds: there a mean above 1 is partly shared work, and it
+    # still scales at 1; not re-tuned for it). A device
     # replica holds each generation it runs from start to end, waits on the edge included, so its count rises
     # with any tier's queue: it scales when 3 of its 4 slots are taken, before requests queue in front of it,
     # not on the edge's delays (at 2 it went up and down every 15-20 s under a steady load). The ingress only
