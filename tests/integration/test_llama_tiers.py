@@ -136,6 +136,18 @@ def test_concurrent_requests_share_the_tiers_decodes(llama_api: httpx.Client) ->
                                                      f"({top[0] - top[1]:.2f})"
 
 
+def test_the_forced_paths_load_script_reports_every_request(serve_url: str, llama_api: httpx.Client) -> None:
+    """load_tests/forced_paths.py (how concurrency_default.md measured each change alone) against this app."""
+    import re
+
+    from load_tests import forced_paths
+
+    line = forced_paths.run(f"{serve_url}{PREFIX}", 2, ["on-device", "server-only"], 1, 4, 120.0, API_KEY)
+    match = re.match(r"2 streams on-device,server-only: (\d+) tokens in [\d.]+ s = [\d.]+ tokens/s; on-device \d+ "
+                     r"ms a token, server-only \d+ ms a token; 0 failed$", line)
+    assert match and int(match.group(1)) == 8, line
+
+
 def test_the_profile_under_test_is_the_committed_one() -> None:
     import yaml
 
