@@ -173,18 +173,18 @@ class LlamaCppEngine(GgufText, SessionTable):
         self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
         return True
 
-    def _evict_one(self, keep: str | frozenset[str]) -> bool:
+    def _evict_one(self, keep: frozenset[str]) -> bool:
         """Free the oldest retained prefix, else the least recently used live KV of a session not in ``keep``."""
         if self._drop_retained():  # released prefixes go before any live session's KV
             return True
         for seq, owner in self._seq_owner.items():  # oldest first
-            if owner != keep if isinstance(keep, str) else owner not in keep:
+            if owner not in keep:
                 log.info("evicting the KV of session %s (sequence %d)", owner[:8], seq)
                 self._drop_kv(self._sessions[owner])
                 return True
         return False
 
-    def _sequence_for(self, session_id: str, session: _Session, keep: str | frozenset[str]) -> int:
+    def _sequence_for(self, session_id: str, session: _Session, keep: frozenset[str]) -> int:
         if session.seq is None:
             free = self._free_sequence()
             if free is None:
@@ -223,12 +223,12 @@ class LlamaCppEngine(GgufText, SessionTable):
     def _forward(self, session_id: str, extra: list[int], outputs: int) -> np.ndarray:
         """Logits [outputs, V] of the last ``outputs`` tokens of committed + ``extra``, feeding only what
         the session's sequence does not already hold (and at least those ``outputs`` tokens)."""
-        session, seq, target, agree = self._prepare(session_id, extra, outputs, session_id)
+        session, seq, target, agree = self._prepare(session_id, extra, outputs, frozenset({session_id}))
         self._feed(session_id, session, seq, target, agree, outputs)
         session.cached = target
         return self._logits(outputs)
 
-    def _prepare(self, session_id: str, extra: list[int], outputs: int, keep: str | frozenset[str]
+    def _prepare(self, session_id: str, extra: list[int], outputs: int, keep: frozenset[str]
                  ) -> tuple[_Session, int, list[int], int]:
         """Give the session a sequence holding the longest prefix of committed + ``extra`` it may keep; returns
         the session, its sequence, that target and how many of its tokens the sequence holds."""
@@ -263,9 +263,9 @@ class LlamaCppEngine(GgufText, SessionTable):
     def _feed(self, session_id: str, session: _Session, seq: int, target: list[int], agree: int,
               outputs: int) -> None:
         """Decode ``target[agree:]`` into ``seq``, with logits for its last ``outputs`` tokens."""
-        self._feed_text(session_id, seq, target[agree:], agree, outputs)
+        self._feed_text(frozenset({session_id}), seq, target[agree:], agree, outputs)
 
-    def _feed_text(self, keep: str | frozenset[str], seq: int, feed: list[int], pos0: int, outputs: int) -> None:
+    def _feed_text(self, keep: frozenset[str], seq: int, feed: list[int], pos0: int, outputs: int) -> None:
         start = 0
         while start < len(feed):
             # Every output row must come from the last decode: the last chunk holds the last `outputs`.
@@ -309,7 +309,7 @@ class LlamaCppEngine(GgufText, SessionTable):
         return np.stack(rows)
 
     def _decode(self, feeds: list[tuple[int, list[int], int]], outputs: int | list[int],
-                keep: str | frozenset[str] | None = None) -> None:
+                keep: frozenset[str] | None = None) -> None:
         """One ``llama_decode`` of ``(seq, tokens, first position)`` feeds, with logits for the last ``outputs``
         tokens of each feed (one count for all, or one each). Out of KV cells, it evicts the least recently used
         session not in ``keep`` and retries (with no ``keep``, the caller holds every sequence: nothing to evict)."""

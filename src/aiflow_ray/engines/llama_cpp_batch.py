@@ -15,8 +15,8 @@ for the running decode leads the next one. While one decode runs, the next one's
 back for its next token a few milliseconds after its last (the edge hands the token out and asks again), so a
 leader waits for the streams of the last decodes, at most ``GATHER_SHARE`` of a decode's time and
 ``MAX_GATHER_S``: otherwise the first stream back would decode alone and the streams would split into two
-decodes a token. Verifies are not waited for (a device drafts and crosses the link before its next one), but
-are batched with whatever is pending.
+decodes a token. Verifies and a draft's later steps are not waited for (after a verify the device drafts, after
+its last draft step it crosses the link), but are batched with whatever is pending.
 
 Only a decode holds the engine lock: appends, lengths and new sessions touch Python state alone (atomic
 under the GIL, and never of a session whose forward is in the decode: its thread is waiting for it), so a
@@ -167,10 +167,13 @@ class BatchingLlamaCppEngine(LlamaCppEngine):
         finally:
             now = time.perf_counter()
             for call in calls:
-                if call.outputs > 1 or call.logits is None:  # a verify: its device drafts before the next
-                    self._streams.pop(call.session_id, None)
-                else:  # a stream's step or a draft's: its thread asks again at once
+                # A one-token step on the committed ids (a server-only stream's, an on-device generation's, a
+                # draft's first) asks again at once. A verify's device drafts first; a draft's later steps may be
+                # its last (the device then crosses the link): not waited for.
+                if call.outputs == 1 and not call.extra and call.logits is not None:
                     self._streams[call.session_id] = now
+                else:
+                    self._streams.pop(call.session_id, None)
             for sid in [sid for sid, at in self._streams.items() if now - at > 1.0]:  # gone quiet
                 del self._streams[sid]
 

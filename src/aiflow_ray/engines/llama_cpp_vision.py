@@ -242,7 +242,7 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
                 continue
             stop = next((s for s, _ in session.spans if s > index), len(target))
             stop = min(stop, len(target))
-            self._feed_text(session_id, seq, target[index:stop], self._position(session, index),
+            self._feed_text(frozenset({session_id}), seq, target[index:stop], self._position(session, index),
                             outputs if stop == len(target) else 0)
             index = stop
 
@@ -262,7 +262,7 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
                 return
             # Out of KV cells part way: drop what of the block went in, make room, decode it again.
             self._ll.llama_memory_seq_rm(self._mem, seq, position, -1)
-            if rc == 1 and self._evict_one(keep=session_id):
+            if rc == 1 and self._evict_one(frozenset({session_id})):
                 continue
             raise KvCacheFull(f"decoding an image of {image.n_pos} positions failed ({rc})")
 
@@ -287,7 +287,7 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
         text = b"".join(pieces)
         holder = "__reference__"
         self._sessions[holder] = _VisionSession(list(ids))
-        seq = self._sequence_for(holder, self._sessions[holder], holder)
+        seq = self._sequence_for(holder, self._sessions[holder], frozenset({holder}))
         pixels = [np.ascontiguousarray(image.tiles[0]) for image in images if image.tiles is not None]
         bitmaps_list = [mt.mtmd_bitmap_init(int(p.shape[1]), int(p.shape[0]),
                                             p.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))) for p in pixels]
@@ -306,7 +306,7 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
                                  not tail, ctypes.byref(n_past)) != 0:
                 raise RuntimeError("libmtmd could not evaluate the reference prompt")
             if tail:
-                self._feed_text(holder, seq, tail, int(n_past.value), 1)
+                self._feed_text(frozenset({holder}), seq, tail, int(n_past.value), 1)
             row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, -1), shape=(1, self.vocab_size))
             return row.copy()
         finally:
@@ -323,13 +323,13 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
         as one block; this is that path a tile at a time."""
         holder = "__reference__"
         self._sessions[holder] = _VisionSession(list(ids))
-        seq = self._sequence_for(holder, self._sessions[holder], holder)
+        seq = self._sequence_for(holder, self._sessions[holder], frozenset({holder}))
         try:
             index = 0
             for (start, end), image in zip(spans, images, strict=True):
                 assert image.tiles is not None
                 if start > index:
-                    self._feed_text(holder, seq, [int(t) for t in ids[index:start]], index, 0)
+                    self._feed_text(frozenset({holder}), seq, [int(t) for t in ids[index:start]], index, 0)
                 per_tile = (end - start) // len(image.tiles)
                 position = self._ll.llama_pos(start)
                 for tile in image.tiles:
@@ -341,7 +341,7 @@ class LlamaCppVisionEngine(ImageBlocks, LlamaCppEngine):
                     finally:
                         self._mt.mtmd_input_chunk_free(chunk)
                 index = end
-            self._feed_text(holder, seq, [int(t) for t in ids[index:]], index, 1)
+            self._feed_text(frozenset({holder}), seq, [int(t) for t in ids[index:]], index, 1)
             row = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, -1), shape=(1, self.vocab_size))
             return row.copy()
         finally:
