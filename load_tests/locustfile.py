@@ -2,7 +2,8 @@
 
 Run by ``load_tests/run.py`` (``locust --headless``), which sets its parameters in the environment:
 
-- ``AIFLOW_LOAD_STAGES``: JSON ``[[duration_s, rate_rps], ...]``, the step shape; the run ends after the last.
+- ``AIFLOW_LOAD_STAGES``: JSON ``[[duration_s, rate_rps, users], ...]``, the step shape; the run ends after the
+  last. A stage with ``users`` above 0 runs that many users in a closed loop (no pacing) instead of a rate.
 - ``AIFLOW_LOAD_USER_INTERVAL_S``: seconds between one user's requests; users = rate x interval, so the
   offered rate holds while latency stays under the interval (past it the users are all busy: closed loop).
 - ``AIFLOW_LOAD_RECORDS``: a JSONL file; each request writes a ``sent`` line before and a ``done`` line after.
@@ -29,8 +30,8 @@ from urllib.parse import urlparse
 from gevent import GreenletExit
 from locust import HttpUser, LoadTestShape, events, task
 
-STAGES: list[tuple[float, float]] = [(float(d), float(r)) for d, r in json.loads(
-    os.environ.get("AIFLOW_LOAD_STAGES", "[[30, 1.0]]"))]
+STAGES: list[tuple[float, float, int]] = [(float(d), float(r), int(u)) for d, r, u, *_ in (
+    [*stage, 0] for stage in json.loads(os.environ.get("AIFLOW_LOAD_STAGES", "[[30, 1.0]]")))]
 USER_INTERVAL_S = float(os.environ.get("AIFLOW_LOAD_USER_INTERVAL_S", "10"))
 MAX_REQUESTS = int(os.environ.get("AIFLOW_LOAD_MAX_REQUESTS", "1000"))
 REQUEST_TIMEOUT_S = float(os.environ.get("AIFLOW_LOAD_REQUEST_TIMEOUT_S", "120"))
@@ -65,6 +66,8 @@ _in_flight = 0
 # users a ramp-down asked to stop, and those users die mid-request at exit (seen as a request sent and
 # never answered).
 _draining = False
+# Whether the current stage is a closed loop: its users send again as soon as they are answered.
+_closed_loop = False
 
 
 def _write(record: dict[str, Any]) -> None:
@@ -88,11 +91,12 @@ class StepShape(LoadTestShape):
     _last: tuple[int, float] | None = None
 
     def tick(self) -> tuple[int, float] | None:
-        global _draining
+        global _draining, _closed_loop
         elapsed_s = self.get_run_time()
-        for duration_s, rate_rps in STAGES:
+        for duration_s, rate_rps, closed_users in STAGES:
             if elapsed_s < duration_s:
-                users = max(1, math.ceil(rate_rps * USER_INTERVAL_S))
+                _closed_loop = closed_users > 0
+                users = closed_users or max(1, math.ceil(rate_rps * USER_INTERVAL_S))
                 self._last = (users, max(users, 1))
                 return self._last
             elapsed_s -= duration_s
@@ -112,13 +116,17 @@ class ApiUser(HttpUser):
         # As a client with a deadline should: the server refuses at once (503, Retry-After) a request its
         # queue would hold past it, instead of answering after this client gave up.
         self.client.headers["X-Request-Timeout-S"] = f"{REQUEST_TIMEOUT_S:g}"
-        # Users start together at each step: spread their first requests over one interval.
-        time.sleep(random.uniform(0, USER_INTERVAL_S))
+        # Users start together at each step: spread their first requests over one interval (a closed loop's
+        # over a second).
+        time.sleep(random.uniform(0, 1.0 if _closed_loop else USER_INTERVAL_S))
         self._next_at = time.monotonic()
 
     def wait_time(self) -> float:
         """One request per interval, on a schedule of its own; a request that overran it is not made up for
-        with a burst (past the interval the user simply waits on the server)."""
+        with a burst (past the interval the user simply waits on the server). In a closed loop: none."""
+        if _closed_loop:
+            self._next_at = time.monotonic()
+            return 0.0
         self._next_at = max(self._next_at + USER_INTERVAL_S, time.monotonic())
         return self._next_at - time.monotonic()
 

@@ -12,7 +12,8 @@ What it does, every step bounded in count and time, and only towards 127.0.0.0/8
 3. Takes the sustainable rate from ``--sustainable-rps``, or measures it: steps of ``--ramp-step-s`` at rates
    growing by ``--ramp-factor`` until the median latency doubles over the lowest step median, or more than 5% of
    the requests are refused or fail, twice in a row; the last step before that is the sustainable rate.
-4. Runs locust headless with a step shape up to ``--peak-factor`` times that rate and back down
+4. Runs locust headless with a step shape up to ``--peak-factor`` times that rate (or, with ``--peak-users N``,
+   up to N users in a closed loop) and back down
    (``load_tests/locustfile.py``), sampling each deployment's running replicas from the Serve dashboard
    every second, then waits (at most ``--scale-down-wait-s``) for the replicas to come back down.
 5. Writes the summary (``--out-json``) and the time series plot (``--out-png``).
@@ -37,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -157,6 +158,15 @@ class ReplicaSampler:
 
 
 # -- one locust run -------------------------------------------------------------------------------
+class Stage(NamedTuple):
+    """One step of the load: ``rate_rps`` offered by paced users, or, when ``users`` is set, that many users in a
+    closed loop (each sends its next request as soon as the last is answered; ``rate_rps`` is then 0)."""
+
+    duration_s: float
+    rate_rps: float
+    users: int = 0
+
+
 @dataclass
 class Settings:
     url: str
@@ -179,7 +189,7 @@ class Outcome:
     samples: list[tuple[float, dict[str, int]]]
     started_at: float
     ended_at: float
-    stages: list[tuple[float, float]]
+    stages: list[Stage]
     targets: list[tuple[float, dict[str, int]]] = field(default_factory=list)
 
 
@@ -202,9 +212,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return sorted(by_id.values(), key=lambda r: r["sent_t"])
 
 
-def run_locust(settings: Settings, stages: list[tuple[float, float]], label: str, sampler: ReplicaSampler | None,
+def run_locust(settings: Settings, stages: list[Stage], label: str, sampler: ReplicaSampler | None,
                progress: Progress = _print) -> Outcome:
-    """Run locust headless over ``stages`` ([(duration_s, rate_rps)]) and return every request's record."""
+    """Run locust headless over ``stages`` and return every request's record."""
     if not _loopback(settings.url):
         raise ValueError("load tests target this machine only (127.0.0.0/8 or localhost)")
     records_path = settings.work_dir / f"{label}.jsonl"
@@ -219,7 +229,7 @@ def run_locust(settings: Settings, stages: list[tuple[float, float]], label: str
     command = [str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), "--headless",
                "--host", settings.url, "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0",
                "--stop-timeout", str(int(stop_timeout_s))]
-    bound_s = sum(d for d, _ in stages) + stop_timeout_s + 30
+    bound_s = sum(stage.duration_s for stage in stages) + stop_timeout_s + 30
     log_path = settings.work_dir / f"{label}.locust.log"
     started = time.time()
     with log_path.open("w") as log:
@@ -252,22 +262,22 @@ def run_locust(settings: Settings, stages: list[tuple[float, float]], label: str
     return Outcome(records, list(sampler.samples) if sampler else [], started, time.time(), stages)
 
 
-def _current_rate(stages: list[tuple[float, float]], elapsed_s: float) -> float:
-    for duration_s, rate in stages:
-        if elapsed_s < duration_s:
-            return rate
-        elapsed_s -= duration_s
-    return 0.0
+def _current_load(stages: list[Stage], elapsed_s: float) -> str:
+    for stage in stages:
+        if elapsed_s < stage.duration_s:
+            return f"{stage.users} users in a closed loop" if stage.users else f"offered {stage.rate_rps:.2f} req/s"
+        elapsed_s -= stage.duration_s
+    return "offered 0.00 req/s"
 
 
-def _progress_line(label: str, records: list[dict[str, Any]], started: float, stages: list[tuple[float, float]],
+def _progress_line(label: str, records: list[dict[str, Any]], started: float, stages: list[Stage],
                    sampler: ReplicaSampler | None) -> str:
     elapsed_s = time.time() - started
     codes = Counter(r.get("status") for r in records if "done_t" in r)
     pending = sum(1 for r in records if "done_t" not in r)
     replicas = sampler.latest() if sampler else {}
     shown = ", ".join(f"{k} {v}" for k, v in sorted(replicas.items()) if k not in ("Router",))
-    return (f"{label}: {elapsed_s:5.0f} s, offered {_current_rate(stages, elapsed_s):.2f} req/s, sent {len(records)}, "
+    return (f"{label}: {elapsed_s:5.0f} s, {_current_load(stages, elapsed_s)}, sent {len(records)}, "
             f"answered {dict(sorted(codes.items(), key=lambda kv: str(kv[0])))}, in flight {pending}"
             + (f"; replicas: {shown}" if shown else ""))
 
@@ -339,7 +349,7 @@ def step_stats(outcome: Outcome) -> dict[str, Any]:
     records = outcome.records
     refused = sum(1 for r in records if classify(r) != "ok")
     e2e = [r["e2e_s"] for r in records if classify(r) == "ok"]
-    return {"rate_rps": outcome.stages[0][1], "requests": len(records), "ok": len(e2e),
+    return {"rate_rps": outcome.stages[0].rate_rps, "requests": len(records), "ok": len(e2e),
             "refused_or_failed": refused, "e2e_p50_s": percentile(e2e, 50), "e2e_p99_s": percentile(e2e, 99)}
 
 
@@ -354,13 +364,13 @@ def measure_sustainable(settings: Settings, start_rps: float, factor: float, ste
     step past the knee is run once more before it counts: with a mix whose kinds differ 10x in latency, a
     step's median over a few dozen requests can double by the draw alone.
     """
-    run_locust(settings, [(min(step_s, 10.0), start_rps)], "ramp-warmup", None, progress)
+    run_locust(settings, [Stage(min(step_s, 10.0), start_rps)], "ramp-warmup", None, progress)
     steps: list[dict[str, Any]] = []
     rate = start_rps
     sustainable = start_rps
     retried = False
     for index in range(RAMP_MAX_STEPS + 1):
-        outcome = run_locust(settings, [(step_s, rate)], f"ramp-{index}", None, progress)
+        outcome = run_locust(settings, [Stage(step_s, rate)], f"ramp-{index}", None, progress)
         stats = step_stats(outcome)
         steps.append(stats)
         baseline = min((s["e2e_p50_s"] for s in steps if s["e2e_p50_s"] is not None), default=None)
@@ -515,12 +525,19 @@ def plot(outcome: Outcome, summary: dict[str, Any], path: Path) -> None:
     refused = [r["done_t"] - t0 for r in outcome.records if classify(r) in ("rejected_503", "rejected_429")]
     failed = [r.get("done_t", outcome.ended_at) - t0 for r in outcome.records
               if classify(r) in ("errors_other", "lost")]
-    offered_t, offered = [0.0], [outcome.stages[0][1]]
+    offered_t, offered = [0.0], [outcome.stages[0].rate_rps]
     elapsed = 0.0
-    for duration_s, rate in outcome.stages:
-        offered_t += [elapsed, elapsed + duration_s]
+    shaded = False
+    for stage in outcome.stages:
+        # A closed loop offers no rate: its span is shaded instead, and "sent" shows what it drew.
+        rate = math.nan if stage.users else stage.rate_rps
+        offered_t += [elapsed, elapsed + stage.duration_s]
         offered += [rate, rate]
-        elapsed += duration_s
+        if stage.users:
+            ax_rate.axvspan(elapsed, elapsed + stage.duration_s, color="grey", alpha=0.12,
+                            label=None if shaded else f"{stage.users} users, closed loop")
+            shaded = True
+        elapsed += stage.duration_s
     ax_rate.plot(offered_t, offered, color="grey", linestyle="--", label="offered (shape)")
     ax_rate.plot(bins, per_s(sent), label="sent")
     ax_rate.plot(bins, per_s(ok), label="answered 200")
@@ -572,8 +589,16 @@ def plot(outcome: Outcome, summary: dict[str, Any], path: Path) -> None:
 
 
 # -- the whole run ------------------------------------------------------------------------------
-def shape_stages(sustainable_rps: float, peak_factor: float, step_s: float) -> list[tuple[float, float]]:
-    return [(step_s, round(sustainable_rps * (peak_factor if m == "peak" else float(m)), 3)) for m in SHAPE]
+def shape_stages(sustainable_rps: float, peak_factor: float, step_s: float, peak_users: int = 0) -> list[Stage]:
+    """SHAPE in req/s; with ``peak_users`` the peak is that many users in a closed loop instead of a rate.
+
+    A rate is a load only relative to the box's speed: a rate one machine queues at, a faster one (or a faster
+    release) serves with room to spare, and nothing scales. A closed loop of N users holds N requests in flight
+    on any machine, fast or slow, and never more, so it passes a replica's target without burying the tiers.
+    """
+    return [Stage(step_s, 0.0, peak_users) if m == "peak" and peak_users
+            else Stage(step_s, round(sustainable_rps * (peak_factor if m == "peak" else float(m)), 3))
+            for m in SHAPE]
 
 
 def run(args: argparse.Namespace, progress: Progress = _print) -> dict[str, Any]:
@@ -594,7 +619,7 @@ def run(args: argparse.Namespace, progress: Progress = _print) -> dict[str, Any]
                                                        args.ramp_step_s, progress)
         source = "measured"
     progress(f"sustainable rate {sustainable:.2f} req/s ({source})")
-    stages = shape_stages(sustainable, args.peak_factor, args.step_s)
+    stages = shape_stages(sustainable, args.peak_factor, args.step_s, args.peak_users)
     with ReplicaSampler(args.dashboard, args.app) as sampler:
         # A first sample that shows the application's deployments before the load: the dashboard can answer
         # without them for a while after a deploy (or not answer at all when busy), and an empty "before"
@@ -615,7 +640,8 @@ def run(args: argparse.Namespace, progress: Progress = _print) -> dict[str, Any]
         "scaling_events": scaling_events(outcome),
         "scale_down_wait_s": args.scale_down_wait_s,
         "sustainable_rps": sustainable, "sustainable_rate_source": source, "calibration_steps": calibration,
-        "peak_rps": max(r for _, r in stages), "stages": [{"duration_s": d, "rate_rps": r} for d, r in stages],
+        "peak_rps": max(stage.rate_rps for stage in stages), "peak_users": args.peak_users,
+        "stages": [stage._asdict() for stage in stages],
         "user_interval_s": args.user_interval_s, "max_tokens": args.max_tokens,
         "links": {k: {"bandwidth_bps": v[0], "rtt_ms": v[1]} for k, v in LINKS.items()},
         "profile": args.profile, "models": settings.models, "app": args.app,
@@ -661,6 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ramp-factor", type=float, default=1.5)
     parser.add_argument("--ramp-step-s", type=float, help="duration of each ramp step (default: per profile)")
     parser.add_argument("--peak-factor", type=float, default=2.0, help="peak of the step load / sustainable rate")
+    parser.add_argument("--peak-users", type=int, default=0,
+                        help="hold the peak as this many users in a closed loop instead of a rate (0: a rate)")
     parser.add_argument("--step-s", type=float, help="duration of each step of the load (default: per profile)")
     parser.add_argument("--user-interval-s", type=float, help="seconds between one simulated user's requests "
                         "(users = rate x interval; default: per profile)")
