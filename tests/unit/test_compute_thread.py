@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,37 @@ def test_processes_sharing_a_host_compute_in_turns(tmp_path: Path) -> None:
     for a_start, a_end in first:
         for b_start, b_end in second:
             assert a_end <= b_start or b_end <= a_start, "two processes computed at once"
+
+
+def test_an_exclusive_hold_keeps_other_holders_of_the_host_lock_out_between_computations(tmp_path: Path) -> None:
+    # Two compute threads on one lock file contend as two processes do (an flock belongs to its open file).
+    # A calibration's timing spans several computations: another tier's must not run in between.
+    lock = tmp_path / "compute.lock"
+    ours, theirs = ComputeThread("ours", lock), ComputeThread("theirs", lock)
+    order: list[str] = []
+    inside = threading.Event()
+
+    def other() -> None:
+        inside.wait(5)
+        theirs.run(order.append, "theirs")
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with ours.exclusive():
+        ours.run(order.append, "first")
+        inside.set()
+        time.sleep(0.3)  # the other holder asks for its turn meanwhile
+        ours.run(order.append, "second")
+    thread.join(5)
+    assert order == ["first", "second", "theirs"]
+    # Without the hold, the other holder's turn comes between two computations.
+    order.clear()
+    inside.clear()
+    thread = threading.Thread(target=other)
+    thread.start()
+    ours.run(order.append, "first")
+    inside.set()
+    time.sleep(0.3)
+    ours.run(order.append, "second")
+    thread.join(5)
+    assert order == ["first", "theirs", "second"]

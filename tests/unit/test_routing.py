@@ -344,6 +344,23 @@ def test_a_calibration_replaces_a_contended_start_up_timing() -> None:
     assert state.inputs("phone").compute.draft_s_per_token == pytest.approx(0.04)
 
 
+def test_on_device_tpot_is_learned_apart_from_the_drafting_cost() -> None:
+    # A device-edge round's first draft step feeds the accepted draft and the edge's token first: a drafted
+    # token costs more than an on-device one, and neither average may stand in for the other.
+    state = RouterState()
+    state.report_generation(GenerationReport(link_id="", path="calibration", on_device_s_per_token=0.03))
+    for _ in range(30):
+        state.report_generation(GenerationReport(link_id="phone", path="device-edge", rounds=5, drafted=20,
+                                                 accepted=15, rejections=2, draft_s=0.9, draft_tokens=20))
+        state.report_generation(GenerationReport(link_id="phone", path="on-device", rounds=32,
+                                                 on_device_s_per_token=0.028))
+    inputs = state.inputs("phone")
+    assert inputs.compute.draft_s_per_token == pytest.approx(0.045, rel=0.01)
+    assert inputs.on_device_s_per_token == pytest.approx(0.028, rel=0.01)
+    assert decide("on-device", "fast", inputs).predicted_tpot_s["on-device"] == pytest.approx(0.028, rel=0.01)
+    assert state.snapshot()["on_device_s_per_token"] == pytest.approx(0.028, rel=0.01)
+
+
 def test_the_router_deployment_takes_what_the_ingress_reports() -> None:
     """The ingress calls the deployment's methods by keyword across a Ray hop: a signature that drifted from
     RouterState's would lose every outcome (and leave its request counted in flight for ever)."""
@@ -435,3 +452,24 @@ def test_a_shared_host_prices_drafting_into_the_edge_queue() -> None:
     assert shared_host(local)
     assert not shared_host([*local, {"NodeID": "9", "Alive": True, "NodeManagerAddress": "10.0.0.7"}])
     assert shared_host([*local, {"NodeID": "9", "Alive": False, "NodeManagerAddress": "10.0.0.7"}])
+
+
+def test_prompt_tokens_carry_a_fixed_template_overhead_besides_the_bytes() -> None:
+    # A chat template adds about 30 tokens to every prompt: a 7-byte warm-up that took 31 tokens must not
+    # price a 70-byte prompt at 4.4 tokens a byte (310 tokens, and a prefill to match).
+    state = RouterState()
+    state.decide(RouteRequest(request_id="w", link_id="phone", path="on-device", quality="fast", prompt_bytes=7))
+    state.report_outcome("w", "on-device", 0.3, 0.05, 16, prompt_tokens=31)
+    assert 40 <= state.prompt_tokens(70) <= 55
+    # Prompts spread in length teach the slope as well: tokens = 30 + 0.3 a byte.
+    for i, text_bytes in enumerate([40, 120, 260, 80, 400, 200] * 3):
+        state.decide(RouteRequest(request_id=f"r{i}", link_id="phone", path="on-device", quality="fast",
+                                  prompt_bytes=text_bytes))
+        state.report_outcome(f"r{i}", "on-device", 0.3, 0.05, 16, prompt_tokens=round(30 + 0.3 * text_bytes))
+    assert state.prompt_tokens(1000) == pytest.approx(330, rel=0.1)
+    assert state.prompt_tokens(10) == pytest.approx(33, rel=0.15)
+    snapshot = state.snapshot()["prompt_tokens"]
+    assert snapshot["overhead_tokens"] == pytest.approx(30, rel=0.2)
+    restored = RouterState()
+    restore_state(restored, export_state(state))
+    assert restored.prompt_tokens(1000) == state.prompt_tokens(1000)

@@ -72,9 +72,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         for bw in bandwidths:
             for prompt in prompts:
                 for path in PATHS:
+                    # Numbered first, so no request finds its prompt in a tier's prefix cache: the router
+                    # predicts a whole prefill (a repeated prompt's first token came 5-15x sooner than predicted).
+                    text = f"({len(rows) + 1}) {prompt['prompt']}"
                     try:
-                        out = _request(client, prompt["prompt"], args.max_new_tokens, path=path,
-                                       link_id=f"bench-{int(bw)}")
+                        out = _request(client, text, args.max_new_tokens, path=path, link_id=f"bench-{int(bw)}")
                     except Exception as exc:  # one failed request is a row that says so, not a lost run
                         out = {"path": "", "error": f"{type(exc).__name__}: {exc}"[:200]}
                     rows.append({"pair": pair, "bandwidth_bps": bw, "requested_path": path, "kind": prompt["kind"],
@@ -104,8 +106,8 @@ def report(rows: list[dict[str, Any]], errors: dict[str, Any], args: argparse.Na
              f"--prompts-per-kind {args.prompts_per_kind} --max-new-tokens {args.max_new_tokens}` (local profile, "
              "default models; "
              f"{args.max_new_tokens} tokens, greedy, streamed, EOS ignored; RTT {args.rtt_ms:g} ms; medians over "
-             f"{2 * args.prompts_per_kind} prompts, half code, half English, after one warm-up request per path "
-             "and link).", "",
+             f"{2 * args.prompts_per_kind} prompts, half code, half English, each request's numbered so that no tier "
+             "finds it in its prefix cache, after one warm-up request per path and link).", "",
              "Predicted: the router's TTFT and TPOT for the path it chose (`route.predicted_ttft_s`, "
              "`route.predicted_tpot_s` in each response). Measured: the request's own trace, as the router "
              "records it beside the prediction. measured / predicted: 1.00x is exact; above 1, slower than "

@@ -26,11 +26,12 @@ and another application's forwards then interleave a decode at a time. A process
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -46,6 +47,8 @@ class ComputeThread:
         # The worker keeps its initializer: a list's method, so that the thread holds no reference to this object.
         self._ident: list[int] = []
         self._host_fd = os.open(host_lock, os.O_RDWR | os.O_CREAT, 0o600) if host_lock is not None else None
+        self._held = False  # the host lock is held across computations (``exclusive``)
+        self._exclusive = threading.Lock()  # one holder at a time: the first to leave would end the other's hold
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{name}"[:15],
                                         initializer=_record_ident, initargs=(self._ident,))
 
@@ -55,7 +58,42 @@ class ComputeThread:
             return fn(*args)
         if self._host_fd is None:
             return self._pool.submit(fn, *args).result()
-        return self._pool.submit(_holding, self._host_fd, fn, args).result()
+        return self._pool.submit(self._holding, fn, args).result()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the host's lock across every computation inside: a timing of this process's own compute, without
+        other processes' turns in between (tiers calibrating at once at start-up otherwise time each other's
+        forwards too). Taken and given back on the compute thread, between two computations, since an ``flock``
+        belongs to the open file, which that thread's computations lock and unlock. Without a host lock:
+        nothing."""
+        if self._host_fd is None or (self._ident and threading.get_ident() == self._ident[0]):
+            yield
+            return
+        with self._exclusive:
+            self._pool.submit(self._hold, True).result()
+            try:
+                yield
+            finally:
+                self._pool.submit(self._hold, False).result()
+
+    def _hold(self, on: bool) -> None:
+        assert self._host_fd is not None
+        if on and not self._held:
+            fcntl.flock(self._host_fd, fcntl.LOCK_EX)
+        elif not on and self._held:
+            fcntl.flock(self._host_fd, fcntl.LOCK_UN)
+        self._held = on
+
+    def _holding(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self._held:
+            return fn(*args)
+        assert self._host_fd is not None
+        fcntl.flock(self._host_fd, fcntl.LOCK_EX)
+        try:
+            return fn(*args)
+        finally:
+            fcntl.flock(self._host_fd, fcntl.LOCK_UN)
 
     def __del__(self) -> None:
         pool = getattr(self, "_pool", None)
@@ -64,14 +102,6 @@ class ComputeThread:
         fd = getattr(self, "_host_fd", None)
         if fd is not None:
             os.close(fd)
-
-
-def _holding(fd: int, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        return fn(*args)
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _record_ident(holder: list[int]) -> None:

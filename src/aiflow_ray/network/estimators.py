@@ -108,6 +108,13 @@ class ForgettingLinearFit:
             return 0.0
         return self._sy / self._w - slope * self._sx / self._w
 
+    def state(self) -> list[float]:
+        """The weighted sums, to save and ``set_state`` later."""
+        return [self._w, self._sx, self._sy, self._sxx, self._sxy]
+
+    def set_state(self, state: list[float]) -> None:
+        self._w, self._sx, self._sy, self._sxx, self._sxy = state
+
 
 @dataclass
 class LinkEstimate:

@@ -68,9 +68,10 @@ def export_state(router: RouterState) -> dict[str, Any]:
                   if (e := est.base_estimate())},
         "acceptance": [router.accepted, router.rejected],
         "class_acceptance": {c: list(counts) for c, counts in router.class_acceptance.items()},
-        "draft_s_per_token": router.draft_s.value, "verify_curve": router.verify_cost.export() or None,
+        "draft_s_per_token": router.draft_s.value, "on_device_s_per_token": router.on_device_s.value,
+        "verify_curve": router.verify_cost.export() or None,
         "device_prefill_curve": router.device_prefill.export() or None,
-        "tokens_per_byte": router.tokens_per_byte.value, "tokens_per_image": router.tokens_per_image.value,
+        "prompt_size": router.prompt_size.export(),
         "cloud_link": [cloud.bandwidth_bps, cloud.rtt_s],
         "cloud_s_per_token": router.cloud_s_per_token.value, "cloud_retrieval_s": router.cloud_retrieval_s.value,
         "decision_counts": dict(router.decision_counts),
@@ -91,12 +92,13 @@ def restore_state(router: RouterState, saved: dict[str, Any]) -> None:
     for request_class, counts in (saved.get("class_acceptance") or {}).items():
         router.class_acceptance[str(request_class)] = [float(counts[0]), float(counts[1])]
     router.draft_s.value = saved.get("draft_s_per_token") or router.draft_s.value
+    router.on_device_s.value = saved.get("on_device_s_per_token") or router.on_device_s.value
     if saved.get("verify_curve"):
         router.verify_cost.restore(saved["verify_curve"])
     if saved.get("device_prefill_curve"):
         router.device_prefill.restore(saved["device_prefill_curve"])
-    router.tokens_per_byte.value = saved.get("tokens_per_byte") or router.tokens_per_byte.value
-    router.tokens_per_image.value = saved.get("tokens_per_image") or router.tokens_per_image.value
+    if isinstance(saved.get("prompt_size"), dict):
+        router.prompt_size.restore(saved["prompt_size"])
     if saved.get("cloud_link"):
         bandwidth_bps, rtt_s = saved["cloud_link"]
         router.cloud_link = LinkEstimator(float(bandwidth_bps), float(rtt_s), forget=0.9)

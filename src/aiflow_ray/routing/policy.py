@@ -83,6 +83,7 @@ class RouteInputs:
     # largest term on a long prompt, which grows with it, where a decode step does not.
     edge_prefill_s: float = 0.0
     device_prefill_s: float = 0.0
+    on_device_s_per_token: float = 0.0  # the small model generating alone (0 = not known: the drafting cost)
     max_new_tokens: int = 64
     # The cloud, as the edge: its edge-cloud link, retrieval time and beam-search time per token.
     cloud_link: LinkCosts = field(default_factory=lambda: LinkCosts(0.04, 1e7, 1e7))
@@ -147,18 +148,20 @@ def predict(inputs: RouteInputs) -> Prediction:
     # not the verifier, sets the pace.
     streamed = TOKENS_MESSAGE_SIZE / link.bandwidth_down_bps
     upload = link.rtt_s + inputs.prompt_bytes / link.bandwidth_up_bps
+    on_device_s = inputs.on_device_s_per_token or compute.draft_s_per_token
+    loaded_on_device_s = on_device_s * (factor if inputs.shared_host else 1.0)
     tpot = {
-        "on-device": loaded.draft_s_per_token,  # stretched only on a shared host
+        "on-device": loaded_on_device_s,  # stretched only on a shared host
         "device-edge": spec,
         "server-only": max(loaded.verify_s(0), streamed),
     }
     # The prompt's prefill, beyond the one-token forward each path pays for its first token anyway: on the
     # device it comes before the first draft, at the edge it rides the first verify (or is the first step).
-    device_prefill = max(inputs.device_prefill_s - compute.draft_s_per_token, 0.0) * (
+    device_prefill = max(inputs.device_prefill_s - on_device_s, 0.0) * (
         factor if inputs.shared_host else 1.0)
     edge_prefill = max(inputs.edge_prefill_s - compute.verify_s(0), 0.0) * factor
     ttft = {
-        "on-device": loaded.draft_s_per_token + device_prefill,
+        "on-device": loaded_on_device_s + device_prefill,
         # Token ids (4 bytes each) replace the text, about as many bytes as the raw prompt.
         "device-edge": upload + device_prefill + edge_prefill
         + round_time_s(k, loaded, link, verify_request_size, VERIFY_RESULT_SIZE),

@@ -18,6 +18,7 @@ from aiflow_ray.config import RouterArgs
 from aiflow_ray.network.estimators import Ewma, ForwardCostCurve, LinkEstimator
 from aiflow_ray.routing.messages import GenerationReport, LoadReport, RouteRequest
 from aiflow_ray.routing.policy import Decision, RouteInputs, TierLoad, decide
+from aiflow_ray.routing.prompt_size import PromptSize
 from aiflow_ray.speculative.cost_model import ComputeCosts, LinkCosts
 
 # A replica that has not reported for this many report periods (at least LOAD_STALE_MIN_S) is treated as gone:
@@ -36,8 +37,6 @@ TPOT_WINDOW_S = 60.0
 # pseudo-rounds, so a class with few requests borrows the estimate of all.
 CLASS_PRIOR_ROUNDS = 4.0
 # Before any outcome says: English text and code take about 4 bytes a token; a VLM image a few hundred.
-PRIOR_TOKENS_PER_BYTE = 0.25
-PRIOR_TOKENS_PER_IMAGE = 256.0
 
 
 # Which tier a path's requests wait for (admission counts them there).
@@ -75,6 +74,10 @@ class RouterState:
         # No initial value: the first measurement replaces the prior outright, so a prior sized for
         # one model pair cannot linger over another.
         self.draft_s = Ewma(0.2)
+        # A drafted token costs more than an on-device one: a round's first step feeds the accepted draft and the
+        # edge's token before it drafts. One average of both put on-device TPOT at the drafting cost (37.6 ms a
+        # token against 30 measured on-device, local profile).
+        self.on_device_s = Ewma(0.2)
         # Empty until the edge reports (its start-up calibration does): the prior is used only while
         # there is nothing measured, so a prior sized for another model pair cannot linger.
         # The edge's forward cost over tokens fed, from every forward it reports (calibration, prefills,
@@ -83,10 +86,9 @@ class RouterState:
         # The drafter's first token over prompt tokens, from its calibrations (an idle device, as the edge's
         # forwards are): the device's prefill in TTFT.
         self.device_prefill = ForwardCostCurve(forget=0.9)
-        # Prompt tokens per byte of text and per image, learned from the requests' outcomes: the router sees
-        # a request before anything tokenizes it.
-        self.tokens_per_byte = Ewma(0.2)
-        self.tokens_per_image = Ewma(0.3)
+        # A prompt's tokens from its text's bytes and its images, learned from the requests' outcomes: the router
+        # sees a request before anything tokenizes it.
+        self.prompt_size = PromptSize()
         # The device tier reports too, but only admission reads it: an unreported device tier gates nothing.
         self.loads: dict[str, dict[str, tuple[float, TierLoad]]] = {"edge": {}, "cloud": {}}
         self.load_nodes: dict[str, str] = {}  # replica -> node id
@@ -131,9 +133,9 @@ class RouterState:
         if report.path == "calibration" and report.on_device_s_per_token is not None:
             # A calibration is a deliberate measurement on an idle drafter: it replaces whatever came before
             # (a contended start-up timing would otherwise linger for many requests).
-            self.draft_s.value = report.on_device_s_per_token
+            self.draft_s.value = self.on_device_s.value = report.on_device_s_per_token
         elif report.on_device_s_per_token is not None:
-            self.draft_s.update(report.on_device_s_per_token)
+            self.on_device_s.update(report.on_device_s_per_token)
         for tokens, seconds in report.prefill_samples:
             self.device_prefill.replace(float(tokens), seconds)
 
@@ -235,9 +237,7 @@ class RouterState:
     def prompt_tokens(self, text_bytes: int, images: int = 0) -> int:
         """The tokens a prompt of ``text_bytes`` bytes and ``images`` images will take, as lately measured
         (a prior of 4 bytes a token and 256 tokens an image before any)."""
-        per_byte = self.tokens_per_byte.value or PRIOR_TOKENS_PER_BYTE
-        per_image = self.tokens_per_image.value or PRIOR_TOKENS_PER_IMAGE
-        return round(text_bytes * per_byte + images * per_image)
+        return self.prompt_size.tokens(text_bytes, images)
 
     def inputs(self, link_id: str, prompt_bytes: int = 0, max_new_tokens: int = 64,
                client_timeout_s: float | None = None, client_timeout_first_byte: bool = False,
@@ -253,7 +253,7 @@ class RouterState:
             verify_base_s=table[0], verify_per_token_s=0.0, verify_table_s=table,
         )
         return RouteInputs(
-            alpha=self.alpha_for(request_class), compute=compute,
+            alpha=self.alpha_for(request_class), compute=compute, on_device_s_per_token=self.on_device_s.value or 0.0,
             link=LinkCosts(link.rtt_s, link.bandwidth_bps, link.bandwidth_bps),
             edge=self.tier_load("edge", assume_saved=True), cloud=self.tier_load("cloud", assume_saved=True),
             device=device if (device := self.tier_load("device")).available else None,
@@ -332,8 +332,8 @@ class RouterState:
             counts = self.class_acceptance.setdefault(record["request_class"], [0.0, 0.0])
             counts[0], counts[1] = 0.9 * counts[0] + accepted, 0.9 * counts[1] + rejections
         if record is not None and prompt_tokens > 0:
-            self._learn_prompt_tokens(int(record.get("text_bytes") or 0), int(record.get("images") or 0),
-                                      prompt_tokens)
+            self.prompt_size.observe(int(record.get("text_bytes") or 0), int(record.get("images") or 0),
+                                     prompt_tokens)
             if path == "on-device" and ttft_s > 0 and not record.get("images"):
                 # An on-device request's first token is the drafter's prefill of its prompt, measured under
                 # real traffic: the curve learns from it as from a calibration, so a start-up timing taken
@@ -353,13 +353,6 @@ class RouterState:
                               "tpot_error": None if tpot_error is None else round(tpot_error, 4)}
         self.errors.setdefault(path, deque(maxlen=ERRORS_KEPT)).append((ttft_error, tpot_error))
 
-    def _learn_prompt_tokens(self, text_bytes: int, images: int, prompt_tokens: int) -> None:
-        if not images and text_bytes > 0:
-            self.tokens_per_byte.update(prompt_tokens / text_bytes)
-        elif images:
-            text_tokens = text_bytes * (self.tokens_per_byte.value or PRIOR_TOKENS_PER_BYTE)
-            self.tokens_per_image.update(max(prompt_tokens - text_tokens, 0.0) / images)
-
     def prediction_errors(self) -> dict[str, dict[str, float | int | None]]:
         """Per path, the median of (measured / predicted - 1) over the last requests: 0 is a perfect
         prediction, +0.5 a request 1.5x slower than predicted."""
@@ -378,13 +371,13 @@ class RouterState:
             "links": links,
             "alpha": self.alpha,
             "alpha_by_class": {c: round(self.alpha_for(c), 4) for c in sorted(self.class_acceptance)},
-            "draft_s_per_token": self.draft_s.value,
+            "draft_s_per_token": self.draft_s.value, "on_device_s_per_token": self.on_device_s.value,
             "verify_s": self.inputs("").compute.verify_s(0),
             # (tokens fed, seconds) of the edge's forwards: the curve every verify-cost prediction reads.
             "verify_curve": [[round(x, 2), round(y, 6)] for x, y in self.verify_cost.points()],
             # (prompt tokens, seconds to the first token) of the drafter: the device's prefill in TTFT.
             "device_prefill_curve": [[round(x, 2), round(y, 6)] for x, y in self.device_prefill.points()],
-            "tokens_per_byte": self.tokens_per_byte.value, "tokens_per_image": self.tokens_per_image.value,
+            "prompt_tokens": self.prompt_size.snapshot(),
             "cloud_s_per_token": self.cloud_s_per_token.value, "cloud_retrieval_s": self.cloud_retrieval_s.value,
             "loads": {tier: asdict(self.tier_load(tier)) for tier in self.loads},
             "decision_counts": dict(self.decision_counts),

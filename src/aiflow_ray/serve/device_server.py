@@ -22,6 +22,7 @@ from ray.exceptions import RayError
 
 from aiflow_ray.config import AppArgs, GenerateOptions
 from aiflow_ray.engines.base import Engine
+from aiflow_ray.engines.compute_thread import shared_compute
 from aiflow_ray.errors import CalibrationInterrupted, Refusal, RefusedError, TierUnavailable, give_way_if
 from aiflow_ray.logging_utils import get_logger
 from aiflow_ray.network import wire
@@ -176,11 +177,14 @@ class DeviceDrafterServer:
             self.device.drafter.generate_local(ids, 2, SamplingConfig())  # warm-up
             self.cpu.others_share()
             traces = []
+            own = shared_compute().exclusive  # this drafter's time, not other tiers' turns (tiers/edge.py)
             for _ in range(3):
                 give_way_if(stop)
-                traces.append(self.device.drafter.generate_local(ids, 9, SamplingConfig()).trace)
+                with own():
+                    traces.append(self.device.drafter.generate_local(ids, 9, SamplingConfig()).trace)
             give_way_if(stop)
-            long_ttft_s = self.device.drafter.generate_local(long_ids, 1, SamplingConfig()).trace.ttft_s
+            with own():
+                long_ttft_s = self.device.drafter.generate_local(long_ids, 1, SamplingConfig()).trace.ttft_s
             self.contended_share = self.cpu.others_share()
         self._calibrated_at = time.monotonic()
         s_per_token = min(t.tpot_s for t in traces)
