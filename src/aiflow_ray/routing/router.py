@@ -36,8 +36,6 @@ TPOT_WINDOW_S = 60.0
 # Acceptance per request class: a class's own counts, shrunk toward the shared estimate by this many
 # pseudo-rounds, so a class with few requests borrows the estimate of all.
 CLASS_PRIOR_ROUNDS = 4.0
-# Before any outcome says: English text and code take about 4 bytes a token; a VLM image a few hundred.
-
 
 # Which tier a path's requests wait for (admission counts them there).
 # (The device tier runs every path's request from start to end.)
